@@ -1,0 +1,42 @@
+"""deltackpt: training checkpoints as lossless deltas in a content-addressed store.
+
+>>> import deltackpt
+>>> with deltackpt.open("runs/exp1") as repo:
+...     repo.save(100, {"model": model.state_dict(), "rng": deltackpt.rng_state()})
+>>> state = deltackpt.open("runs/exp1", mode="r").load()        # latest step
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .codecs import Codec, get_codec, register_codec
+from .errors import (BrokenChainError, CodecError, CorruptChunkError, CorruptFileError,
+                     DeltaCkptError, DigestMismatchError, FormatVersionError, IntegrityError,
+                     LockedError, MissingChunkError, ReadOnlyError, RepositoryNotFoundError,
+                     StepExistsError, StepNotFoundError, UnsupportedValueError)
+from .policy import Policy
+from .repository import Repository, SaveInfo
+from .rng import rng_state, set_rng_state
+from .verify import Problem, VerifyReport
+
+__version__ = "0.1.0"
+
+
+def open(path: str | os.PathLike[str], mode: str = "a", policy: Policy | None = None,
+         **policy_kwargs: Any) -> Repository:  # noqa: A001 - mirrors builtins.open on purpose
+    """Open (mode='a': create if missing, take the writer lock) or read (mode='r') a repository.
+
+    Keyword arguments are :class:`Policy` fields, e.g. ``keyframe_every=20, codec="xor"``.
+    """
+    return Repository(path, mode, policy, **policy_kwargs)
+
+
+__all__ = [
+    "BrokenChainError", "Codec", "CodecError", "CorruptChunkError", "CorruptFileError",
+    "DeltaCkptError", "DigestMismatchError", "FormatVersionError", "IntegrityError",
+    "LockedError", "MissingChunkError", "Policy", "Problem", "ReadOnlyError", "Repository",
+    "RepositoryNotFoundError", "SaveInfo", "StepExistsError", "StepNotFoundError",
+    "UnsupportedValueError", "VerifyReport", "get_codec", "open", "register_codec",
+    "rng_state", "set_rng_state",
+]

@@ -1,0 +1,93 @@
+"""The codec seam: a codec turns one chunk (and optionally its reference chunk) into a payload.
+
+Modelled on numcodecs: a ``codec_id``, a JSON config (``get_config``/``from_config``) and a
+registry, so a manifest names each codec by config and a new codec is one new module. The payload
+is then framed (byte planes + zstd, see :mod:`deltackpt.frame`) and content-addressed by the store.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..dtypes import ElementType
+from ..errors import CodecError
+
+_REGISTRY: dict[str, type[Codec]] = {}
+
+
+class Codec(ABC):
+    """Encode a chunk of raw element bytes into a payload and back.
+
+    ``data`` and ``ref`` are 1-D uint8 arrays holding whole elements of ``etype``. Lossless
+    codecs must return exactly ``data`` from ``decode``; lossy codecs (``lossless = False``)
+    must be deterministic, so a digest of their output taken at save time can be verified.
+    """
+
+    codec_id: ClassVar[str]
+    lossless: ClassVar[bool] = True
+    uses_reference: ClassVar[bool] = False
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.codec_id}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Codec:
+        extra = set(config) - {"id"}
+        if extra:
+            raise CodecError(f"codec {cls.codec_id!r} takes no options, got {sorted(extra)}")
+        return cls()
+
+    @abstractmethod
+    def encode(self, data: np.ndarray, ref: np.ndarray | None,
+               etype: ElementType) -> tuple[np.ndarray, int]:
+        """Return ``(payload, word)``: a 1-D uint8 payload and its byte-plane width."""
+
+    @abstractmethod
+    def decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+               nbytes: int) -> np.ndarray:
+        """Return the chunk's ``nbytes`` raw bytes as a 1-D uint8 array."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Codec) and self.get_config() == other.get_config()
+
+    def __hash__(self) -> int:
+        return hash(repr(sorted(self.get_config().items())))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.get_config()})"
+
+
+def register_codec(cls: type[Codec]) -> type[Codec]:
+    """Class decorator: make ``cls`` available under its ``codec_id``."""
+    existing = _REGISTRY.get(cls.codec_id)
+    if existing is not None and existing is not cls:
+        raise CodecError(f"codec id {cls.codec_id!r} is already registered by {existing}")
+    _REGISTRY[cls.codec_id] = cls
+    return cls
+
+
+def get_codec(config: dict[str, Any] | str) -> Codec:
+    """Instantiate a codec from its JSON config (or a bare id)."""
+    if isinstance(config, str):
+        config = {"id": config}
+    if not isinstance(config, dict) or not isinstance(config.get("id"), str):
+        raise CodecError(f"codec config must be an object with a string 'id', got {config!r}")
+    cls = _REGISTRY.get(config["id"])
+    if cls is None:
+        raise CodecError(f"unknown codec {config['id']!r}; known: {sorted(_REGISTRY)}")
+    return cls.from_config(config)
+
+
+def registered_codecs() -> dict[str, type[Codec]]:
+    return dict(_REGISTRY)
+
+
+def check_reference(codec: Codec, data_len: int, ref: np.ndarray | None) -> np.ndarray:
+    if ref is None:
+        raise CodecError(f"codec {codec.codec_id!r} needs a reference chunk")
+    if ref.size != data_len:
+        raise CodecError(f"codec {codec.codec_id!r}: reference has {ref.size} bytes, "
+                         f"chunk has {data_len}")
+    return ref

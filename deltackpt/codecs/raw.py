@@ -1,0 +1,23 @@
+"""``raw``: the chunk itself (keyframes and chunks whose delta would not pay)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..dtypes import ElementType
+from ..errors import CorruptChunkError
+from .base import Codec, register_codec
+
+
+@register_codec
+class Raw(Codec):
+    codec_id = "raw"
+
+    def encode(self, data: np.ndarray, ref: np.ndarray | None,
+               etype: ElementType) -> tuple[np.ndarray, int]:
+        return data, etype.word
+
+    def decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+               nbytes: int) -> np.ndarray:
+        if payload.size != nbytes:
+            raise CorruptChunkError(f"raw payload has {payload.size} bytes, expected {nbytes}")
+        return payload

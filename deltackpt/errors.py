@@ -1,0 +1,83 @@
+"""One error hierarchy for deltackpt: every failure a user can see is a ``DeltaCkptError``.
+
+Errors about data carry the step, the tensor path and the cause, so a message alone tells the
+user what is broken and where, without a traceback.
+"""
+from __future__ import annotations
+
+
+class DeltaCkptError(Exception):
+    """Root of every error deltackpt raises on purpose."""
+
+    def __init__(self, message: str, *, step: int | None = None, path: str | None = None,
+                 cause: str | None = None) -> None:
+        self.step = step
+        self.path = path
+        self.cause = cause or type(self).__name__
+        where = []
+        if step is not None:
+            where.append(f"step {step}")
+        if path is not None:
+            where.append(f"tensor {path!r}")
+        prefix = f"[{', '.join(where)}] " if where else ""
+        super().__init__(prefix + message)
+
+
+# --- repository and usage ---------------------------------------------------------------------
+class RepositoryNotFoundError(DeltaCkptError):
+    """The path is not a deltackpt repository (and mode does not allow creating one)."""
+
+
+class FormatVersionError(DeltaCkptError):
+    """The repository or one of its files uses a format version this reader does not know."""
+
+
+class LockedError(DeltaCkptError):
+    """Another writer holds the repository lock."""
+
+
+class ReadOnlyError(DeltaCkptError):
+    """A write was attempted on a repository opened with mode='r' (or already closed)."""
+
+
+class StepNotFoundError(DeltaCkptError, KeyError):
+    """The requested step is not committed in the repository (never saved, or deleted)."""
+
+    __str__ = Exception.__str__
+
+
+class StepExistsError(DeltaCkptError):
+    """A save targeted a step that is already committed."""
+
+
+class UnsupportedValueError(DeltaCkptError, TypeError):
+    """The state holds a value deltackpt cannot store without pickle."""
+
+
+class CodecError(DeltaCkptError):
+    """Unknown codec id, or a codec configuration that cannot be used."""
+
+
+# --- integrity: the data on disk is not what was written ----------------------------------------
+class IntegrityError(DeltaCkptError):
+    """Base of every 'the bytes on disk are wrong or missing' error."""
+
+
+class CorruptFileError(IntegrityError):
+    """A metadata file (config, manifest, index) fails its checksum or does not parse."""
+
+
+class CorruptChunkError(IntegrityError):
+    """A chunk's bytes do not hash to its id, or its frame does not decode."""
+
+
+class MissingChunkError(IntegrityError):
+    """A chunk a step needs is in no index, or its pack file is missing or short."""
+
+
+class BrokenChainError(IntegrityError):
+    """A delta's reference step or tensor is missing, or does not match what the delta expects."""
+
+
+class DigestMismatchError(IntegrityError):
+    """A reconstructed tensor or chunk does not hash to the digest taken at save time."""

@@ -1,0 +1,521 @@
+"""The repository: save steps as keyframes or deltas, load any step, verify, list.
+
+Write protocol (spec/FORMAT.md, "Ordering invariants"): journal the transaction → write and
+fsync packs → write indexes → write the manifest by atomic rename (the commit point) → drop the
+journal. A crash anywhere leaves earlier steps untouched; the next writer removes leftovers.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+
+from . import checksum
+from .codecs import get_codec
+from .dtypes import TORCH_DTYPES, ElementType, element_type, numpy_type, torch_type
+from .errors import (CorruptFileError, DeltaCkptError, FormatVersionError, ReadOnlyError,
+                     RepositoryNotFoundError, StepExistsError, StepNotFoundError,
+                     UnsupportedValueError)
+from .frame import encode_frame
+from .manifest import (MAX_STEP, ChunkRef, Manifest, TensorEntry, manifest_name,
+                       parse_manifest_name)
+from .policy import Policy
+from .reconstruct import ChunkCache, Reconstructor
+from .store.base import Backend
+from .store.local import LocalBackend
+from .store.packs import ChunkStore, index_name, pack_name
+from .tree import Leaf, flatten, leaf_indices, unflatten
+from .verify import VerifyReport
+from .verify import verify as verify_repo
+
+REPO_FORMAT = "deltackpt"
+REPO_VERSION = 1
+CONFIG_NAME = "deltackpt.json"
+LOCK_NAME = "lock"
+
+_RAW = {"id": "raw"}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class SaveInfo:
+    """What one save did. ``stored_bytes`` is what it added to the disk."""
+
+    step: int
+    kind: str
+    logical_bytes: int
+    stored_bytes: int
+    new_chunks: int
+    reused_chunks: int
+    tensors: int
+    depth: int
+    seconds: float
+
+    @property
+    def ratio(self) -> float:
+        """Logical over stored bytes (how many times smaller than the raw tensors)."""
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else float("inf")
+
+
+@dataclass
+class _RefTensor:
+    entry: TensorEntry
+    data: np.ndarray  # raw bytes of the reference value (owned copy)
+
+
+@dataclass
+class _RefState:
+    step: int
+    keyframe: int
+    delta_index: int
+    tensors: dict[str, _RefTensor]
+
+
+def _raw_bytes(value: torch.Tensor | np.ndarray) -> tuple[np.ndarray, ElementType]:
+    """A 1-D uint8 view (or copy, for non-contiguous/non-CPU values) of ``value``'s bytes."""
+    if isinstance(value, torch.Tensor):
+        et = torch_type(value.dtype)
+        t = value.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        if t.is_conj():
+            t = t.resolve_conj()
+        if t.is_neg():
+            t = t.resolve_neg()
+        if t.numel() == 0:
+            return np.empty(0, np.uint8), et
+        return t.reshape(-1).view(torch.uint8).numpy(), et
+    et = numpy_type(value.dtype)
+    arr = np.ascontiguousarray(value, dtype=np.dtype(et.name))
+    return arr.reshape(-1).view(np.uint8), et
+
+
+def _bounded(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any],
+             window: int) -> Iterator[Any]:
+    """``map`` over a pool with at most ``window`` tasks in flight, results in order."""
+    pending: list[Future[Any]] = []
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.pop(0).result()
+    for fut in pending:
+        yield fut.result()
+
+
+class Repository:
+    """A directory of checkpoints. Use :func:`deltackpt.open` to get one."""
+
+    def __init__(self, path: str | os.PathLike[str], mode: str = "a",
+                 policy: Policy | None = None, *, backend: Backend | None = None,
+                 **policy_kwargs: Any) -> None:
+        if mode not in ("r", "a"):
+            raise ValueError("mode must be 'r' (read) or 'a' (read/write, create if missing)")
+        self.path = os.fspath(path)
+        self.mode = mode
+        self.policy = Policy.from_kwargs(policy, policy_kwargs)
+        self.backend = backend or LocalBackend(self.path)
+        self._lock = None
+        self._closed = False
+        self._manifests: dict[int, Manifest] = {}
+        self._ref: _RefState | None = None
+        self._ref_loaded = False
+        self._journal: tuple[str, int, list[str]] | None = None
+        if not self.backend.exists(CONFIG_NAME):
+            if mode == "r":
+                raise RepositoryNotFoundError(f"{self.path!r} is not a deltackpt repository "
+                                              f"(no {CONFIG_NAME})")
+            os.makedirs(self.path, exist_ok=True)
+        if mode == "a":
+            self._lock = self.backend.lock(
+                LOCK_NAME, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}")
+        try:
+            if not self.backend.exists(CONFIG_NAME):
+                self.backend.write_atomic(CONFIG_NAME, checksum.dump({
+                    "format": REPO_FORMAT, "version": REPO_VERSION, "created": _now(),
+                    "id": os.urandom(16).hex()}))
+            self.config = self._read_config()
+            if mode == "a":
+                self._recover()
+            self.store = ChunkStore(self.backend, max_pack_bytes=self.policy.max_pack_bytes,
+                                    on_new_pack=self._journal_pack)
+            self._pool = ThreadPoolExecutor(self.policy.workers, thread_name_prefix="deltackpt")
+            self.cache = ChunkCache(self.policy.cache_bytes)
+            self.reconstructor = Reconstructor(self.store, self.manifest, self.cache)
+        except BaseException:
+            self._release()
+            raise
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def _read_config(self) -> dict[str, Any]:
+        doc = checksum.load(self.backend.read(CONFIG_NAME), CONFIG_NAME)
+        if doc.get("format") != REPO_FORMAT:
+            raise CorruptFileError(f"{CONFIG_NAME}: not a deltackpt repository config")
+        if doc.get("version") != REPO_VERSION:
+            raise FormatVersionError(
+                f"repository format version {doc.get('version')!r} is not supported by this "
+                f"deltackpt (reads version {REPO_VERSION}); upgrade deltackpt")
+        return doc
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        self.backend.close()
+
+    def close(self) -> None:
+        """Wait for pending work, release the writer lock and file handles."""
+        if self._closed:
+            return
+        self._closed = True
+        self.wait_until_finished()
+        self._pool.shutdown(wait=True)
+        self.cache.clear()
+        self._ref = None
+        self._release()
+
+    def wait_until_finished(self) -> None:
+        """Block until every save has finished (saves are synchronous in this version)."""
+
+    wait = wait_until_finished
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self, write: bool = False) -> None:
+        if self._closed:
+            raise ReadOnlyError(f"repository {self.path!r} is closed")
+        if write and self.mode != "a":
+            raise ReadOnlyError(f"repository {self.path!r} was opened read-only (mode='r')")
+
+    # -- recovery and journal ------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Undo saves that crashed before their commit point (writer only)."""
+        for fname in self.backend.list("txn"):
+            name = f"txn/{fname}"
+            try:
+                doc = checksum.load(self.backend.read(name), name)
+                step, packs, txn = int(doc["step"]), list(doc["packs"]), doc["txn"]
+            except (DeltaCkptError, KeyError, TypeError, ValueError):
+                self.backend.delete(name)  # unreadable: its packs stay until garbage collection
+                continue
+            committed = False
+            if self.backend.exists(manifest_name(step)):
+                try:
+                    committed = self.manifest(step).txn == txn
+                except DeltaCkptError:
+                    committed = False
+            if not committed:
+                for pid in packs:
+                    self.backend.delete(index_name(pid))
+                    self.backend.delete(pack_name(pid))
+            self.backend.delete(name)
+        for fname in self.backend.list("tmp"):
+            self.backend.delete(f"tmp/{fname}")
+        self._manifests.clear()
+
+    def _write_journal(self) -> None:
+        assert self._journal is not None
+        txn, step, packs = self._journal
+        self.backend.write_atomic(f"txn/{txn}.json", checksum.dump(
+            {"txn": txn, "step": step, "packs": packs}))
+
+    def _journal_pack(self, pid: str) -> None:
+        if self._journal is None:
+            raise ReadOnlyError("chunks can only be written inside a save")
+        self._journal[2].append(pid)
+        self._write_journal()
+
+    # -- reading -------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Committed steps, ascending."""
+        self._check_open()
+        found = (parse_manifest_name(f) for f in self.backend.list("steps"))
+        return sorted(s for s in found if s is not None)
+
+    all_steps = steps
+
+    @property
+    def latest(self) -> int | None:
+        """The highest committed step, or None for an empty repository."""
+        s = self.steps()
+        return s[-1] if s else None
+
+    def latest_step(self) -> int | None:
+        return self.latest
+
+    def __contains__(self, step: object) -> bool:
+        return isinstance(step, int) and self.backend.exists(manifest_name(step))
+
+    def manifest(self, step: int) -> Manifest:
+        """The parsed, checksum-verified manifest of ``step``."""
+        m = self._manifests.get(step)
+        if m is not None:
+            return m
+        try:
+            data = self.backend.read(manifest_name(step))
+        except FileNotFoundError:
+            raise StepNotFoundError(f"step {step} is not in repository {self.path!r} "
+                                    f"(steps: {_summarize(self.steps())})", step=step) from None
+        m = Manifest.from_bytes(data, step)
+        self._manifests[step] = m
+        return m
+
+    def _resolve_step(self, step: int | None) -> int:
+        self._check_open()
+        if step is None:
+            latest = self.latest
+            if latest is None:
+                raise StepNotFoundError(f"repository {self.path!r} has no steps yet")
+            return latest
+        if type(step) is not int:
+            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        return step
+
+    def load(self, step: int | None = None, select: str | Sequence[str] | None = None,
+             map_location: str | torch.device | None = None) -> Any:
+        """Rebuild the state saved at ``step`` (default: latest), bit-exact or an error.
+
+        ``select``: path prefixes such as ``"model"`` or ``["optimizer/state"]``; only those
+        subtrees are rebuilt and only their tensors read. ``map_location``: device for torch
+        tensors (default CPU).
+        """
+        step = self._resolve_step(step)
+        m = self.manifest(step)
+        sel = [select] if isinstance(select, str) else (list(select) if select else None)
+        if sel is not None:
+            sel = [s.strip("/") for s in sel]
+        wanted = leaf_indices(m.tree, sel)
+        values: dict[int, Any] = {}
+        for i in sorted(wanted):
+            if i >= len(m.tensors):
+                raise CorruptFileError(f"state refers to tensor #{i}, manifest has "
+                                       f"{len(m.tensors)}", step=step)
+            values[i] = self._materialize(step, m.tensors[i], map_location)
+        return unflatten(m.tree, values.__getitem__, sel)
+
+    def _materialize(self, step: int, entry: TensorEntry,
+                     map_location: str | torch.device | None) -> torch.Tensor | np.ndarray:
+        def chunks(fn: Callable[[int], None], idx: Iterable[int]) -> Iterator[None]:
+            return _bounded(self._pool, fn, idx, 4 * self.policy.workers)
+
+        if entry.kind == "numpy":
+            arr = np.empty(entry.shape, dtype=np.dtype(entry.dtype))
+            self.reconstructor.tensor_into(step, entry, arr.reshape(-1).view(np.uint8), chunks)
+            return arr
+        et = element_type(entry.kind, entry.dtype)
+        t = torch.empty(entry.shape, dtype=TORCH_DTYPES[et.name])
+        buf = t.reshape(-1).view(torch.uint8).numpy() if entry.nbytes else np.empty(0, np.uint8)
+        self.reconstructor.tensor_into(step, entry, buf, chunks)
+        if map_location is not None:
+            t = t.to(map_location)
+        if entry.parameter:
+            return torch.nn.Parameter(t, requires_grad=entry.requires_grad)
+        if entry.requires_grad:
+            t.requires_grad_(True)
+        return t
+
+    def verify(self, step: int | None = None) -> VerifyReport:
+        """Check one step (or every step and the whole store) rebuilds bit-exactly."""
+        self._check_open()
+        return verify_repo(self, step)
+
+    def export(self, step: int | None, path: str | os.PathLike[str]) -> None:
+        """Write ``step`` as ``.safetensors`` (tensors by path) or ``.pt`` (torch.save)."""
+        from .export import export_state
+
+        step = self._resolve_step(step)
+        export_state(self.load(step), os.fspath(path), step)
+
+    # -- writing -------------------------------------------------------------------------------
+    def save(self, step: int, state: Any, meta: dict[str, Any] | None = None) -> SaveInfo:
+        """Commit ``state`` as ``step``; returns what it cost. Atomic: all or nothing."""
+        self._check_open(write=True)
+        if type(step) is not int or not 0 <= step <= MAX_STEP:
+            raise ValueError(f"step must be an int in [0, 2**63), got {step!r}")
+        if step in self:
+            raise StepExistsError(f"step {step} is already saved in {self.path!r}", step=step)
+        meta = dict(meta or {})
+        try:
+            checksum.dump({"meta": meta})
+        except (TypeError, ValueError) as exc:
+            raise UnsupportedValueError(f"meta must be a JSON object: {exc}") from None
+        t0 = time.perf_counter()
+        tree, leaves = flatten(state)
+        if not self._ref_loaded:
+            self._ref = self._rebuild_reference() if self.policy.resume == "rebuild" else None
+            self._ref_loaded = True
+        ref = self._ref
+        keyframe = ref is None or ref.delta_index + 1 >= self.policy.keyframe_every
+        txn = os.urandom(16).hex()
+        self._journal = (txn, step, [])
+        self._write_journal()
+        try:
+            m, new_ref, counts = self._encode(step, tree, leaves, meta, keyframe, ref, txn)
+            packs = self.store.flush()
+            m.packs = packs
+            stored = counts["bytes"] + sum(self.backend.size(index_name(p)) for p in packs)
+            data = b""
+            for _ in range(4):  # the manifest counts its own size: iterate to a fixed point
+                m.stats["stored_bytes"] = stored + len(data)
+                data = m.to_bytes()
+                if m.stats["stored_bytes"] == stored + len(data):
+                    break
+            self.backend.write_atomic(manifest_name(step), data)   # the commit point
+        except BaseException:
+            self.store.abort()
+            self.backend.delete(f"txn/{txn}.json")
+            self._journal = None
+            raise
+        self.backend.delete(f"txn/{txn}.json")
+        self._journal = None
+        self._manifests[step] = m
+        if self.policy.reference == "previous" or keyframe:
+            self._ref = new_ref
+        elif self._ref is not None:
+            self._ref.delta_index += 1
+        return SaveInfo(step, m.kind, m.stats["logical_bytes"], m.stats["stored_bytes"],
+                        counts["new"], counts["reused"], len(m.tensors), m.depth,
+                        time.perf_counter() - t0)
+
+    def _encode(self, step: int, tree: list[Any], leaves: list[Leaf], meta: dict[str, Any],
+                keyframe: bool, ref: _RefState | None, txn: str
+                ) -> tuple[Manifest, _RefState, dict[str, int]]:
+        pol = self.policy
+        codec_cfgs: list[dict[str, Any]] = [_RAW]
+        delta = get_codec(pol.codec)
+        delta_idx = -1
+        counts = {"new": 0, "reused": 0, "bytes": 0}
+        keep_copy = pol.reference == "previous" or keyframe
+        new_ref: dict[str, _RefTensor] = {}
+        entries: list[TensorEntry] = []
+
+        def codec_index(cfg: dict[str, Any]) -> int:
+            nonlocal codec_cfgs
+            if cfg not in codec_cfgs:
+                codec_cfgs.append(cfg)
+            return codec_cfgs.index(cfg)
+
+        for leaf in leaves:
+            data, et = _raw_bytes(leaf.value)
+            chunk_bytes = max(1, pol.chunk_bytes // et.itemsize) * et.itemsize
+            base = None if ref is None else ref.tensors.get(leaf.path)
+            if base is not None and (base.entry.kind != et.kind or base.entry.dtype != et.name
+                                     or base.entry.nbytes != data.size
+                                     or base.entry.chunk_bytes != chunk_bytes):
+                base = None
+            n_chunks = -(-data.size // chunk_bytes)
+
+            def one(i: int, data: np.ndarray = data, base: _RefTensor | None = base,
+                    et: ElementType = et, chunk_bytes: int = chunk_bytes
+                    ) -> tuple[ChunkRef | tuple[Any, ...], int, bool]:
+                lo, hi = i * chunk_bytes, min(data.size, (i + 1) * chunk_bytes)
+                chunk = data[lo:hi]
+                digest = xxhash.xxh3_128(chunk).digest()
+                prev = base.entry.chunks[i] if base is not None else None
+                if prev is not None and prev.digest == digest and (
+                        not keyframe or prev.ref is None):
+                    return ("copy", prev, base.entry.codecs[prev.codec]), 0, True  # type: ignore
+                if self.store.has(digest) or prev is None or keyframe:
+                    cid, written = self.store.put(chunk, et.word, pol.zstd_level, cid=digest)
+                    return ChunkRef(cid, 0, None, digest, 1), written, written == 0
+                assert base is not None
+                ref_chunk = base.data[lo:hi]
+                payload, word = delta.encode(chunk, ref_chunk, et)
+                pid = xxhash.xxh3_128(payload).digest()
+                dref = ("delta", pid, prev.depth + 1, digest)
+                if self.store.has(pid):
+                    return dref, 0, True
+                dframe = encode_frame(payload, word, pol.zstd_level)
+                if len(dframe) > chunk.size // 2:
+                    rframe = encode_frame(chunk, et.word, pol.zstd_level)
+                    if len(dframe) > pol.delta_gain * len(rframe):
+                        written = self.store.put_frame(digest, rframe, chunk.size)
+                        return ChunkRef(digest, 0, None, digest, 1), written, written == 0
+                written = self.store.put_frame(pid, dframe, payload.size)
+                return dref, written, written == 0
+
+            chunks: list[ChunkRef] = []
+            for rec, written, reused in _bounded(self._pool, one, range(n_chunks),
+                                                 2 * pol.workers):
+                counts["bytes"] += written
+                counts["reused" if reused else "new"] += 1
+                if isinstance(rec, tuple) and rec[0] == "copy":
+                    prev, prev_codec = rec[1], rec[2]
+                    rec = ChunkRef(prev.id, codec_index(prev_codec.get_config()), prev.ref,
+                                   prev.digest, prev.depth)
+                elif isinstance(rec, tuple):
+                    if delta_idx < 0:
+                        delta_idx = codec_index(delta.get_config())
+                    assert ref is not None
+                    rec = ChunkRef(rec[1], delta_idx, ref.step, rec[3], rec[2])
+                chunks.append(rec)
+            value = leaf.value
+            is_torch = isinstance(value, torch.Tensor)
+            shape = list(value.shape)
+            entry = TensorEntry(
+                path=leaf.path, kind=et.kind, dtype=et.name, shape=shape, nbytes=data.size,
+                chunk_bytes=chunk_bytes, digest=xxhash.xxh3_128(data).digest(), chunks=chunks,
+                global_shape=shape, offset=[0] * len(shape),
+                device=str(value.device) if is_torch else "cpu",
+                requires_grad=bool(is_torch and value.requires_grad),
+                parameter=isinstance(value, torch.nn.Parameter))
+            entries.append(entry)
+            if keep_copy:
+                new_ref[leaf.path] = _RefTensor(entry, np.array(data, copy=True))
+        codecs = [get_codec(c) for c in codec_cfgs]
+        for e in entries:
+            e.codecs = codecs
+        logical = sum(e.nbytes for e in entries)
+        m = Manifest(
+            step=step, time=_now(), kind="keyframe" if keyframe else "delta",
+            keyframe=step if keyframe else ref.keyframe,  # type: ignore[union-attr]
+            parent=None if keyframe else ref.step,  # type: ignore[union-attr]
+            delta_index=0 if keyframe else ref.delta_index + 1,  # type: ignore[union-attr]
+            meta=meta, codecs=codec_cfgs, tree=tree, tensors=entries,
+            stats={"logical_bytes": logical, "stored_bytes": 0, "new_chunks": counts["new"],
+                   "reused_chunks": counts["reused"]},
+            txn=txn, packs=[])
+        if keep_copy:
+            state = _RefState(step, m.keyframe, m.delta_index, new_ref)
+        else:
+            assert ref is not None
+            state = ref
+        return m, state, counts
+
+    def _rebuild_reference(self) -> _RefState | None:
+        """Rebuild the writer's delta reference from disk after a reopen."""
+        latest = self.latest
+        if latest is None:
+            return None
+        m = self.manifest(latest)
+        src = m if self.policy.reference == "previous" else self.manifest(m.keyframe)
+        tensors = {}
+        for e in src.tensors:
+            buf = np.empty(e.nbytes, np.uint8)
+            self.reconstructor.tensor_into(src.step, e, buf)
+            tensors[e.path] = _RefTensor(e, buf)
+        return _RefState(src.step, m.keyframe, m.delta_index, tensors)
+
+
+def _summarize(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    if len(steps) <= 6:
+        return ", ".join(map(str, steps))
+    return f"{steps[0]}, {steps[1]}, ..., {steps[-1]} ({len(steps)} in all)"

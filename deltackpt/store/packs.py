@@ -1,0 +1,279 @@
+"""Content-addressed chunk store: frames appended to pack files, located through index files.
+
+A save writes O(1) files: one pack (more only past ``max_pack_bytes``) and one index per pack.
+Chunk ids are xxh3-128 of the chunk's *payload* (the bytes a frame decodes to), so a chunk is
+stored once however many tensors, steps or runs contain it, and every read is checked against
+its id. Byte grammars: spec/FORMAT.md, "Pack file" and "Index file".
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from ..errors import CorruptChunkError, CorruptFileError, FormatVersionError, MissingChunkError
+from ..frame import decode_frame, encode_frame
+from .base import Backend, Stream
+
+PACK_MAGIC = b"DCKPACK\x00"
+INDEX_MAGIC = b"DCKINDX\x00"
+PACK_VERSION = 1
+INDEX_VERSION = 1
+_PACK_HEAD = struct.Struct("<8sII")         # magic, version, reserved
+_ENTRY_HEAD = struct.Struct("<16sQ")        # chunk id, frame length
+_INDEX_HEAD = struct.Struct("<8sII16s")     # magic, version, count, pack id
+_INDEX_ENTRY = struct.Struct("<16sQQQ")     # chunk id, frame offset, frame length, payload length
+MAX_CHUNK_BYTES = 1 << 31                   # readers refuse larger declared payloads
+
+
+def chunk_id(payload: np.ndarray | bytes | memoryview) -> bytes:
+    return xxhash.xxh3_128(payload).digest()
+
+
+def pack_name(pack_id: str) -> str:
+    return f"packs/{pack_id[:2]}/{pack_id}.pack"
+
+
+def index_name(pack_id: str) -> str:
+    return f"index/{pack_id}.idx"
+
+
+@dataclass(frozen=True)
+class Location:
+    pack: str
+    offset: int
+    length: int
+    payload_length: int
+
+
+def encode_index(pack_id: str, entries: list[tuple[bytes, int, int, int]]) -> bytes:
+    body = b"".join([_INDEX_HEAD.pack(INDEX_MAGIC, INDEX_VERSION, len(entries),
+                                      bytes.fromhex(pack_id)),
+                     *(_INDEX_ENTRY.pack(*e) for e in entries)])
+    return body + xxhash.xxh3_128(body).digest()
+
+
+def decode_index(data: bytes, name: str = "index") -> tuple[str, list[tuple[bytes, int, int, int]]]:
+    """Parse and checksum an index file; raises CorruptFileError/FormatVersionError."""
+    if len(data) < _INDEX_HEAD.size + 16:
+        raise CorruptFileError(f"{name}: index file too short ({len(data)} bytes)")
+    body, digest = data[:-16], data[-16:]
+    if xxhash.xxh3_128(body).digest() != digest:
+        raise CorruptFileError(f"{name}: index checksum mismatch")
+    magic, version, count, pid = _INDEX_HEAD.unpack_from(body, 0)
+    if magic != INDEX_MAGIC:
+        raise CorruptFileError(f"{name}: not an index file")
+    if version != INDEX_VERSION:
+        raise FormatVersionError(f"{name}: index version {version} is not supported "
+                                 f"(this deltackpt reads version {INDEX_VERSION})")
+    if len(body) != _INDEX_HEAD.size + count * _INDEX_ENTRY.size:
+        raise CorruptFileError(f"{name}: index length does not match its entry count")
+    entries = [_INDEX_ENTRY.unpack_from(body, _INDEX_HEAD.size + i * _INDEX_ENTRY.size)
+               for i in range(count)]
+    for cid, off, length, plen in entries:
+        if off < _PACK_HEAD.size + _ENTRY_HEAD.size or plen > MAX_CHUNK_BYTES \
+                or length > plen + 64 + 9 * 255 + (plen >> 4):
+            raise CorruptFileError(f"{name}: implausible entry for chunk {cid.hex()}")
+    return pid.hex(), entries
+
+
+class _OpenPack:
+    def __init__(self, pack_id: str, stream: Stream) -> None:
+        self.id = pack_id
+        self.stream = stream
+        self.entries: list[tuple[bytes, int, int, int]] = []
+        stream.write(_PACK_HEAD.pack(PACK_MAGIC, PACK_VERSION, 0))
+
+
+class ChunkStore:
+    """Reads and writes chunks of one repository through a :class:`Backend`.
+
+    Writes are thread-safe: workers may call :meth:`put` concurrently; a given id is written
+    once. Nothing written is visible to readers until :meth:`flush` has committed the pack and
+    its index *and* a manifest referencing the chunks has been committed by the caller.
+    """
+
+    def __init__(self, backend: Backend, *, max_pack_bytes: int = 1 << 30,
+                 on_new_pack: Callable[[str], None] | None = None) -> None:
+        self.backend = backend
+        self.max_pack_bytes = max_pack_bytes
+        self.on_new_pack = on_new_pack
+        self._index: dict[bytes, Location] = {}
+        self._loaded: set[str] = set()
+        self._lock = threading.RLock()
+        self._pending: dict[bytes, Location] = {}
+        self._open: _OpenPack | None = None
+        self._written: list[str] = []
+        self.refresh()
+
+    # -- index ---------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Load index files that appeared since the last call (other writers, new saves)."""
+        for fname in self.backend.list("index"):
+            if not fname.endswith(".idx"):
+                continue
+            pid = fname[:-4]
+            if pid in self._loaded:
+                continue
+            self.load_index(pid)
+
+    def load_index(self, pid: str) -> list[tuple[bytes, int, int, int]]:
+        name = index_name(pid)
+        try:
+            data = self.backend.read(name)
+        except FileNotFoundError:
+            return []
+        got, entries = decode_index(data, name)
+        if got != pid:
+            raise CorruptFileError(f"{name}: names pack {got}, not {pid}")
+        with self._lock:
+            for cid, off, length, plen in entries:
+                self._index.setdefault(cid, Location(pid, off, length, plen))
+            self._loaded.add(pid)
+        return entries
+
+    def forget_pack(self, pid: str) -> None:
+        with self._lock:
+            self._loaded.discard(pid)
+            for cid in [c for c, loc in self._index.items() if loc.pack == pid]:
+                del self._index[cid]
+
+    def has(self, cid: bytes) -> bool:
+        return cid in self._index or cid in self._pending
+
+    def locate(self, cid: bytes) -> Location:
+        loc = self._index.get(cid) or self._pending.get(cid)
+        if loc is None:
+            self.refresh()
+            loc = self._index.get(cid)
+        if loc is None:
+            raise MissingChunkError(f"chunk {cid.hex()} is in no index", cause="missing chunk")
+        return loc
+
+    def known_ids(self) -> Iterator[bytes]:
+        return iter(list(self._index))
+
+    def packs(self) -> list[str]:
+        return sorted(self._loaded)
+
+    # -- read ----------------------------------------------------------------------------------
+    def get(self, cid: bytes) -> np.ndarray:
+        """The payload of chunk ``cid``, verified against its id."""
+        loc = self.locate(cid)
+        try:
+            frame = self.backend.read_range(pack_name(loc.pack), loc.offset, loc.length)
+        except FileNotFoundError:
+            raise MissingChunkError(f"pack {loc.pack} holding chunk {cid.hex()} is missing",
+                                    cause="missing pack") from None
+        if len(frame) != loc.length:
+            raise MissingChunkError(f"pack {loc.pack} is truncated at chunk {cid.hex()}",
+                                    cause="truncated pack")
+        try:
+            payload = decode_frame(frame, loc.payload_length)
+        except CorruptChunkError as exc:
+            raise CorruptChunkError(f"chunk {cid.hex()} in pack {loc.pack}: {exc}",
+                                    cause="corrupt chunk") from None
+        if chunk_id(payload) != cid:
+            raise CorruptChunkError(f"chunk {cid.hex()} in pack {loc.pack} does not match its "
+                                    "id (bytes changed on disk)", cause="corrupt chunk")
+        return payload
+
+    # -- write ---------------------------------------------------------------------------------
+    def put(self, payload: np.ndarray, word: int, level: int,
+            cid: bytes | None = None) -> tuple[bytes, int]:
+        """Store ``payload`` unless present; returns ``(id, bytes newly written)``."""
+        cid = chunk_id(payload) if cid is None else cid
+        if self.has(cid):
+            return cid, 0
+        return cid, self.put_frame(cid, encode_frame(payload, word, level), payload.size)
+
+    def put_frame(self, cid: bytes, frame: bytes, payload_length: int) -> int:
+        """Append an already-encoded frame under ``cid`` unless present; returns bytes written.
+
+        The caller vouches that ``frame`` decodes to ``payload_length`` bytes hashing to ``cid``.
+        """
+        with self._lock:
+            if cid in self._index or cid in self._pending:
+                return 0
+            pack = self._pack_for(len(frame))
+            stream = pack.stream
+            stream.write(_ENTRY_HEAD.pack(cid, len(frame)))
+            offset = stream.tell()
+            stream.write(frame)
+            pack.entries.append((cid, offset, len(frame), payload_length))
+            self._pending[cid] = Location(pack.id, offset, len(frame), payload_length)
+        return _ENTRY_HEAD.size + len(frame)
+
+    def _pack_for(self, nbytes: int) -> _OpenPack:
+        if self._open is not None and self._open.stream.tell() + nbytes > self.max_pack_bytes \
+                and self._open.entries:
+            self._finish(self._open)
+            self._open = None
+        if self._open is None:
+            pid = os.urandom(16).hex()
+            if self.on_new_pack is not None:
+                self.on_new_pack(pid)
+            self._open = _OpenPack(pid, self.backend.create_stream(pack_name(pid)))
+        return self._open
+
+    def _finish(self, pack: _OpenPack) -> None:
+        pack.stream.commit()
+        self.backend.write_atomic(index_name(pack.id), encode_index(pack.id, pack.entries))
+        self._written.append(pack.id)
+
+    def flush(self) -> list[str]:
+        """Commit open packs and their indexes durably; returns the pack ids written since the
+        last flush/abort."""
+        with self._lock:
+            if self._open is not None:
+                self._finish(self._open)
+                self._open = None
+            for cid, loc in self._pending.items():
+                self._index.setdefault(cid, loc)
+            self._loaded.update(self._written)
+            self._pending.clear()
+            written, self._written = self._written, []
+            return written
+
+    def abort(self) -> list[str]:
+        """Drop everything written since the last flush; returns pack ids to delete."""
+        with self._lock:
+            if self._open is not None:
+                self._open.stream.abort()
+                self._open = None
+            self._pending.clear()
+            written, self._written = self._written, []
+            for pid in written:
+                self.backend.delete(index_name(pid))
+                self.backend.delete(pack_name(pid))
+            return written
+
+
+def scan_pack(backend: Backend, pid: str,
+              entries: list[tuple[bytes, int, int, int]]) -> list[str]:
+    """Check a pack's framing against its index entries; returns problems found (no decoding)."""
+    name = pack_name(pid)
+    try:
+        size = backend.size(name)
+        head = backend.read_range(name, 0, _PACK_HEAD.size)
+    except FileNotFoundError:
+        return [f"pack {pid} is missing"]
+    problems = []
+    if len(head) != _PACK_HEAD.size or _PACK_HEAD.unpack(head)[:2] != (PACK_MAGIC, PACK_VERSION):
+        problems.append(f"pack {pid}: bad header")
+    end = _PACK_HEAD.size
+    for cid, off, length, _plen in sorted(entries, key=lambda e: e[1]):
+        if off - _ENTRY_HEAD.size != end:
+            problems.append(f"pack {pid}: entries do not tile the file at offset {end}")
+        eh = backend.read_range(name, off - _ENTRY_HEAD.size, _ENTRY_HEAD.size)
+        if len(eh) != _ENTRY_HEAD.size or _ENTRY_HEAD.unpack(eh) != (cid, length):
+            problems.append(f"pack {pid}: entry header of chunk {cid.hex()} is damaged")
+        end = off + length
+    if end != size:
+        problems.append(f"pack {pid}: {size - end} unexpected trailing bytes")
+    return problems

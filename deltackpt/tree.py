@@ -1,0 +1,334 @@
+"""State trees ↔ JSON nodes, with tensors and arrays pulled out as leaves. No pickle, ever.
+
+A state is a nest of dict / OrderedDict / list / tuple holding tensors, numpy arrays and plain
+values. Every node is a JSON array ``[tag, ...]`` so key types, container types and float bits
+come back exactly (spec/FORMAT.md, "State tree"). Anything else is refused at save time with the
+path where it was found.
+"""
+from __future__ import annotations
+
+import base64
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .dtypes import TORCH_DTYPES, numpy_type, torch_type
+from .errors import CorruptFileError, UnsupportedValueError
+
+MAX_DEPTH = 200
+
+Node = list  # a JSON array: [tag, *fields]
+
+
+@dataclass
+class Leaf:
+    """A tensor or array found in the state, to be stored as a tensor entry."""
+
+    index: int
+    path: str
+    value: torch.Tensor | np.ndarray
+
+
+def _f64(v: float) -> str:
+    return struct.pack("<d", v).hex()
+
+
+def _unf64(s: str) -> float:
+    return struct.unpack("<d", bytes.fromhex(s))[0]
+
+
+def _escape(key: str) -> str:
+    return key.replace("%", "%25").replace("/", "%2F")
+
+
+def _key_label(key: Any) -> str:
+    if isinstance(key, str):
+        return _escape(key)
+    if type(key) is int:
+        return str(key)
+    return _escape(repr(key))
+
+
+def join(path: str, label: str) -> str:
+    return f"{path}/{label}" if path else label
+
+
+class _Flattener:
+    def __init__(self) -> None:
+        self.leaves: list[Leaf] = []
+        self._by_ident: dict[Any, int] = {}
+        self._active: set[int] = set()
+        self._paths: set[str] = set()
+
+    def _unique(self, path: str) -> str:
+        if path not in self._paths:
+            self._paths.add(path)
+            return path
+        n = 2
+        while f"{path}~{n}" in self._paths:
+            n += 1
+        self._paths.add(f"{path}~{n}")
+        return f"{path}~{n}"
+
+    def _leaf(self, value: torch.Tensor | np.ndarray, path: str) -> int:
+        if isinstance(value, torch.Tensor):
+            torch_type(value.dtype)  # refuses quantized dtypes early, with the path
+            if value.layout != torch.strided:
+                raise UnsupportedValueError(f"{value.layout} tensors are not supported; "
+                                            "call .to_dense() first", path=path)
+            if value.is_meta:
+                raise UnsupportedValueError("meta tensors hold no data", path=path)
+            ident: Any = ("t", value.device.type, value.device.index, value.untyped_storage()
+                          .data_ptr(), value.storage_offset(), value.dtype, tuple(value.shape),
+                          value.stride(), type(value), value.requires_grad) \
+                if value.numel() else ("id", id(value))
+        else:
+            numpy_type(value.dtype)
+            ident = ("n", value.__array_interface__["data"][0], value.dtype.str, value.shape,
+                     value.strides) if value.size else ("id", id(value))
+        idx = self._by_ident.get(ident)
+        if idx is None:
+            idx = self._by_ident[ident] = len(self.leaves)
+            self.leaves.append(Leaf(idx, self._unique(path or "<root>"), value))
+        return idx
+
+    def encode(self, v: Any, path: str, depth: int) -> Node:
+        if depth > MAX_DEPTH:
+            raise UnsupportedValueError(f"state is nested deeper than {MAX_DEPTH} levels",
+                                        path=path)
+        t = type(v)
+        if isinstance(v, torch.Tensor):
+            if t not in (torch.Tensor, torch.nn.Parameter):
+                raise UnsupportedValueError(
+                    f"tensor subclass {t.__name__} cannot be restored without its class; "
+                    "store a plain tensor (e.g. t.full_tensor() for DTensor)", path=path)
+            return ["tensor", self._leaf(v, path)]
+        if t is np.ndarray:
+            return ["ndarray", self._leaf(v, path)]
+        if v is None:
+            return ["none"]
+        if t is bool:
+            return ["bool", v]
+        if t is int:
+            return ["int", str(v)]
+        if t is float:
+            return ["float", _f64(v)]
+        if t is str:
+            return ["str", v]
+        if t is bytes:
+            return ["bytes", base64.b64encode(v).decode()]
+        if t is bytearray:
+            return ["bytearray", base64.b64encode(v).decode()]
+        if t is complex:
+            return ["complex", _f64(v.real), _f64(v.imag)]
+        if isinstance(v, np.generic) and t.__module__ == "numpy":
+            et = numpy_type(v.dtype)
+            return ["npscalar", et.name, np.asarray(v).astype(et.name).tobytes().hex()]
+        if t is torch.dtype:
+            return ["dtype", str(v).removeprefix("torch.")]
+        if t is torch.device:
+            return ["device", str(v)]
+        if t is torch.Size:
+            return ["size", [int(x) for x in v]]
+        if t is torch.Generator:
+            state = v.get_state()
+            return ["generator", str(v.device), self._leaf(state, join(path, "<generator>"))]
+        if t in (dict, OrderedDict, list, tuple):
+            if id(v) in self._active:
+                raise UnsupportedValueError("state contains a reference cycle", path=path)
+            self._active.add(id(v))
+            try:
+                return self._container(v, t, path, depth)
+            finally:
+                self._active.discard(id(v))
+        hint = ""
+        if isinstance(v, tuple) and hasattr(v, "_asdict"):
+            hint = " (a namedtuple: store v._asdict() or tuple(v))"
+        elif isinstance(v, dict):
+            hint = " (a dict subclass: store dict(v))"
+        elif isinstance(v, torch.nn.Module):
+            hint = " (a module: store module.state_dict())"
+        raise UnsupportedValueError(
+            f"cannot store a {t.__module__}.{t.__qualname__}{hint}; deltackpt stores tensors, "
+            "numpy arrays, dict/list/tuple and plain values only, never pickle", path=path)
+
+    def _container(self, v: Any, t: type, path: str, depth: int) -> Node:
+        if t is list or t is tuple:
+            items = [self.encode(x, join(path, str(i)), depth + 1) for i, x in enumerate(v)]
+            return ["list" if t is list else "tuple", items]
+        pairs = []
+        for k, x in v.items():
+            pairs.append([self.encode_key(k, path), self.encode(x, join(path, _key_label(k)),
+                                                                   depth + 1)])
+        if t is dict:
+            return ["dict", pairs]
+        meta = getattr(v, "_metadata", None)
+        return ["odict", pairs, None if meta is None else self.encode(meta, join(
+            path, "<_metadata>"), depth + 1)]
+
+    def encode_key(self, k: Any, path: str) -> Node:
+        if isinstance(k, (torch.Tensor, np.ndarray)) or type(k) in (dict, OrderedDict, list):
+            raise UnsupportedValueError(f"unsupported dict key type {type(k).__name__}",
+                                        path=path)
+        if type(k) is tuple:
+            return ["tuple", [self.encode_key(x, path) for x in k]]
+        return self.encode(k, path, MAX_DEPTH)
+
+
+def flatten(state: Any) -> tuple[Node, list[Leaf]]:
+    """Encode ``state`` into a JSON-able node tree plus its tensor leaves (deduplicated)."""
+    f = _Flattener()
+    return f.encode(state, "", 0), f.leaves
+
+
+# ----------------------------------------------------------------------------------- decoding
+def _selected(path: str, select: Sequence[str] | None) -> tuple[bool, bool]:
+    """(whole subtree wanted, some descendant wanted) for the node at ``path``."""
+    if select is None:
+        return True, True
+    whole = any(path == s or path.startswith(s + "/") for s in select)
+    partial = whole or any(path == "" or s.startswith(path + "/") for s in select)
+    return whole, partial
+
+
+class _Unflattener:
+    def __init__(self, leaf: Callable[[int], Any], select: Sequence[str] | None,
+                 dry: bool = False) -> None:
+        self.leaf = leaf
+        self.select = select
+        self.dry = dry
+
+    def decode(self, node: Any, path: str, depth: int, whole: bool) -> Any:
+        if depth > MAX_DEPTH + 1 or not isinstance(node, list) or not node \
+                or not isinstance(node[0], str):
+            raise CorruptFileError(f"malformed state node at {path or '<root>'!r}")
+        tag = node[0]
+        try:
+            return self._decode(tag, node, path, depth, whole)
+        except (ValueError, TypeError, IndexError, KeyError, struct.error) as exc:
+            raise CorruptFileError(f"malformed {tag!r} node at {path or '<root>'!r}: {exc}") \
+                from None
+
+    def _decode(self, tag: str, node: list, path: str, depth: int, whole: bool) -> Any:
+        if tag in ("tensor", "ndarray"):
+            return self.leaf(_int(node[1]))
+        if tag == "none":
+            return None
+        if tag == "bool":
+            if type(node[1]) is not bool:
+                raise TypeError("bool node without a bool")
+            return node[1]
+        if tag == "int":
+            return int(_str(node[1]))
+        if tag == "float":
+            return _unf64(_str(node[1]))
+        if tag == "str":
+            return _str(node[1])
+        if tag in ("bytes", "bytearray"):
+            b = base64.b64decode(_str(node[1]), validate=True)
+            return b if tag == "bytes" else bytearray(b)
+        if tag == "complex":
+            return complex(_unf64(_str(node[1])), _unf64(_str(node[2])))
+        if tag == "npscalar":
+            dt = np.dtype(numpy_type(np.dtype(_str(node[1]))).name)
+            raw = bytes.fromhex(_str(node[2]))
+            if len(raw) != dt.itemsize:
+                raise ValueError("numpy scalar has the wrong size")
+            return np.frombuffer(raw, dtype=dt)[0].copy()
+        if tag == "dtype":
+            name = _str(node[1])
+            if name not in TORCH_DTYPES:
+                raise ValueError(f"unknown dtype {name!r}")
+            return TORCH_DTYPES[name]
+        if tag == "device":
+            return torch.device(_str(node[1]))
+        if tag == "size":
+            return torch.Size([_int(x) for x in node[1]])
+        if tag == "generator":
+            device = torch.device(_str(node[1]))
+            state = self.leaf(_int(node[2]))
+            if self.dry:
+                return None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise UnsupportedValueError("a CUDA torch.Generator was saved but CUDA is not "
+                                            "available here", path=path)
+            g = torch.Generator(device=device)
+            g.set_state(state)
+            return g
+        if tag in ("list", "tuple"):
+            items = []
+            for i, x in enumerate(_list(node[1])):
+                sub = join(path, str(i))
+                w, p = (True, True) if whole else _selected(sub, self.select)
+                if p:
+                    items.append(self.decode(x, sub, depth + 1, w))
+            return items if tag == "list" else tuple(items)
+        if tag in ("dict", "odict"):
+            out: dict[Any, Any] = {} if tag == "dict" else OrderedDict()
+            for pair in _list(node[1]):
+                if not isinstance(pair, list) or len(pair) != 2:
+                    raise ValueError("dict item is not a [key, value] pair")
+                k = self.decode_key(pair[0], path)
+                sub = join(path, _key_label(k))
+                w, p = (True, True) if whole else _selected(sub, self.select)
+                if p:
+                    out[k] = self.decode(pair[1], sub, depth + 1, w)
+            if tag == "odict" and node[2] is not None:
+                out._metadata = self.decode(node[2], join(path, "<_metadata>"),  # type: ignore
+                                            depth + 1, True)
+            return out
+        raise ValueError(f"unknown node tag {tag!r}")
+
+    def decode_key(self, node: Any, path: str) -> Any:
+        if isinstance(node, list) and node and node[0] == "tuple":
+            return tuple(self.decode_key(x, path) for x in _list(node[1]))
+        if isinstance(node, list) and node and node[0] in ("tensor", "ndarray", "list", "dict",
+                                                           "odict", "generator"):
+            raise ValueError(f"{node[0]!r} cannot be a dict key")
+        return self.decode(node, path, MAX_DEPTH, True)
+
+
+def _str(x: Any) -> str:
+    if not isinstance(x, str):
+        raise TypeError(f"expected a string, got {type(x).__name__}")
+    return x
+
+
+def _int(x: Any) -> int:
+    if type(x) is not int:
+        raise TypeError(f"expected an integer, got {type(x).__name__}")
+    return x
+
+
+def _list(x: Any) -> list:
+    if not isinstance(x, list):
+        raise TypeError(f"expected a list, got {type(x).__name__}")
+    return x
+
+
+def unflatten(node: Node, leaf: Callable[[int], Any],
+              select: Sequence[str] | None = None) -> Any:
+    """Rebuild a state from its node tree; ``leaf(i)`` supplies tensor leaf ``i``.
+
+    With ``select`` (path prefixes such as ``"model"`` or ``"optimizer/state"``) only those
+    subtrees, and the containers leading to them, are rebuilt, and only their leaves requested.
+    """
+    whole, _ = _selected("", select)
+    return _Unflattener(leaf, select).decode(node, "", 0, whole)
+
+
+def leaf_indices(node: Node, select: Sequence[str] | None = None) -> set[int]:
+    """Indices of the leaves that :func:`unflatten` would request for ``select``."""
+    wanted: set[int] = set()
+
+    def record(i: int) -> None:
+        wanted.add(i)
+
+    whole, _ = _selected("", select)
+    _Unflattener(record, select, dry=True).decode(node, "", 0, whole)
+    return wanted
