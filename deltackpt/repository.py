@@ -69,6 +69,22 @@ class SaveInfo:
         return self.logical_bytes / self.stored_bytes if self.stored_bytes else float("inf")
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """A step as ``log``/``du`` show it."""
+
+    step: int
+    time: str
+    kind: str
+    keyframe: int
+    parent: int | None
+    depth: int
+    tensors: int
+    logical_bytes: int
+    stored_bytes: int
+    meta: dict[str, Any]
+
+
 @dataclass
 class _RefTensor:
     entry: TensorEntry
@@ -330,6 +346,31 @@ class Repository:
             t.requires_grad_(True)
         return t
 
+    def history(self) -> list[StepRecord]:
+        """One record per committed step, from manifests only (no tensor data is read)."""
+        out = []
+        for s in self.steps():
+            m = self.manifest(s)
+            out.append(StepRecord(s, m.time, m.kind, m.keyframe, m.parent, m.depth,
+                                  len(m.tensors), int(m.stats.get("logical_bytes", 0)),
+                                  int(m.stats.get("stored_bytes", 0)), m.meta))
+        return out
+
+    def disk_usage(self) -> dict[str, int]:
+        """Bytes on disk by file kind, and in total."""
+        usage = {"packs": 0, "index": 0, "steps": 0, "other": 0}
+        root = self.path
+        for dirpath, _dirs, files in os.walk(root):
+            rel = os.path.relpath(dirpath, root).split(os.sep)[0]
+            key = rel if rel in usage else "other"
+            for f in files:
+                try:
+                    usage[key] += os.path.getsize(os.path.join(dirpath, f))
+                except FileNotFoundError:
+                    pass
+        usage["total"] = sum(usage.values())
+        return usage
+
     def verify(self, step: int | None = None) -> VerifyReport:
         """Check one step (or every step and the whole store) rebuilds bit-exactly."""
         self._check_open()
@@ -442,7 +483,7 @@ class Repository:
                 if self.store.has(pid):
                     return dref, 0, True
                 dframe = encode_frame(payload, word, pol.zstd_level)
-                if len(dframe) > chunk.size // 2:
+                if len(dframe) > pol.delta_gain * chunk.size:  # maybe the raw chunk is smaller
                     rframe = encode_frame(chunk, et.word, pol.zstd_level)
                     if len(dframe) > pol.delta_gain * len(rframe):
                         written = self.store.put_frame(digest, rframe, chunk.size)

@@ -1,0 +1,206 @@
+"""Command-line interface: ``deltackpt {log,du,show,verify,export,import,demo}``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import open as open_repo
+from .errors import DeltaCkptError
+from .export import read_file, step_from_name
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                       enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    with open_repo(args.repo, mode="r") as repo:
+        rows = repo.history()
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=1))
+        return 0
+    print(table(["step", "kind", "time", "depth", "tensors", "logical", "stored", "ratio",
+                 "meta"],
+                [[r.step, r.kind, r.time, r.depth, r.tensors, human(r.logical_bytes),
+                  human(r.stored_bytes), _ratio(r.logical_bytes, r.stored_bytes),
+                  json.dumps(r.meta) if r.meta else ""] for r in rows]))
+    return 0
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    with open_repo(args.repo, mode="r") as repo:
+        rows = repo.history()
+        usage = repo.disk_usage()
+    logical = sum(r.logical_bytes for r in rows)
+    if args.json:
+        print(json.dumps({"steps": [{"step": r.step, "kind": r.kind, "depth": r.depth,
+                                     "logical_bytes": r.logical_bytes,
+                                     "stored_bytes": r.stored_bytes} for r in rows],
+                          "logical_bytes": logical, "disk": usage}, indent=1))
+        return 0
+    cum = 0
+    out = []
+    for r in rows:
+        cum += r.stored_bytes
+        out.append([r.step, r.kind, r.depth, human(r.logical_bytes), human(r.stored_bytes),
+                    human(cum), _ratio(r.logical_bytes, r.stored_bytes)])
+    print(table(["step", "kind", "depth", "logical", "stored", "cumulative", "ratio"], out))
+    print(f"\n{len(rows)} steps: {human(logical)} of tensors stored in {human(usage['total'])} "
+          f"on disk ({_ratio(logical, usage['total'])}); packs {human(usage['packs'])}, "
+          f"indexes {human(usage['index'])}, manifests {human(usage['steps'])}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with open_repo(args.repo, mode="r") as repo:
+        step = repo._resolve_step(args.step)
+        m = repo.manifest(step)
+    rows = []
+    for t in m.tensors:
+        codecs = sorted({t.codecs[c.codec].codec_id for c in t.chunks})
+        refs = sorted({c.ref for c in t.chunks if c.ref is not None})
+        rows.append([t.path, t.dtype, "x".join(map(str, t.shape)) or "()", human(t.nbytes),
+                     len(t.chunks), ",".join(codecs) or "-",
+                     ",".join(map(str, refs)) or "-",
+                     max((c.depth for c in t.chunks), default=0)])
+    print(f"step {step}: {m.kind} (keyframe {m.keyframe}, parent {m.parent}), {m.time}")
+    print(table(["tensor", "dtype", "shape", "bytes", "chunks", "codecs", "refs", "depth"],
+                rows))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with open_repo(args.repo, mode="r") as repo:
+        report = repo.verify(args.step)
+    if args.json:
+        print(json.dumps({"ok": report.ok, "steps": report.steps, "tensors": report.tensors,
+                          "bytes": report.bytes,
+                          "problems": [p.__dict__ for p in report.problems]}, indent=1))
+    elif report.ok:
+        print(f"OK: {len(report.steps)} steps, {report.tensors} tensors, "
+              f"{human(report.bytes)} rebuilt bit-exactly")
+    else:
+        print(f"FAILED: {len(report.problems)} problem(s) in steps {report.bad_steps}")
+        for p in report.problems:
+            print(f"  - {p.cause}: {p.message}")
+    return 0 if report.ok else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with open_repo(args.repo, mode="r") as repo:
+        step = repo._resolve_step(args.step)
+        repo.export(step, args.out)
+    print(f"exported step {step} to {args.out} ({human(os.path.getsize(args.out))})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    files = list(args.files)
+    if args.step is not None and len(files) != 1:
+        print("deltackpt: --step needs exactly one file", file=sys.stderr)
+        return 2
+    jobs = []
+    for f in files:
+        step = args.step if args.step is not None else step_from_name(f)
+        if step is None:
+            print(f"deltackpt: no step number in {f!r}; pass --step", file=sys.stderr)
+            return 2
+        jobs.append((step, f))
+    jobs.sort()
+    before = sum(os.path.getsize(f) for _, f in jobs)
+    with open_repo(args.repo) as repo:
+        for step, f in jobs:
+            info = repo.save(step, read_file(f), meta={"imported_from": os.path.basename(f)})
+            print(f"step {step:>8}  {info.kind:8}  {human(os.path.getsize(f)):>10} -> "
+                  f"{human(info.stored_bytes):>10}  {f}")
+        after = repo.disk_usage()["total"]
+    print(f"imported {len(jobs)} file(s): {human(before)} -> {human(after)} "
+          f"({_ratio(before, after)} smaller)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo_run import run_demo
+
+    return run_demo(args.dir, steps=args.steps, every=args.every)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deltackpt", description="Delta-compressed, bit-exact "
+                                "training checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, helptext: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=helptext, description=helptext)
+        return sp
+
+    sp = add("log", "list the steps of a repository")
+    sp.add_argument("repo")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_log)
+    sp = add("du", "logical vs stored bytes per step and on disk")
+    sp.add_argument("repo")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_du)
+    sp = add("show", "the tensors of one step and how each is stored")
+    sp.add_argument("repo")
+    sp.add_argument("--step", type=int)
+    sp.set_defaults(fn=cmd_show)
+    sp = add("verify", "rebuild steps and check them bit-exactly (exit 1 on any problem)")
+    sp.add_argument("repo")
+    sp.add_argument("--step", type=int, help="one step (default: all steps and all packs)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_verify)
+    sp = add("export", "write a step as .safetensors or .pt")
+    sp.add_argument("repo")
+    sp.add_argument("out", help="output file: *.safetensors or *.pt")
+    sp.add_argument("--step", type=int, help="default: latest")
+    sp.set_defaults(fn=cmd_export)
+    sp = add("import", "save .pt/.pth/.bin/.ckpt or .safetensors files as steps")
+    sp.add_argument("repo")
+    sp.add_argument("files", nargs="+")
+    sp.add_argument("--step", type=int, help="step for a single file (default: from its name)")
+    sp.set_defaults(fn=cmd_import)
+    sp = add("demo", "train a small model on CPU, checkpoint it, compare with torch.save")
+    sp.add_argument("dir")
+    sp.add_argument("--steps", type=int, default=60)
+    sp.add_argument("--every", type=int, default=5)
+    sp.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except DeltaCkptError as exc:
+        print(f"deltackpt: error: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"deltackpt: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
