@@ -65,7 +65,10 @@ def encode_frame(payload: np.ndarray, word: int, level: int) -> bytes:
     if word == 1:
         planes = [payload]
     else:
-        grouped = np.ascontiguousarray(payload.reshape(-1, word).T)
+        words = payload.reshape(-1, word)
+        grouped = np.empty((word, words.shape[0]), dtype=np.uint8)
+        for k in range(word):  # strided column copies beat a transposing copy several times
+            grouped[k] = words[:, k]
         planes = list(grouped)
     descs, bodies = [], []
     for plane in planes:
@@ -108,7 +111,7 @@ def decode_frame(frame: bytes | memoryview, expected_length: int) -> np.ndarray:
     pos = _HEAD.size + nplanes * _PLANE.size
     if len(mv) < pos:
         raise CorruptChunkError("chunk frame truncated in its plane table")
-    out = np.empty((plane_len, nplanes), dtype=np.uint8) if nplanes > 1 else np.empty(n, np.uint8)
+    out = np.empty((plane_len, nplanes), dtype=np.uint8)
     for k in range(nplanes):
         method, size = _PLANE.unpack_from(mv, _HEAD.size + k * _PLANE.size)
         body = mv[pos:pos + size]
@@ -131,10 +134,7 @@ def decode_frame(frame: bytes | memoryview, expected_length: int) -> np.ndarray:
             plane = np.frombuffer(raw, dtype=np.uint8)
         else:
             raise CorruptChunkError(f"unknown plane method {method}")
-        if nplanes > 1:
-            out[:, k] = plane
-        else:
-            out[:] = plane
+        out[:, k] = plane
     if pos != len(mv):
         raise CorruptChunkError("chunk frame has trailing bytes")
     return out.reshape(-1)

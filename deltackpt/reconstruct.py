@@ -125,18 +125,18 @@ class Reconstructor:
         assert value is not None
         return value
 
-    def tensor_into(self, step: int, entry: TensorEntry, out: np.ndarray,
-                    map_chunks: Callable[..., object] = map) -> None:
-        """Fill ``out`` (1-D uint8, ``entry.nbytes`` long) and check the tensor digest."""
-        def fill(i: int) -> None:
-            lo, hi = entry.chunk_span(i)
-            out[lo:hi] = self.chunk(step, entry, i)
-
-        for _ in map_chunks(fill, range(len(entry.chunks))):  # type: ignore[call-overload]
-            pass
-        if xxhash.xxh3_128(out).digest() != entry.digest:
+    def check(self, step: int, entry: TensorEntry, data: np.ndarray) -> None:
+        """Raise DigestMismatchError unless ``data`` hashes to the tensor's save-time digest."""
+        if xxhash.xxh3_128(data).digest() != entry.digest:
             raise DigestMismatchError("rebuilt tensor does not match the digest taken at save "
                                       "time", step=step, path=entry.path, cause="digest mismatch")
+
+    def tensor_into(self, step: int, entry: TensorEntry, out: np.ndarray) -> None:
+        """Fill ``out`` (1-D uint8, ``entry.nbytes`` long) and check the tensor digest."""
+        for i in range(len(entry.chunks)):
+            lo, hi = entry.chunk_span(i)
+            out[lo:hi] = self.chunk(step, entry, i)
+        self.check(step, entry, out)
 
     def tensor_digest(self, step: int, entry: TensorEntry) -> None:
         """Rebuild chunk by chunk, hashing as it goes (never holds the whole tensor)."""

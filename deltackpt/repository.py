@@ -9,33 +9,31 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import torch
-import xxhash
 
 from . import checksum
-from .codecs import get_codec
-from .dtypes import TORCH_DTYPES, ElementType, element_type, numpy_type, torch_type
+from .dtypes import TORCH_DTYPES, element_type
 from .errors import (CorruptFileError, DeltaCkptError, FormatVersionError, ReadOnlyError,
                      RepositoryNotFoundError, StepExistsError, StepNotFoundError,
                      UnsupportedValueError)
-from .frame import encode_frame
-from .manifest import (MAX_STEP, ChunkRef, Manifest, TensorEntry, manifest_name,
+from .manifest import (MAX_STEP, Manifest, TensorEntry, manifest_name,
                        parse_manifest_name)
 from .policy import Policy
 from .reconstruct import ChunkCache, Reconstructor
 from .store.base import Backend
 from .store.local import LocalBackend
 from .store.packs import ChunkStore, index_name, pack_name
-from .tree import Leaf, flatten, leaf_indices, unflatten
+from .tree import flatten, leaf_indices, unflatten
 from .verify import VerifyReport
 from .verify import verify as verify_repo
+from .writer import RefState, RefTensor, StepEncoder, bounded_map
 
 REPO_FORMAT = "deltackpt"
 REPO_VERSION = 1
@@ -85,52 +83,6 @@ class StepRecord:
     meta: dict[str, Any]
 
 
-@dataclass
-class _RefTensor:
-    entry: TensorEntry
-    data: np.ndarray  # raw bytes of the reference value (owned copy)
-
-
-@dataclass
-class _RefState:
-    step: int
-    keyframe: int
-    delta_index: int
-    tensors: dict[str, _RefTensor]
-
-
-def _raw_bytes(value: torch.Tensor | np.ndarray) -> tuple[np.ndarray, ElementType]:
-    """A 1-D uint8 view (or copy, for non-contiguous/non-CPU values) of ``value``'s bytes."""
-    if isinstance(value, torch.Tensor):
-        et = torch_type(value.dtype)
-        t = value.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous()
-        if t.is_conj():
-            t = t.resolve_conj()
-        if t.is_neg():
-            t = t.resolve_neg()
-        if t.numel() == 0:
-            return np.empty(0, np.uint8), et
-        return t.reshape(-1).view(torch.uint8).numpy(), et
-    et = numpy_type(value.dtype)
-    arr = np.ascontiguousarray(value, dtype=np.dtype(et.name))
-    return arr.reshape(-1).view(np.uint8), et
-
-
-def _bounded(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any],
-             window: int) -> Iterator[Any]:
-    """``map`` over a pool with at most ``window`` tasks in flight, results in order."""
-    pending: list[Future[Any]] = []
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            yield pending.pop(0).result()
-    for fut in pending:
-        yield fut.result()
-
-
 class Repository:
     """A directory of checkpoints. Use :func:`deltackpt.open` to get one."""
 
@@ -146,7 +98,7 @@ class Repository:
         self._lock = None
         self._closed = False
         self._manifests: dict[int, Manifest] = {}
-        self._ref: _RefState | None = None
+        self._ref: RefState | None = None
         self._ref_loaded = False
         self._journal: tuple[str, int, list[str]] | None = None
         if not self.backend.exists(CONFIG_NAME):
@@ -316,35 +268,54 @@ class Repository:
         sel = [select] if isinstance(select, str) else (list(select) if select else None)
         if sel is not None:
             sel = [s.strip("/") for s in sel]
-        wanted = leaf_indices(m.tree, sel)
+        wanted = sorted(leaf_indices(m.tree, sel))
+        if wanted and wanted[-1] >= len(m.tensors):
+            raise CorruptFileError(f"state refers to tensor #{wanted[-1]}, manifest has "
+                                   f"{len(m.tensors)}", step=step)
         values: dict[int, Any] = {}
-        for i in sorted(wanted):
-            if i >= len(m.tensors):
-                raise CorruptFileError(f"state refers to tensor #{i}, manifest has "
-                                       f"{len(m.tensors)}", step=step)
-            values[i] = self._materialize(step, m.tensors[i], map_location)
+        bufs: dict[int, np.ndarray] = {}
+        for i in wanted:
+            values[i], bufs[i] = self._allocate(m.tensors[i])
+        jobs = [(i, c) for i in wanted for c in range(len(m.tensors[i].chunks))]
+
+        def fill(job: tuple[int, int]) -> None:
+            i, c = job
+            entry = m.tensors[i]
+            lo, hi = entry.chunk_span(c)
+            bufs[i][lo:hi] = self.reconstructor.chunk(step, entry, c)
+
+        for _ in bounded_map(self._pool, fill, jobs, 4 * self.policy.workers):
+            pass
+        for _ in bounded_map(self._pool, lambda i: self.reconstructor.check(
+                step, m.tensors[i], bufs[i]), wanted, 4 * self.policy.workers):
+            pass
+        for i in wanted:
+            values[i] = self._finish(values[i], m.tensors[i], map_location)
         return unflatten(m.tree, values.__getitem__, sel)
 
-    def _materialize(self, step: int, entry: TensorEntry,
-                     map_location: str | torch.device | None) -> torch.Tensor | np.ndarray:
-        def chunks(fn: Callable[[int], None], idx: Iterable[int]) -> Iterator[None]:
-            return _bounded(self._pool, fn, idx, 4 * self.policy.workers)
-
+    @staticmethod
+    def _allocate(entry: TensorEntry) -> tuple[torch.Tensor | np.ndarray, np.ndarray]:
+        """An uninitialised output value for ``entry`` and a flat uint8 view of its bytes."""
         if entry.kind == "numpy":
-            arr = np.empty(entry.shape, dtype=np.dtype(entry.dtype))
-            self.reconstructor.tensor_into(step, entry, arr.reshape(-1).view(np.uint8), chunks)
-            return arr
+            arr = np.empty(entry.shape, dtype=np.dtype(element_type("numpy", entry.dtype).name))
+            return arr, arr.reshape(-1).view(np.uint8)
         et = element_type(entry.kind, entry.dtype)
         t = torch.empty(entry.shape, dtype=TORCH_DTYPES[et.name])
-        buf = t.reshape(-1).view(torch.uint8).numpy() if entry.nbytes else np.empty(0, np.uint8)
-        self.reconstructor.tensor_into(step, entry, buf, chunks)
+        return t, (t.reshape(-1).view(torch.uint8).numpy() if entry.nbytes
+                   else np.empty(0, np.uint8))
+
+    @staticmethod
+    def _finish(value: torch.Tensor | np.ndarray, entry: TensorEntry,
+                map_location: str | torch.device | None) -> torch.Tensor | np.ndarray:
+        if isinstance(value, np.ndarray):
+            return value
         if map_location is not None:
-            t = t.to(map_location)
+            value = value.to(map_location)
         if entry.parameter:
-            return torch.nn.Parameter(t, requires_grad=entry.requires_grad)
+            return torch.nn.Parameter(value, requires_grad=entry.requires_grad)
         if entry.requires_grad:
-            t.requires_grad_(True)
-        return t
+            value.requires_grad_(True)
+        return value
 
     def history(self) -> list[StepRecord]:
         """One record per committed step, from manifests only (no tensor data is read)."""
@@ -407,10 +378,19 @@ class Repository:
         self._journal = (txn, step, [])
         self._write_journal()
         try:
-            m, new_ref, counts = self._encode(step, tree, leaves, meta, keyframe, ref, txn)
+            enc = StepEncoder(self.store, self._pool, self.policy, keyframe, ref).encode(leaves)
+            m = Manifest(
+                step=step, time=_now(), kind="keyframe" if keyframe else "delta",
+                keyframe=step if keyframe or ref is None else ref.keyframe,
+                parent=None if keyframe or ref is None else ref.step,
+                delta_index=0 if keyframe or ref is None else ref.delta_index + 1,
+                meta=meta, codecs=enc.codecs, tree=tree, tensors=enc.entries,
+                stats={"logical_bytes": sum(e.nbytes for e in enc.entries), "stored_bytes": 0,
+                       "new_chunks": enc.new_chunks, "reused_chunks": enc.reused_chunks},
+                txn=txn, packs=[])
             packs = self.store.flush()
             m.packs = packs
-            stored = counts["bytes"] + sum(self.backend.size(index_name(p)) for p in packs)
+            stored = enc.written_bytes + sum(self.backend.size(index_name(p)) for p in packs)
             data = b""
             for _ in range(4):  # the manifest counts its own size: iterate to a fixed point
                 m.stats["stored_bytes"] = stored + len(data)
@@ -426,120 +406,15 @@ class Repository:
         self.backend.delete(f"txn/{txn}.json")
         self._journal = None
         self._manifests[step] = m
-        if self.policy.reference == "previous" or keyframe:
-            self._ref = new_ref
+        if enc.reference is not None:
+            self._ref = RefState(step, m.keyframe, m.delta_index, enc.reference)
         elif self._ref is not None:
             self._ref.delta_index += 1
         return SaveInfo(step, m.kind, m.stats["logical_bytes"], m.stats["stored_bytes"],
-                        counts["new"], counts["reused"], len(m.tensors), m.depth,
+                        enc.new_chunks, enc.reused_chunks, len(m.tensors), m.depth,
                         time.perf_counter() - t0)
 
-    def _encode(self, step: int, tree: list[Any], leaves: list[Leaf], meta: dict[str, Any],
-                keyframe: bool, ref: _RefState | None, txn: str
-                ) -> tuple[Manifest, _RefState, dict[str, int]]:
-        pol = self.policy
-        codec_cfgs: list[dict[str, Any]] = [_RAW]
-        delta = get_codec(pol.codec)
-        delta_idx = -1
-        counts = {"new": 0, "reused": 0, "bytes": 0}
-        keep_copy = pol.reference == "previous" or keyframe
-        new_ref: dict[str, _RefTensor] = {}
-        entries: list[TensorEntry] = []
-
-        def codec_index(cfg: dict[str, Any]) -> int:
-            nonlocal codec_cfgs
-            if cfg not in codec_cfgs:
-                codec_cfgs.append(cfg)
-            return codec_cfgs.index(cfg)
-
-        for leaf in leaves:
-            data, et = _raw_bytes(leaf.value)
-            chunk_bytes = max(1, pol.chunk_bytes // et.itemsize) * et.itemsize
-            base = None if ref is None else ref.tensors.get(leaf.path)
-            if base is not None and (base.entry.kind != et.kind or base.entry.dtype != et.name
-                                     or base.entry.nbytes != data.size
-                                     or base.entry.chunk_bytes != chunk_bytes):
-                base = None
-            n_chunks = -(-data.size // chunk_bytes)
-
-            def one(i: int, data: np.ndarray = data, base: _RefTensor | None = base,
-                    et: ElementType = et, chunk_bytes: int = chunk_bytes
-                    ) -> tuple[ChunkRef | tuple[Any, ...], int, bool]:
-                lo, hi = i * chunk_bytes, min(data.size, (i + 1) * chunk_bytes)
-                chunk = data[lo:hi]
-                digest = xxhash.xxh3_128(chunk).digest()
-                prev = base.entry.chunks[i] if base is not None else None
-                if prev is not None and prev.digest == digest and (
-                        not keyframe or prev.ref is None):
-                    return ("copy", prev, base.entry.codecs[prev.codec]), 0, True  # type: ignore
-                if self.store.has(digest) or prev is None or keyframe:
-                    cid, written = self.store.put(chunk, et.word, pol.zstd_level, cid=digest)
-                    return ChunkRef(cid, 0, None, digest, 1), written, written == 0
-                assert base is not None
-                ref_chunk = base.data[lo:hi]
-                payload, word = delta.encode(chunk, ref_chunk, et)
-                pid = xxhash.xxh3_128(payload).digest()
-                dref = ("delta", pid, prev.depth + 1, digest)
-                if self.store.has(pid):
-                    return dref, 0, True
-                dframe = encode_frame(payload, word, pol.zstd_level)
-                if len(dframe) > pol.delta_gain * chunk.size:  # maybe the raw chunk is smaller
-                    rframe = encode_frame(chunk, et.word, pol.zstd_level)
-                    if len(dframe) > pol.delta_gain * len(rframe):
-                        written = self.store.put_frame(digest, rframe, chunk.size)
-                        return ChunkRef(digest, 0, None, digest, 1), written, written == 0
-                written = self.store.put_frame(pid, dframe, payload.size)
-                return dref, written, written == 0
-
-            chunks: list[ChunkRef] = []
-            for rec, written, reused in _bounded(self._pool, one, range(n_chunks),
-                                                 2 * pol.workers):
-                counts["bytes"] += written
-                counts["reused" if reused else "new"] += 1
-                if isinstance(rec, tuple) and rec[0] == "copy":
-                    prev, prev_codec = rec[1], rec[2]
-                    rec = ChunkRef(prev.id, codec_index(prev_codec.get_config()), prev.ref,
-                                   prev.digest, prev.depth)
-                elif isinstance(rec, tuple):
-                    if delta_idx < 0:
-                        delta_idx = codec_index(delta.get_config())
-                    assert ref is not None
-                    rec = ChunkRef(rec[1], delta_idx, ref.step, rec[3], rec[2])
-                chunks.append(rec)
-            value = leaf.value
-            is_torch = isinstance(value, torch.Tensor)
-            shape = list(value.shape)
-            entry = TensorEntry(
-                path=leaf.path, kind=et.kind, dtype=et.name, shape=shape, nbytes=data.size,
-                chunk_bytes=chunk_bytes, digest=xxhash.xxh3_128(data).digest(), chunks=chunks,
-                global_shape=shape, offset=[0] * len(shape),
-                device=str(value.device) if is_torch else "cpu",
-                requires_grad=bool(is_torch and value.requires_grad),
-                parameter=isinstance(value, torch.nn.Parameter))
-            entries.append(entry)
-            if keep_copy:
-                new_ref[leaf.path] = _RefTensor(entry, np.array(data, copy=True))
-        codecs = [get_codec(c) for c in codec_cfgs]
-        for e in entries:
-            e.codecs = codecs
-        logical = sum(e.nbytes for e in entries)
-        m = Manifest(
-            step=step, time=_now(), kind="keyframe" if keyframe else "delta",
-            keyframe=step if keyframe else ref.keyframe,  # type: ignore[union-attr]
-            parent=None if keyframe else ref.step,  # type: ignore[union-attr]
-            delta_index=0 if keyframe else ref.delta_index + 1,  # type: ignore[union-attr]
-            meta=meta, codecs=codec_cfgs, tree=tree, tensors=entries,
-            stats={"logical_bytes": logical, "stored_bytes": 0, "new_chunks": counts["new"],
-                   "reused_chunks": counts["reused"]},
-            txn=txn, packs=[])
-        if keep_copy:
-            state = _RefState(step, m.keyframe, m.delta_index, new_ref)
-        else:
-            assert ref is not None
-            state = ref
-        return m, state, counts
-
-    def _rebuild_reference(self) -> _RefState | None:
+    def _rebuild_reference(self) -> RefState | None:
         """Rebuild the writer's delta reference from disk after a reopen."""
         latest = self.latest
         if latest is None:
@@ -550,8 +425,8 @@ class Repository:
         for e in src.tensors:
             buf = np.empty(e.nbytes, np.uint8)
             self.reconstructor.tensor_into(src.step, e, buf)
-            tensors[e.path] = _RefTensor(e, buf)
-        return _RefState(src.step, m.keyframe, m.delta_index, tensors)
+            tensors[e.path] = RefTensor(e, buf)
+        return RefState(src.step, m.keyframe, m.delta_index, tensors)
 
 
 def _summarize(steps: list[int]) -> str:
