@@ -19,11 +19,14 @@ if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
 
 _QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
+#: every dtype torch has, by name (``torch.dtype`` values in a state may be any of these)
+ALL_TORCH_DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
-    for d in (getattr(torch, n) for n in dir(torch))
-    if isinstance(d, torch.dtype) and d not in _QUANTIZED
+    for d in (getattr(torch, n) for n in dir(torch)) if isinstance(d, torch.dtype)
 }
+#: the dtypes whose tensors can be stored (raw bytes are the whole value)
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    n: d for n, d in ALL_TORCH_DTYPES.items() if d not in _QUANTIZED}
 
 _NUMPY_KINDS = set("biufcmM")
 
@@ -59,8 +62,9 @@ def numpy_type(dtype: np.dtype) -> ElementType:
     if dtype.kind not in _NUMPY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise UnsupportedValueError(
             f"numpy dtype {dtype} is not a plain numeric/bool/datetime type; convert it first")
-    if dtype.kind == "f" and dtype.itemsize > 8:
-        raise UnsupportedValueError(f"numpy dtype {dtype} (long double) is platform-specific")
+    if (dtype.kind == "f" and dtype.itemsize > 8) or (dtype.kind == "c" and dtype.itemsize > 16):
+        raise UnsupportedValueError(f"numpy dtype {dtype} (long double) is platform-specific; "
+                                    "convert it to float64/complex128")
     le = dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
     size = le.itemsize
     return ElementType("numpy", le.str, size, size // 2 if le.kind == "c" else size)

@@ -103,6 +103,8 @@ def decode_frame(frame: bytes | memoryview, expected_length: int) -> np.ndarray:
     version, nplanes, _reserved, n = _HEAD.unpack_from(mv, 0)
     if version != FRAME_VERSION:
         raise CorruptChunkError(f"unknown chunk frame version {version}")
+    if _reserved:
+        raise CorruptChunkError("chunk frame has non-zero reserved bits")
     if n != expected_length:
         raise CorruptChunkError(f"chunk frame declares {n} bytes, index says {expected_length}")
     if nplanes < 1 or n % nplanes:
@@ -126,7 +128,8 @@ def decode_frame(frame: bytes | memoryview, expected_length: int) -> np.ndarray:
             try:
                 if zstandard.frame_content_size(body) != plane_len:
                     raise CorruptChunkError("zstd plane declares the wrong length")
-                raw = _decompressor().decompress(body, max_output_size=plane_len)
+                raw = _decompressor().decompress(body, max_output_size=plane_len,
+                                                 allow_extra_data=False)
             except zstandard.ZstdError as exc:
                 raise CorruptChunkError(f"zstd plane does not decode: {exc}") from exc
             if len(raw) != plane_len:

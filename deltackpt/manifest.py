@@ -6,6 +6,7 @@ downstream can trust types and sizes even when the repository came from somewher
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from .errors import CodecError, CorruptFileError, FormatVersionError, Unsupporte
 MANIFEST_FORMAT = "deltackpt.manifest"
 MANIFEST_VERSION = 1
 MAX_STEP = 2**63 - 1
+_NAME = re.compile(r"([0-9]{20})\.json")
 
 
 def manifest_name(step: int) -> str:
@@ -25,10 +27,8 @@ def manifest_name(step: int) -> str:
 
 
 def parse_manifest_name(fname: str) -> int | None:
-    stem, dot, ext = fname.partition(".")
-    if ext != "json" or len(stem) != 20 or not stem.isdigit():
-        return None
-    return int(stem)
+    m = _NAME.fullmatch(fname)
+    return int(m.group(1)) if m else None
 
 
 @dataclass
@@ -166,6 +166,8 @@ def _parse(doc: dict[str, Any], step: int | None) -> Manifest:
         raise TypeError("tensors is not a list")
     for t in raw_tensors:
         etype = element_type(t["kind"], t["dtype"])
+        if etype.name != t["dtype"]:
+            raise ValueError(f"dtype {t['dtype']!r} is not in canonical form {etype.name!r}")
         shape = _ints(t["shape"])
         nbytes = _int(t["nbytes"])
         if nbytes != math.prod(shape) * etype.itemsize:
@@ -182,11 +184,16 @@ def _parse(doc: dict[str, Any], step: int | None) -> Manifest:
             if (ref is None) == codecs[ci].uses_reference:
                 raise ValueError(f"tensor {t['path']!r}: codec {codecs[ci].codec_id!r} "
                                  f"with reference {ref!r}")
-            chunks.append(ChunkRef(_hex16(c[0]), ci, ref, _hex16(c[3]), _int(c[4], 1)))
+            depth = _int(c[4], 1)
+            if ref is None and depth != 1:
+                raise ValueError(f"tensor {t['path']!r}: self-contained chunk with depth {depth}")
+            chunks.append(ChunkRef(_hex16(c[0]), ci, ref, _hex16(c[3]), depth))
         if len(chunks) != -(-nbytes // chunk_bytes):
             raise ValueError(f"tensor {t['path']!r}: wrong number of chunks")
         if not isinstance(t["path"], str) or not isinstance(t["device"], str):
             raise TypeError("path and device must be strings")
+        if type(t["requires_grad"]) is not bool or type(t["parameter"]) is not bool:
+            raise TypeError("requires_grad and parameter must be booleans")
         tensors.append(TensorEntry(
             path=t["path"], kind=t["kind"], dtype=t["dtype"], shape=shape, nbytes=nbytes,
             chunk_bytes=chunk_bytes, digest=_hex16(t["digest"]), chunks=chunks,
@@ -200,9 +207,15 @@ def _parse(doc: dict[str, Any], step: int | None) -> Manifest:
     if not isinstance(meta, dict) or not isinstance(stats, dict):
         raise TypeError("meta and stats must be objects")
     parent = doc["parent"]
-    return Manifest(step=mstep, time=str(doc["time"]), kind=kind,
+    packs, txn, when = doc["packs"], doc["txn"], doc["time"]
+    if not isinstance(packs, list) or not all(isinstance(p, str) for p in packs):
+        raise TypeError("packs must be a list of strings")
+    if not isinstance(txn, str) or not isinstance(when, str):
+        raise TypeError("txn and time must be strings")
+    if (kind == "keyframe") != (parent is None):
+        raise ValueError("a keyframe has no parent and a delta has one")
+    return Manifest(step=mstep, time=when, kind=kind,
                     keyframe=_int(doc["keyframe"]),
                     parent=None if parent is None else _int(parent),
                     delta_index=_int(doc["delta_index"]), meta=meta, codecs=codec_cfgs,
-                    tree=doc["tree"], tensors=tensors, stats=stats, txn=str(doc["txn"]),
-                    packs=[str(p) for p in doc["packs"]])
+                    tree=doc["tree"], tensors=tensors, stats=stats, txn=txn, packs=packs)

@@ -105,6 +105,10 @@ class Reconstructor:
                                        step=step, path=entry.path, cause="broken chain")
             seen.add(s)
             e = self._link(s, e, i, rec.ref)
+            if e.chunks[i].depth != rec.depth - 1:
+                raise BrokenChainError(f"chunk {i} (depth {rec.depth}) refers to step {rec.ref}, "
+                                       f"whose chunk has depth {e.chunks[i].depth}", step=s,
+                                       path=entry.path, cause="broken chain")
             s = rec.ref
         for s, e in reversed(chain):
             rec = e.chunks[i]

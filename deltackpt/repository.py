@@ -105,7 +105,6 @@ class Repository:
             if mode == "r":
                 raise RepositoryNotFoundError(f"{self.path!r} is not a deltackpt repository "
                                               f"(no {CONFIG_NAME})")
-            os.makedirs(self.path, exist_ok=True)
         if mode == "a":
             self._lock = self.backend.lock(
                 LOCK_NAME, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}")
@@ -187,7 +186,7 @@ class Repository:
                 try:
                     committed = self.manifest(step).txn == txn
                 except DeltaCkptError:
-                    committed = False
+                    committed = True  # damaged: keep its packs for a manual repair
             if not committed:
                 for pid in packs:
                     self.backend.delete(index_name(pid))

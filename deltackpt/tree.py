@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .dtypes import TORCH_DTYPES, numpy_type, torch_type
+from .dtypes import ALL_TORCH_DTYPES, numpy_type, torch_type
 from .errors import CorruptFileError, UnsupportedValueError
 
 MAX_DEPTH = 200
@@ -85,7 +85,8 @@ class _Flattener:
                 raise UnsupportedValueError("meta tensors hold no data", path=path)
             ident: Any = ("t", value.device.type, value.device.index, value.untyped_storage()
                           .data_ptr(), value.storage_offset(), value.dtype, tuple(value.shape),
-                          value.stride(), type(value), value.requires_grad) \
+                          value.stride(), type(value), value.requires_grad, value.is_conj(),
+                          value.is_neg()) \
                 if value.numel() else ("id", id(value))
         else:
             numpy_type(value.dtype)
@@ -119,6 +120,7 @@ class _Flattener:
         if t is float:
             return ["float", _f64(v)]
         if t is str:
+            _utf8(v, path)
             return ["str", v]
         if t is bytes:
             return ["bytes", base64.b64encode(v).decode()]
@@ -180,6 +182,14 @@ class _Flattener:
         return self.encode(k, path, MAX_DEPTH)
 
 
+def _utf8(s: str, path: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnsupportedValueError(f"string is not valid Unicode ({exc.reason}); store it as "
+                                    "bytes", path=path) from None
+
+
 def flatten(state: Any) -> tuple[Node, list[Leaf]]:
     """Encode ``state`` into a JSON-able node tree plus its tensor leaves (deduplicated)."""
     f = _Flattener()
@@ -210,13 +220,13 @@ class _Unflattener:
         tag = node[0]
         try:
             return self._decode(tag, node, path, depth, whole)
-        except (ValueError, TypeError, IndexError, KeyError, struct.error) as exc:
+        except (ValueError, TypeError, IndexError, KeyError, RuntimeError, struct.error) as exc:
             raise CorruptFileError(f"malformed {tag!r} node at {path or '<root>'!r}: {exc}") \
                 from None
 
     def _decode(self, tag: str, node: list, path: str, depth: int, whole: bool) -> Any:
         if tag in ("tensor", "ndarray"):
-            return self.leaf(_int(node[1]))
+            return self.leaf(_index(node[1]))
         if tag == "none":
             return None
         if tag == "bool":
@@ -242,16 +252,16 @@ class _Unflattener:
             return np.frombuffer(raw, dtype=dt)[0].copy()
         if tag == "dtype":
             name = _str(node[1])
-            if name not in TORCH_DTYPES:
+            if name not in ALL_TORCH_DTYPES:
                 raise ValueError(f"unknown dtype {name!r}")
-            return TORCH_DTYPES[name]
+            return ALL_TORCH_DTYPES[name]
         if tag == "device":
             return torch.device(_str(node[1]))
         if tag == "size":
             return torch.Size([_int(x) for x in node[1]])
         if tag == "generator":
             device = torch.device(_str(node[1]))
-            state = self.leaf(_int(node[2]))
+            state = self.leaf(_index(node[2]))
             if self.dry:
                 return None
             if device.type == "cuda" and not torch.cuda.is_available():
@@ -302,6 +312,12 @@ def _str(x: Any) -> str:
 def _int(x: Any) -> int:
     if type(x) is not int:
         raise TypeError(f"expected an integer, got {type(x).__name__}")
+    return x
+
+
+def _index(x: Any) -> int:
+    if type(x) is not int or x < 0:
+        raise ValueError(f"expected a tensor index >= 0, got {x!r}")
     return x
 
 

@@ -95,9 +95,13 @@ def _verify_store(repo: Repository, report: VerifyReport) -> None:
             continue
         pid = fname[:-4]
         try:
-            _, entries = decode_index(backend.read(index_name(pid)), index_name(pid))
+            named, entries = decode_index(backend.read(index_name(pid)), index_name(pid))
         except DeltaCkptError as exc:
             report.add(exc)
+            continue
+        if named != pid:
+            report.problems.append(Problem(None, None, "corrupt index",
+                                           f"{index_name(pid)} names pack {named}"))
             continue
         for msg in scan_pack(backend, pid, entries):
             report.problems.append(Problem(None, None, "corrupt pack", msg))

@@ -28,6 +28,7 @@ from .store.packs import ChunkStore
 from .tree import Leaf
 
 RAW_CONFIG = {"id": "raw"}
+_SAME_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass
@@ -57,7 +58,10 @@ def raw_bytes(value: torch.Tensor | np.ndarray) -> tuple[np.ndarray, ElementType
             t = t.resolve_conj()
         if t.is_neg():
             t = t.resolve_neg()
-        t = t.contiguous()
+        if not t.is_contiguous():
+            # copy as same-width integers: torch has no copy kernel for some dtypes (int1..7)
+            same = _SAME_WIDTH.get(t.element_size())
+            t = (t.view(same) if same is not None else t).contiguous()
         if t.numel() == 0:
             return np.empty(0, np.uint8), et
         return t.reshape(-1).view(torch.uint8).numpy(), et

@@ -21,10 +21,23 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def makedirs_durable(path: str) -> None:
+    """``os.makedirs`` that also fsyncs each parent whose entries it changed."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    makedirs_durable(parent)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return
+    _fsync_dir(parent)
+
+
 class _LocalStream(Stream):
     def __init__(self, backend: LocalBackend, name: str) -> None:
         self._final = backend._path(name)
-        os.makedirs(os.path.dirname(self._final), exist_ok=True)
+        makedirs_durable(os.path.dirname(self._final))
         self._tmp = backend._path(f"tmp/{uuid.uuid4().hex}.part")
         self._f = open(self._tmp, "xb")
         self._done = False
@@ -115,7 +128,7 @@ class LocalBackend(Backend):
             stream.abort()
 
     def create_stream(self, name: str) -> Stream:
-        os.makedirs(os.path.join(self.root, "tmp"), exist_ok=True)
+        makedirs_durable(os.path.join(self.root, "tmp"))
         return _LocalStream(self, name)
 
     def list(self, directory: str) -> list[str]:
@@ -143,7 +156,7 @@ class LocalBackend(Backend):
 
     def lock(self, name: str, owner: str) -> Lock:
         path = self._path(name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        makedirs_durable(os.path.dirname(path))
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -104,6 +104,7 @@ class ChunkStore:
         self.max_pack_bytes = max_pack_bytes
         self.on_new_pack = on_new_pack
         self._index: dict[bytes, Location] = {}
+        self.bad_indexes: dict[str, Exception] = {}
         self._loaded: set[str] = set()
         self._lock = threading.RLock()
         self._pending: dict[bytes, Location] = {}
@@ -113,14 +114,21 @@ class ChunkStore:
 
     # -- index ---------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Load index files that appeared since the last call (other writers, new saves)."""
+        """Load index files that appeared since the last call (other writers, new saves).
+
+        A damaged index does not stop the repository from opening: it is remembered in
+        ``bad_indexes`` and named by any chunk lookup that fails, and by ``verify``.
+        """
         for fname in self.backend.list("index"):
             if not fname.endswith(".idx"):
                 continue
             pid = fname[:-4]
-            if pid in self._loaded:
+            if pid in self._loaded or pid in self.bad_indexes:
                 continue
-            self.load_index(pid)
+            try:
+                self.load_index(pid)
+            except (CorruptFileError, FormatVersionError) as exc:
+                self.bad_indexes[pid] = exc
 
     def load_index(self, pid: str) -> list[tuple[bytes, int, int, int]]:
         name = index_name(pid)
@@ -152,7 +160,9 @@ class ChunkStore:
             self.refresh()
             loc = self._index.get(cid)
         if loc is None:
-            raise MissingChunkError(f"chunk {cid.hex()} is in no index", cause="missing chunk")
+            bad = f" (damaged index files: {sorted(self.bad_indexes)})" if self.bad_indexes else ""
+            raise MissingChunkError(f"chunk {cid.hex()} is in no index{bad}",
+                                    cause="missing chunk")
         return loc
 
     def known_ids(self) -> Iterator[bytes]:
@@ -222,9 +232,9 @@ class ChunkStore:
         return self._open
 
     def _finish(self, pack: _OpenPack) -> None:
+        self._written.append(pack.id)  # from here on abort() deletes it, index or not
         pack.stream.commit()
         self.backend.write_atomic(index_name(pack.id), encode_index(pack.id, pack.entries))
-        self._written.append(pack.id)
 
     def flush(self) -> list[str]:
         """Commit open packs and their indexes durably; returns the pack ids written since the
