@@ -40,9 +40,10 @@ def cmd_log(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=1))
         return 0
-    print(table(["step", "kind", "time", "depth", "tensors", "logical", "stored", "ratio",
-                 "meta"],
-                [[r.step, r.kind, r.time, r.depth, r.tensors, human(r.logical_bytes),
+    print(table(["step", "kind", "fidelity", "time", "depth", "tensors", "logical", "stored",
+                 "ratio", "meta"],
+                [[r.step, r.kind, "exact" if r.exact else f"lossy {r.max_rel_error:.1e}",
+                  r.time, r.depth, r.tensors, human(r.logical_bytes),
                   human(r.stored_bytes), _ratio(r.logical_bytes, r.stored_bytes),
                   json.dumps(r.meta) if r.meta else ""] for r in rows]))
     return 0
@@ -95,11 +96,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         report = repo.verify(args.step)
     if args.json:
         print(json.dumps({"ok": report.ok, "steps": report.steps, "tensors": report.tensors,
+                          "lossy_steps": report.lossy_steps,
                           "bytes": report.bytes,
                           "problems": [p.__dict__ for p in report.problems]}, indent=1))
     elif report.ok:
+        lossy = report.lossy_steps
         print(f"OK: {len(report.steps)} steps, {report.tensors} tensors, "
-              f"{human(report.bytes)} rebuilt bit-exactly")
+              f"{human(report.bytes)} rebuilt bit-exactly as saved" + (
+                  f" ({len(lossy)} lossy step(s) rebuilt bit-exactly as their decoder must "
+                  f"produce; worst recorded relative error {max(lossy.values()):.2e})"
+                  if lossy else ""))
     else:
         print(f"FAILED: {len(report.problems)} problem(s) in steps {report.bad_steps}")
         for p in report.problems:

@@ -63,6 +63,10 @@ class TensorEntry:
     requires_grad: bool = False
     parameter: bool = False
     codecs: list[Codec] = field(default_factory=list, repr=False)  # the manifest's codec table
+    #: for a tensor stored lossily: source_digest (of the original), max_abs, rms, max_rel
+    lossy: dict[str, Any] | None = None
+    #: not stored at this step (policy rule "drop"); loads as None
+    dropped: bool = False
 
     @property
     def etype(self) -> ElementType:
@@ -78,7 +82,9 @@ class TensorEntry:
                 "device": self.device, "requires_grad": self.requires_grad,
                 "parameter": self.parameter, "nbytes": self.nbytes,
                 "chunk_bytes": self.chunk_bytes, "digest": self.digest.hex(),
-                "chunks": [c.to_json() for c in self.chunks]}
+                "chunks": [c.to_json() for c in self.chunks],
+                **({"lossy": self.lossy} if self.lossy is not None else {}),
+                **({"dropped": True} if self.dropped else {})}
 
 
 @dataclass
@@ -104,6 +110,15 @@ class Manifest:
         return self._by_path.get(path)
 
     @property
+    def exact(self) -> bool:
+        """True if every tensor of this step restores bit-exactly to what was saved."""
+        return all(t.lossy is None and not t.dropped for t in self.tensors)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((t.lossy["max_rel"] for t in self.tensors if t.lossy), default=0.0)
+
+    @property
     def depth(self) -> int:
         return max((c.depth for t in self.tensors for c in t.chunks), default=0)
 
@@ -119,7 +134,10 @@ class Manifest:
     @classmethod
     def from_bytes(cls, data: bytes, step: int | None = None) -> Manifest:
         name = f"manifest of step {step}" if step is not None else "manifest"
-        doc = checksum.load(data, name)
+        try:
+            doc = checksum.load(data, name)
+        except CorruptFileError as exc:
+            raise CorruptFileError(str(exc), step=step, cause="corrupt manifest") from None
         try:
             return _parse(doc, step)
         except (KeyError, TypeError, ValueError, UnsupportedValueError, CodecError) as exc:
@@ -188,8 +206,20 @@ def _parse(doc: dict[str, Any], step: int | None) -> Manifest:
             if ref is None and depth != 1:
                 raise ValueError(f"tensor {t['path']!r}: self-contained chunk with depth {depth}")
             chunks.append(ChunkRef(_hex16(c[0]), ci, ref, _hex16(c[3]), depth))
-        if len(chunks) != -(-nbytes // chunk_bytes):
+        dropped = t.get("dropped", False)
+        if dropped is not False and dropped is not True:
+            raise TypeError("dropped must be a boolean")
+        if len(chunks) != (0 if dropped else -(-nbytes // chunk_bytes)):
             raise ValueError(f"tensor {t['path']!r}: wrong number of chunks")
+        lossy = t.get("lossy")
+        if lossy is not None:
+            if not isinstance(lossy, dict) or set(lossy) != {"source_digest", "max_abs", "rms",
+                                                             "max_rel"}:
+                raise ValueError(f"tensor {t['path']!r}: malformed lossy record")
+            _hex16(lossy["source_digest"])
+            for k in ("max_abs", "rms", "max_rel"):
+                if type(lossy[k]) not in (int, float):
+                    raise TypeError(f"lossy {k} must be a number")
         if not isinstance(t["path"], str) or not isinstance(t["device"], str):
             raise TypeError("path and device must be strings")
         if type(t["requires_grad"]) is not bool or type(t["parameter"]) is not bool:
@@ -199,7 +229,7 @@ def _parse(doc: dict[str, Any], step: int | None) -> Manifest:
             chunk_bytes=chunk_bytes, digest=_hex16(t["digest"]), chunks=chunks,
             global_shape=_ints(t["global_shape"]), offset=_ints(t["offset"]),
             device=t["device"], requires_grad=bool(t["requires_grad"]),
-            parameter=bool(t["parameter"]), codecs=codecs))
+            parameter=bool(t["parameter"]), codecs=codecs, lossy=lossy, dropped=dropped))
     if len({t.path for t in tensors}) != len(tensors):
         raise ValueError("duplicate tensor paths")
     meta = doc["meta"]

@@ -1,17 +1,40 @@
-"""How a repository writes: which codec, which reference, how often a keyframe.
+"""How a repository writes: which codec, which reference, how often a keyframe, and which
+tensor groups may be stored lossily, when.
 
-A :class:`Policy` is plain data so it can be passed as keyword arguments to
-:func:`deltackpt.open` and extended (per-group codecs, lossy tiers) without touching the writer.
+A :class:`Policy` is plain data: keyword arguments of :func:`deltackpt.open`, a preset name
+(``"lossless"``, ``"balanced"``, ``"archive"``), or a JSON object (:meth:`Policy.from_dict`).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from fnmatch import fnmatchcase
 from typing import Any
 
 from .codecs import get_codec
 
 MiB = 1 << 20
+LOSSLESS = "lossless"
+DROP = "drop"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Tensors whose path matches ``pattern`` (fnmatch; ``*`` also crosses ``/``) use ``codec``
+    at steps that are not exact: a codec config (e.g. ``{"id": "quant", "bits": 4}``),
+    ``"lossless"``, or ``"drop"`` (not stored at all; such a step loads them as ``None``)."""
+
+    pattern: str
+    codec: dict[str, Any] | str
+
+    def __post_init__(self) -> None:
+        if self.codec not in (LOSSLESS, DROP):
+            codec = get_codec(self.codec)  # type: ignore[arg-type]
+            if not codec.uses_reference:
+                raise ValueError(f"rule {self.pattern!r}: codec must be a delta codec")
+
+    def matches(self, path: str) -> bool:
+        return fnmatchcase(path, self.pattern)
 
 
 @dataclass(frozen=True)
@@ -37,6 +60,11 @@ class Policy:
     resume: str = "rebuild"
     #: bytes of rebuilt chunks kept to speed up loads and verification of neighbouring steps
     cache_bytes: int = 256 * MiB
+    #: lossy tiers: the first rule matching a tensor's path picks its codec at inexact steps
+    rules: tuple[Rule, ...] = field(default=())
+    #: with rules, every Nth save after a keyframe is also bit-exact (resumable); 0: only
+    #: keyframes are exact
+    exact_every: int = 0
 
     def __post_init__(self) -> None:
         codec = get_codec(self.codec)
@@ -56,12 +84,72 @@ class Policy:
             raise ValueError("delta_gain must be in (0, 1]")
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
+        if self.exact_every < 0:
+            raise ValueError("exact_every must be >= 0")
+        rules = tuple(r if isinstance(r, Rule) else Rule(**r) if isinstance(r, dict)
+                      else Rule(*r) for r in self.rules)
+        object.__setattr__(self, "rules", rules)
+
+    @property
+    def lossy(self) -> bool:
+        return any(r.codec != LOSSLESS for r in self.rules)
+
+    def rule_for(self, path: str) -> dict[str, Any] | str:
+        """The codec config, ``"lossless"`` or ``"drop"`` for ``path`` at an inexact step."""
+        for rule in self.rules:
+            if rule.matches(path):
+                return rule.codec
+        return LOSSLESS
+
+    def is_exact(self, keyframe: bool, delta_index: int) -> bool:
+        """Whether the save at ``delta_index`` saves after a keyframe must be bit-exact."""
+        if keyframe or not self.lossy:
+            return True
+        return self.exact_every > 0 and delta_index % self.exact_every == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rules"] = [{"pattern": r.pattern, "codec": r.codec} for r in self.rules]
+        return d
 
     @classmethod
-    def from_kwargs(cls, policy: Policy | None, kwargs: dict[str, Any]) -> Policy:
-        base = policy or cls()
+    def from_dict(cls, d: dict[str, Any]) -> Policy:
+        """Build a policy from JSON-style data (``rules`` as ``[{"pattern", "codec"}]``)."""
+        d = dict(d)
+        base = preset(d.pop("preset")) if "preset" in d else cls()
+        if "rules" in d:
+            d["rules"] = tuple(Rule(**r) for r in d["rules"])
+        return replace(base, **d)
+
+    @classmethod
+    def from_kwargs(cls, policy: Policy | str | None, kwargs: dict[str, Any]) -> Policy:
+        base = preset(policy) if isinstance(policy, str) else (policy or cls())
         known = {f.name for f in fields(cls)}
         unknown = set(kwargs) - known
         if unknown:
             raise TypeError(f"unknown policy option(s) {sorted(unknown)}; known: {sorted(known)}")
         return replace(base, **kwargs) if kwargs else base
+
+
+#: optimizer moments of Adam-family optimizers, wherever they sit in the state
+_EXP_AVG_SQ = "*exp_avg_sq"
+_EXP_AVG = "*exp_avg"
+
+
+def preset(name: str) -> Policy:
+    """A named policy. ``lossless`` (default): bit-exact always. ``balanced``: 8-bit closed-loop
+    deltas, bit-exact every 10th save and keyframe every 20th. ``archive``: 4-bit pruned
+    deltas, exact every 50th save; for long runs where disk matters most. Measured trade-offs:
+    benchmarks/results/lossy.md."""
+    if name == "lossless":
+        return Policy()
+    if name == "balanced":
+        return Policy(keyframe_every=20, exact_every=10, rules=(
+            Rule(_EXP_AVG_SQ, {"id": "quant", "bits": 8, "block": 256, "domain": "log"}),
+            Rule("*", {"id": "quant", "bits": 8, "block": 256})))
+    if name == "archive":
+        return Policy(keyframe_every=50, exact_every=50, rules=(
+            Rule(_EXP_AVG_SQ, {"id": "quant", "bits": 4, "block": 256, "domain": "log"}),
+            Rule(_EXP_AVG, {"id": "quant", "bits": 4, "block": 256, "prune": 0.5}),
+            Rule("*", {"id": "quant", "bits": 4, "block": 256, "prune": 0.5})))
+    raise ValueError(f"unknown policy preset {name!r}; known: lossless, balanced, archive")

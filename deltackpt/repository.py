@@ -60,6 +60,8 @@ class SaveInfo:
     tensors: int
     depth: int
     seconds: float
+    exact: bool = True           #: every tensor restores bit-exactly
+    max_rel_error: float = 0.0   #: worst recorded error of a lossy tensor (see FORMAT.md)
 
     @property
     def ratio(self) -> float:
@@ -81,6 +83,8 @@ class StepRecord:
     logical_bytes: int
     stored_bytes: int
     meta: dict[str, Any]
+    exact: bool = True
+    max_rel_error: float = 0.0
 
 
 class Repository:
@@ -274,7 +278,11 @@ class Repository:
         values: dict[int, Any] = {}
         bufs: dict[int, np.ndarray] = {}
         for i in wanted:
-            values[i], bufs[i] = self._allocate(m.tensors[i])
+            if m.tensors[i].dropped:
+                values[i] = None
+            else:
+                values[i], bufs[i] = self._allocate(m.tensors[i])
+        wanted = [i for i in wanted if i in bufs]
         jobs = [(i, c) for i in wanted for c in range(len(m.tensors[i].chunks))]
 
         def fill(job: tuple[int, int]) -> None:
@@ -289,7 +297,7 @@ class Repository:
                 step, m.tensors[i], bufs[i]), wanted, 4 * self.policy.workers):
             pass
         for i in wanted:
-            values[i] = self._finish(values[i], m.tensors[i], map_location)
+            values[i] = self._finish(values[i], m.tensors[i], map_location)  # type: ignore
         return unflatten(m.tree, values.__getitem__, sel)
 
     @staticmethod
@@ -323,7 +331,8 @@ class Repository:
             m = self.manifest(s)
             out.append(StepRecord(s, m.time, m.kind, m.keyframe, m.parent, m.depth,
                                   len(m.tensors), int(m.stats.get("logical_bytes", 0)),
-                                  int(m.stats.get("stored_bytes", 0)), m.meta))
+                                  int(m.stats.get("stored_bytes", 0)), m.meta, m.exact,
+                                  m.max_rel_error))
         return out
 
     def disk_usage(self) -> dict[str, int]:
@@ -377,12 +386,15 @@ class Repository:
         self._journal = (txn, step, [])
         self._write_journal()
         try:
-            enc = StepEncoder(self.store, self._pool, self.policy, keyframe, ref).encode(leaves)
+            delta_index = 0 if keyframe or ref is None else ref.delta_index + 1
+            exact = self.policy.is_exact(keyframe or ref is None, delta_index)
+            enc = StepEncoder(self.store, self._pool, self.policy, keyframe, ref, step,
+                              exact).encode(leaves)
             m = Manifest(
                 step=step, time=_now(), kind="keyframe" if keyframe else "delta",
                 keyframe=step if keyframe or ref is None else ref.keyframe,
                 parent=None if keyframe or ref is None else ref.step,
-                delta_index=0 if keyframe or ref is None else ref.delta_index + 1,
+                delta_index=delta_index,
                 meta=meta, codecs=enc.codecs, tree=tree, tensors=enc.entries,
                 stats={"logical_bytes": sum(e.nbytes for e in enc.entries), "stored_bytes": 0,
                        "new_chunks": enc.new_chunks, "reused_chunks": enc.reused_chunks},
@@ -405,13 +417,13 @@ class Repository:
         self.backend.delete(f"txn/{txn}.json")
         self._journal = None
         self._manifests[step] = m
-        if enc.reference is not None:
+        if enc.reference:
             self._ref = RefState(step, m.keyframe, m.delta_index, enc.reference)
         elif self._ref is not None:
             self._ref.delta_index += 1
         return SaveInfo(step, m.kind, m.stats["logical_bytes"], m.stats["stored_bytes"],
                         enc.new_chunks, enc.reused_chunks, len(m.tensors), m.depth,
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, m.exact, m.max_rel_error)
 
     def _rebuild_reference(self) -> RefState | None:
         """Rebuild the writer's delta reference from disk after a reopen."""
@@ -422,9 +434,11 @@ class Repository:
         src = m if self.policy.reference == "previous" else self.manifest(m.keyframe)
         tensors = {}
         for e in src.tensors:
+            if e.dropped:
+                continue
             buf = np.empty(e.nbytes, np.uint8)
             self.reconstructor.tensor_into(src.step, e, buf)
-            tensors[e.path] = RefTensor(e, buf)
+            tensors[e.path] = RefTensor(e, buf, src.step)
         return RefState(src.step, m.keyframe, m.delta_index, tensors)
 
 

@@ -34,6 +34,9 @@ class VerifyReport:
     tensors: int = 0
     bytes: int = 0
     problems: list[Problem] = field(default_factory=list)
+    #: steps that restore what the lossy decoder produced, not what was saved: step -> the
+    #: worst recorded relative error (max |error| / max |value|) of its lossy tensors
+    lossy_steps: dict[int, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -67,7 +70,11 @@ def verify(repo: Repository, step: int | None = None) -> VerifyReport:
         except DeltaCkptError as exc:
             report.add(exc, step=s)
             continue
+        if not m.exact:
+            report.lossy_steps[s] = m.max_rel_error
         for entry in m.tensors:
+            if entry.dropped:
+                continue
             report.tensors += 1
             try:
                 repo.reconstructor.tensor_digest(s, entry)

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 import xxhash
 
-from .codecs import get_codec
+from .codecs import NotApplicable, get_codec
+from .codecs._floats import is_float, to_float
 from .codecs.base import Codec
 from .dtypes import ElementType, numpy_type, torch_type
 from .frame import encode_frame
 from .manifest import ChunkRef, TensorEntry
-from .policy import Policy
+from .policy import DROP, LOSSLESS, Policy
 from .store.packs import ChunkStore
 from .tree import Leaf
 
@@ -34,7 +35,8 @@ _SAME_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 @dataclass
 class RefTensor:
     entry: TensorEntry
-    data: np.ndarray  # raw bytes of the reference value (an owned copy)
+    data: np.ndarray  # raw bytes of the reference value as stored (an owned copy)
+    step: int         # the step whose entry this is
 
 
 @dataclass
@@ -94,7 +96,11 @@ class _Tensor:
     chunk_bytes: int
     base: RefTensor | None
     n_chunks: int
+    lossy: Codec | None = None           # codec for changed chunks when lossy
+    dropped: bool = False
+    recon: np.ndarray | None = None      # the reconstruction, when any chunk is lossy
     chunks: list[ChunkRef] = field(default_factory=list)
+    error: list[tuple[float, float, float, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -104,18 +110,35 @@ class EncodedStep:
     new_chunks: int
     reused_chunks: int
     written_bytes: int
-    reference: dict[str, RefTensor] | None  # the new in-memory reference, if one is kept
+    reference: dict[str, RefTensor]  # the new in-memory reference (empty if none is kept)
+    exact: bool
+
+
+def _error(orig: np.ndarray, recon: np.ndarray, etype: ElementType) -> tuple[float, float,
+                                                                                float, int]:
+    """(max |error|, sum of squared error, max |value|, n) of one chunk."""
+    x, y = to_float(orig, etype).astype(np.float64), to_float(recon, etype).astype(np.float64)
+    err = np.abs(y - x)
+    return float(err.max(initial=0.0)), float(np.sum(err * err)), \
+        float(np.abs(x).max(initial=0.0)), x.size
 
 
 class StepEncoder:
-    """Encodes the leaves of one step; one instance per save."""
+    """Encodes the leaves of one step; one instance per save.
+
+    At inexact steps (see :meth:`Policy.is_exact`), tensors matched by a lossy rule are encoded
+    *closed loop*: each chunk's delta is taken against the reference's reconstruction, and the
+    reconstruction (not the original) becomes the next reference, so errors never accumulate.
+    """
 
     def __init__(self, store: ChunkStore, pool: ThreadPoolExecutor, policy: Policy,
-                 keyframe: bool, ref: RefState | None) -> None:
+                 keyframe: bool, ref: RefState | None, step: int, exact: bool = True) -> None:
         self.store = store
+        self.step = step
         self.pool = pool
         self.policy = policy
         self.keyframe = keyframe or ref is None
+        self.exact = exact or self.keyframe
         self.ref = ref
         self.delta: Codec = get_codec(policy.codec)
         self.codecs: list[dict[str, Any]] = [RAW_CONFIG]
@@ -125,15 +148,49 @@ class StepEncoder:
             self.codecs.append(cfg)
         return self.codecs.index(cfg)
 
+    def _lossy_codec(self, leaf: Leaf, et: ElementType) -> tuple[Codec | None, bool, int]:
+        """(lossy codec or None, dropped, row length to align chunks to)."""
+        if self.exact:
+            return None, False, 1
+        rule = self.policy.rule_for(leaf.path)
+        if rule == DROP:
+            return None, True, 1
+        if rule == LOSSLESS:
+            return None, False, 1
+        cfg = dict(rule)  # type: ignore[arg-type]
+        shape = tuple(leaf.value.shape)
+        row = 1
+        if cfg["id"] == "lowrank":
+            if len(shape) < 2 or not is_float(et):
+                return None, False, 1
+            row = int(np.prod(shape[1:]))
+            cfg.setdefault("cols", row)
+        codec = get_codec(cfg)
+        if codec.lossless:
+            return (None if cfg == self.delta.get_config() else codec), False, row
+        return (codec if is_float(et) else None), False, row
+
     def _prepare(self, leaf: Leaf) -> _Tensor:
         data, et = raw_bytes(leaf.value)
-        chunk_bytes = max(1, self.policy.chunk_bytes // et.itemsize) * et.itemsize
+        lossy, dropped, row = self._lossy_codec(leaf, et)
+        unit = et.itemsize * row
+        chunk_bytes = max(1, self.policy.chunk_bytes // unit) * unit
         base = None if self.ref is None else self.ref.tensors.get(leaf.path)
         if base is not None and (base.entry.kind != et.kind or base.entry.dtype != et.name
                                  or base.entry.nbytes != data.size
                                  or base.entry.chunk_bytes != chunk_bytes):
-            base = None  # dtype, size or chunking changed: no chunk-wise reference
-        return _Tensor(leaf, data, et, chunk_bytes, base, -(-data.size // chunk_bytes))
+            if lossy is not None and base.entry.nbytes == data.size \
+                    and base.entry.kind == et.kind and base.entry.dtype == et.name:
+                chunk_bytes = base.entry.chunk_bytes  # keep the reference's chunking
+            else:
+                base = None  # dtype, size or chunking changed: no chunk-wise reference
+        if base is None:
+            lossy = None  # the first entry of a tensor is always exact
+        t = _Tensor(leaf, data, et, chunk_bytes, base, 0 if dropped else
+                    -(-data.size // chunk_bytes), lossy, dropped)
+        if lossy is not None:
+            t.recon = np.empty_like(data)
+        return t
 
     def _chunk(self, job: tuple[_Tensor, int]) -> tuple[ChunkRef | tuple[Any, ...], int]:
         """Runs in a worker. Returns (record or record template, bytes written)."""
@@ -141,8 +198,29 @@ class StepEncoder:
         pol, store = self.policy, self.store
         lo, hi = i * t.chunk_bytes, min(t.data.size, (i + 1) * t.chunk_bytes)
         chunk = t.data[lo:hi]
-        digest = xxhash.xxh3_128(chunk).digest()
         prev = t.base.entry.chunks[i] if t.base is not None else None
+        if t.lossy is not None and t.recon is not None:
+            assert t.base is not None and prev is not None
+            ref_chunk = t.base.data[lo:hi]
+            if np.array_equal(chunk, ref_chunk):
+                t.recon[lo:hi] = chunk
+                t.error.append((0.0, 0.0, 0.0, 0))
+                return ("copy", prev, t.base.entry.codecs[prev.codec]), 0
+            try:
+                payload, word = t.lossy.encode(chunk, ref_chunk, t.etype)
+                recon = t.lossy.decode(payload, ref_chunk, t.etype, chunk.size)
+            except NotApplicable:
+                payload = None
+            if payload is not None:
+                t.recon[lo:hi] = recon
+                t.error.append(_error(chunk, recon, t.etype))
+                rdigest = xxhash.xxh3_128(recon).digest()
+                if rdigest == prev.digest:  # quantized to no change at all
+                    return ("copy", prev, t.base.entry.codecs[prev.codec]), 0
+                pid, written = store.put(payload, word, pol.zstd_level)
+                return ("delta", pid, prev.depth + 1, rdigest, t.lossy), written
+            t.recon[lo:hi] = chunk  # the codec declined: store this chunk exactly
+        digest = xxhash.xxh3_128(chunk).digest()
         if prev is not None and prev.digest == digest and (not self.keyframe or prev.ref is None):
             return ("copy", prev, t.base.entry.codecs[prev.codec]), 0  # type: ignore[union-attr]
         if prev is None or self.keyframe or store.has(digest):
@@ -151,7 +229,7 @@ class StepEncoder:
         assert t.base is not None
         payload, word = self.delta.encode(chunk, t.base.data[lo:hi], t.etype)
         pid = xxhash.xxh3_128(payload).digest()
-        delta_rec = ("delta", pid, prev.depth + 1, digest)
+        delta_rec = ("delta", pid, prev.depth + 1, digest, self.delta)
         if store.has(pid):
             return delta_rec, 0
         dframe = encode_frame(payload, word, pol.zstd_level)
@@ -162,16 +240,16 @@ class StepEncoder:
                                                                              chunk.size)
         return delta_rec, store.put_frame(pid, dframe, payload.size)
 
-    def _record(self, rec: ChunkRef | tuple[Any, ...]) -> ChunkRef:
+    def _record(self, t: _Tensor, rec: ChunkRef | tuple[Any, ...]) -> ChunkRef:
         if isinstance(rec, ChunkRef):
             return rec
         if rec[0] == "copy":
             prev, codec = rec[1], rec[2]
             return ChunkRef(prev.id, self._codec_index(codec.get_config()), prev.ref,
                             prev.digest, prev.depth)
-        assert self.ref is not None
-        return ChunkRef(rec[1], self._codec_index(self.delta.get_config()), self.ref.step,
-                        rec[3], rec[2])
+        assert t.base is not None
+        _, pid, depth, digest, codec = rec
+        return ChunkRef(pid, self._codec_index(codec.get_config()), t.base.step, digest, depth)
 
     def encode(self, leaves: list[Leaf]) -> EncodedStep:
         keep_copy = self.policy.reference == "previous" or self.keyframe
@@ -195,23 +273,42 @@ class StepEncoder:
             # results come back in job order: the first tensor still missing chunks owns it
             while len(tensors[cur].chunks) == tensors[cur].n_chunks:
                 cur += 1
-            tensors[cur].chunks.append(self._record(rec))
-        entries, reference = [], {} if keep_copy else None
+            tensors[cur].chunks.append(self._record(tensors[cur], rec))
+        entries: list[TensorEntry] = []
+        reference: dict[str, RefTensor] = {}
+        step_exact = True
         for t in tensors:
             value = t.leaf.value
             is_torch = isinstance(value, torch.Tensor)
             shape = list(value.shape)
+            stored = t.recon if t.recon is not None else t.data
+            lossy_info = None
+            source = xxhash.xxh3_128(t.data).digest()
+            if t.recon is not None and xxhash.xxh3_128(t.recon).digest() != source:
+                max_abs = max(e[0] for e in t.error)
+                n = max(1, sum(e[3] for e in t.error))
+                peak = max(e[2] for e in t.error)
+                lossy_info = {"source_digest": source.hex(),
+                              "max_abs": max_abs, "rms": (sum(e[1] for e in t.error) / n) ** 0.5,
+                              "max_rel": max_abs / peak if peak else 0.0}
+            step_exact &= lossy_info is None and not t.dropped
             entry = TensorEntry(
                 path=t.leaf.path, kind=t.etype.kind, dtype=t.etype.name, shape=shape,
                 nbytes=t.data.size, chunk_bytes=t.chunk_bytes,
-                digest=xxhash.xxh3_128(t.data).digest(), chunks=t.chunks, global_shape=shape,
+                digest=xxhash.xxh3_128(stored).digest(), chunks=t.chunks, global_shape=shape,
                 offset=[0] * len(shape), device=str(value.device) if is_torch else "cpu",
                 requires_grad=bool(is_torch and value.requires_grad),
-                parameter=isinstance(value, torch.nn.Parameter))
+                parameter=isinstance(value, torch.nn.Parameter), lossy=lossy_info,
+                dropped=t.dropped)
             entries.append(entry)
-            if reference is not None:
-                reference[entry.path] = RefTensor(entry, np.array(t.data, copy=True))
+            if t.dropped:
+                if t.base is not None and keep_copy:
+                    reference[entry.path] = t.base  # keep deltas against the last stored value
+            elif keep_copy:
+                data = t.recon if t.recon is not None else np.array(t.data, copy=True)
+                reference[entry.path] = RefTensor(entry, data, self.step)
         codecs = [get_codec(c) for c in self.codecs]
         for e in entries:
             e.codecs = codecs
-        return EncodedStep(entries, self.codecs, new, reused, written_total, reference)
+        return EncodedStep(entries, self.codecs, new, reused, written_total, reference,
+                           step_exact)

@@ -1,7 +1,7 @@
 """Codec registry. Importing this package registers the built-in codecs."""
 from __future__ import annotations
 
-from . import diff, raw, xor  # noqa: F401  (registration side effect)
-from .base import Codec, get_codec, register_codec, registered_codecs
+from . import diff, lowrank, quant, raw, sparse, xor  # noqa: F401  (registration side effect)
+from .base import Codec, NotApplicable, get_codec, register_codec, registered_codecs
 
-__all__ = ["Codec", "get_codec", "register_codec", "registered_codecs"]
+__all__ = ["Codec", "NotApplicable", "get_codec", "register_codec", "registered_codecs"]

@@ -91,3 +91,8 @@ def check_reference(codec: Codec, data_len: int, ref: np.ndarray | None) -> np.n
         raise CodecError(f"codec {codec.codec_id!r}: reference has {ref.size} bytes, "
                          f"chunk has {data_len}")
     return ref
+
+
+class NotApplicable(Exception):
+    """Raised by ``encode`` when a codec cannot (or should not) handle this chunk, for example
+    a quantizer given non-finite values; the writer then stores the chunk losslessly."""

@@ -21,11 +21,13 @@ from ..frame import decode_frame, encode_frame
 from .base import Backend, Stream
 
 PACK_MAGIC = b"DCKPACK\x00"
+PACK_END_MAGIC = b"DCKPEND\x00"
 INDEX_MAGIC = b"DCKINDX\x00"
 PACK_VERSION = 1
 INDEX_VERSION = 1
 _PACK_HEAD = struct.Struct("<8sII")         # magic, version, reserved
 _ENTRY_HEAD = struct.Struct("<16sQ")        # chunk id, frame length
+_PACK_TAIL = struct.Struct("<8s16s")        # end magic, xxh3-128 of every byte before it
 _INDEX_HEAD = struct.Struct("<8sII16s")     # magic, version, count, pack id
 _INDEX_ENTRY = struct.Struct("<16sQQQ")     # chunk id, frame offset, frame length, payload length
 MAX_CHUNK_BYTES = 1 << 31                   # readers refuse larger declared payloads
@@ -87,7 +89,16 @@ class _OpenPack:
         self.id = pack_id
         self.stream = stream
         self.entries: list[tuple[bytes, int, int, int]] = []
-        stream.write(_PACK_HEAD.pack(PACK_MAGIC, PACK_VERSION, 0))
+        self._hash = xxhash.xxh3_128()
+        self.write(_PACK_HEAD.pack(PACK_MAGIC, PACK_VERSION, 0))
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._hash.update(data)
+        self.stream.write(data)
+
+    def seal(self) -> None:
+        """Append the trailer that lets ``verify`` detect a change to any byte of the pack."""
+        self.stream.write(_PACK_TAIL.pack(PACK_END_MAGIC, self._hash.digest()))
 
 
 class ChunkStore:
@@ -211,10 +222,9 @@ class ChunkStore:
             if cid in self._index or cid in self._pending:
                 return 0
             pack = self._pack_for(len(frame))
-            stream = pack.stream
-            stream.write(_ENTRY_HEAD.pack(cid, len(frame)))
-            offset = stream.tell()
-            stream.write(frame)
+            pack.write(_ENTRY_HEAD.pack(cid, len(frame)))
+            offset = pack.stream.tell()
+            pack.write(frame)
             pack.entries.append((cid, offset, len(frame), payload_length))
             self._pending[cid] = Location(pack.id, offset, len(frame), payload_length)
         return _ENTRY_HEAD.size + len(frame)
@@ -233,6 +243,7 @@ class ChunkStore:
 
     def _finish(self, pack: _OpenPack) -> None:
         self._written.append(pack.id)  # from here on abort() deletes it, index or not
+        pack.seal()
         pack.stream.commit()
         self.backend.write_atomic(index_name(pack.id), encode_index(pack.id, pack.entries))
 
@@ -266,7 +277,8 @@ class ChunkStore:
 
 def scan_pack(backend: Backend, pid: str,
               entries: list[tuple[bytes, int, int, int]]) -> list[str]:
-    """Check a pack's framing against its index entries; returns problems found (no decoding)."""
+    """Check a whole pack: header, that its entries tile it as the index says, and the trailer
+    digest over every byte. Returns the problems found (does not decode frames)."""
     name = pack_name(pid)
     try:
         size = backend.size(name)
@@ -274,7 +286,7 @@ def scan_pack(backend: Backend, pid: str,
     except FileNotFoundError:
         return [f"pack {pid} is missing"]
     problems = []
-    if len(head) != _PACK_HEAD.size or _PACK_HEAD.unpack(head)[:2] != (PACK_MAGIC, PACK_VERSION):
+    if len(head) != _PACK_HEAD.size or _PACK_HEAD.unpack(head) != (PACK_MAGIC, PACK_VERSION, 0):
         problems.append(f"pack {pid}: bad header")
     end = _PACK_HEAD.size
     for cid, off, length, _plen in sorted(entries, key=lambda e: e[1]):
@@ -284,6 +296,19 @@ def scan_pack(backend: Backend, pid: str,
         if len(eh) != _ENTRY_HEAD.size or _ENTRY_HEAD.unpack(eh) != (cid, length):
             problems.append(f"pack {pid}: entry header of chunk {cid.hex()} is damaged")
         end = off + length
-    if end != size:
-        problems.append(f"pack {pid}: {size - end} unexpected trailing bytes")
+    if end + _PACK_TAIL.size != size:
+        problems.append(f"pack {pid}: {size - end} bytes after its last entry, expected "
+                        f"a {_PACK_TAIL.size}-byte trailer")
+        return problems
+    h = xxhash.xxh3_128()
+    pos, step = 0, 8 << 20
+    while pos < end:
+        block = backend.read_range(name, pos, min(step, end - pos))
+        if not block:
+            break
+        h.update(block)
+        pos += len(block)
+    tail = backend.read_range(name, end, _PACK_TAIL.size)
+    if tail != _PACK_TAIL.pack(PACK_END_MAGIC, h.digest()):
+        problems.append(f"pack {pid}: trailer digest mismatch (bytes changed on disk)")
     return problems

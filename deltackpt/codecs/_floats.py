@@ -1,0 +1,40 @@
+"""Floating-point views of raw chunk bytes for the lossy codecs.
+
+Lossy codecs compute in float32 (float64 for float64 data) with numpy's separate ufuncs, never
+fused multiply-add, so decoding is IEEE-deterministic on every machine and its output can be
+verified against a digest taken at save time.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..dtypes import ElementType
+from .base import NotApplicable
+
+_NUMPY_FLOATS = {"<f2": np.float16, "<f4": np.float32, "<f8": np.float64,
+                 "float16": np.float16, "float32": np.float32, "float64": np.float64}
+
+
+def is_float(etype: ElementType) -> bool:
+    return etype.name in _NUMPY_FLOATS or etype.name == "bfloat16"
+
+
+def to_float(data: np.ndarray, etype: ElementType) -> np.ndarray:
+    """The chunk's values as float32 (float64 for float64 data)."""
+    if etype.name == "bfloat16":
+        return torch.from_numpy(data.copy()).view(torch.bfloat16).float().numpy()
+    np_type = _NUMPY_FLOATS.get(etype.name)
+    if np_type is None:
+        raise NotApplicable(f"{etype.name} is not a float type this codec handles")
+    vals = data.view(np_type)
+    return vals.astype(np.float64 if np_type is np.float64 else np.float32)
+
+
+def from_float(values: np.ndarray, etype: ElementType) -> np.ndarray:
+    """Round ``values`` to the chunk's dtype (round-to-nearest-even) and return raw bytes."""
+    if etype.name == "bfloat16":
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        return t.to(torch.bfloat16).view(torch.uint8).numpy().copy()
+    np_type = _NUMPY_FLOATS[etype.name]
+    return np.ascontiguousarray(values.astype(np_type)).view(np.uint8)
