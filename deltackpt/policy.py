@@ -92,7 +92,9 @@ class Policy:
 
     @property
     def lossy(self) -> bool:
-        return any(r.codec != LOSSLESS for r in self.rules)
+        """Whether any rule may store a tensor inexactly (a lossy codec, or drop)."""
+        return any(r.codec == DROP or (r.codec != LOSSLESS and not get_codec(
+            r.codec).lossless) for r in self.rules)  # type: ignore[arg-type]
 
     def rule_for(self, path: str) -> dict[str, Any] | str:
         """The codec config, ``"lossless"`` or ``"drop"`` for ``path`` at an inexact step."""

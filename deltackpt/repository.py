@@ -383,6 +383,7 @@ class Repository:
         ref = self._ref
         keyframe = ref is None or ref.delta_index + 1 >= self.policy.keyframe_every
         txn = os.urandom(16).hex()
+        packs: list[str] = []
         self._journal = (txn, step, [])
         self._write_journal()
         try:
@@ -410,9 +411,16 @@ class Repository:
                     break
             self.backend.write_atomic(manifest_name(step), data)   # the commit point
         except BaseException:
-            self.store.abort()
-            self.backend.delete(f"txn/{txn}.json")
             self._journal = None
+            if self.backend.exists(manifest_name(step)):
+                raise  # committed after all (failed after the rename): keep it; the journal
+                       # tells the next writer so
+            self.store.abort()
+            for pid in packs:  # flushed but never committed
+                self.store.forget_pack(pid)
+                self.backend.delete(index_name(pid))
+                self.backend.delete(pack_name(pid))
+            self.backend.delete(f"txn/{txn}.json")
             raise
         self.backend.delete(f"txn/{txn}.json")
         self._journal = None

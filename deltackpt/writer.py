@@ -149,12 +149,14 @@ class StepEncoder:
         return self.codecs.index(cfg)
 
     def _lossy_codec(self, leaf: Leaf, et: ElementType) -> tuple[Codec | None, bool, int]:
-        """(lossy codec or None, dropped, row length to align chunks to)."""
-        if self.exact:
-            return None, False, 1
+        """(lossy codec or None, dropped, row length to align chunks to).
+
+        Chunks are aligned to rows whenever the tensor's rule is row-based (``lowrank``), at
+        exact steps too, so that chunk layouts match between exact and lossy steps.
+        """
         rule = self.policy.rule_for(leaf.path)
         if rule == DROP:
-            return None, True, 1
+            return None, not self.exact, 1
         if rule == LOSSLESS:
             return None, False, 1
         cfg = dict(rule)  # type: ignore[arg-type]
@@ -164,10 +166,14 @@ class StepEncoder:
             if len(shape) < 2 or not is_float(et):
                 return None, False, 1
             row = int(np.prod(shape[1:]))
-            cfg.setdefault("cols", row)
+            if not cfg.get("cols"):
+                cfg["cols"] = row
         codec = get_codec(cfg)
-        if codec.lossless:
-            return (None if cfg == self.delta.get_config() else codec), False, row
+        if codec.lossless:  # a lossless rule codec (e.g. sparse) applies at every delta step
+            use = not self.keyframe and cfg != self.delta.get_config()
+            return (codec if use else None), False, row
+        if self.exact:
+            return None, False, row
         return (codec if is_float(et) else None), False, row
 
     def _prepare(self, leaf: Leaf) -> _Tensor:
@@ -213,7 +219,8 @@ class StepEncoder:
                 payload = None
             if payload is not None:
                 t.recon[lo:hi] = recon
-                t.error.append(_error(chunk, recon, t.etype))
+                if not t.lossy.lossless:
+                    t.error.append(_error(chunk, recon, t.etype))
                 rdigest = xxhash.xxh3_128(recon).digest()
                 if rdigest == prev.digest:  # quantized to no change at all
                     return ("copy", prev, t.base.entry.codecs[prev.codec]), 0

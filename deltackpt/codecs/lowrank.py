@@ -1,7 +1,7 @@
 """``lowrank``: rank-r approximation of a 2-D delta (lossy), with an optional quantized residual.
 
-The chunk is viewed as ``rows × cols`` (``cols`` is the tensor's row length; the writer aligns
-chunks to whole rows). ``D = x - ref`` is approximated by ``U·Vᵀ`` with the rank fixed
+The chunk is viewed as ``rows × cols`` (``cols`` is the tensor's row length, filled in by the
+writer when a policy leaves it 0; the writer aligns chunks to whole rows). ``D = x - ref`` is approximated by ``U·Vᵀ`` with the rank fixed
 (``rank``) or chosen as the smallest capturing ``energy`` of ``‖D‖²``; the codec declines
 (the writer then falls back) when the factors would not be clearly smaller than the matrix.
 With ``residual_bits`` the remaining error is quantized like ``quant`` (closed loop), so the
@@ -30,10 +30,10 @@ class LowRank(Codec):
     lossless = False
     uses_reference = True
 
-    def __init__(self, cols: int, rank: int = 0, energy: float = 0.9, residual_bits: int = 0,
+    def __init__(self, cols: int = 0, rank: int = 0, energy: float = 0.9, residual_bits: int = 0,
                  block: int = 256, max_fraction: float = 0.5) -> None:
-        if cols < 1 or rank < 0 or not 0 < energy <= 1 or not 0 < max_fraction <= 1:
-            raise CodecError("lowrank: need cols >= 1, rank >= 0, 0 < energy <= 1, "
+        if cols < 0 or rank < 0 or not 0 < energy <= 1 or not 0 < max_fraction <= 1:
+            raise CodecError("lowrank: need cols >= 0, rank >= 0, 0 < energy <= 1, "
                              "0 < max_fraction <= 1")
         self.cols, self.rank, self.energy = cols, rank, float(energy)
         self.residual_bits, self.block, self.max_fraction = residual_bits, block, max_fraction
@@ -50,7 +50,7 @@ class LowRank(Codec):
         if set(config) - known:
             raise CodecError(f"lowrank: unknown options {sorted(set(config) - known)}")
         try:
-            return cls(int(config["cols"]), int(config.get("rank", 0)),
+            return cls(int(config.get("cols", 0)), int(config.get("rank", 0)),
                        float(config.get("energy", 0.9)), int(config.get("residual_bits", 0)),
                        int(config.get("block", 256)), float(config.get("max_fraction", 0.5)))
         except (KeyError, TypeError, ValueError) as exc:
@@ -58,7 +58,7 @@ class LowRank(Codec):
 
     def _shape(self, nbytes: int, etype: ElementType) -> tuple[int, int]:
         n = nbytes // etype.itemsize
-        if n % self.cols:
+        if not self.cols or n % self.cols:
             raise NotApplicable("chunk is not whole rows")
         return n // self.cols, self.cols
 
