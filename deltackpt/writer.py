@@ -10,7 +10,7 @@ Per chunk, in order of preference (spec/FORMAT.md, "Writing a step"):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,9 +83,10 @@ def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Itera
                 yield pending.pop(0).result()
         while pending:
             yield pending.pop(0).result()
-    finally:
+    finally:  # on error, no task may outlive the call (it could write after an abort)
         for fut in pending:
             fut.cancel()
+        wait(pending)
 
 
 @dataclass
