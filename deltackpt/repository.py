@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -181,12 +181,19 @@ class Repository:
             name = f"txn/{fname}"
             try:
                 doc = checksum.load(self.backend.read(name), name)
-                step, packs, txn = int(doc["step"]), list(doc["packs"]), doc["txn"]
+                step, packs, txn = doc["step"], list(doc["packs"]), doc["txn"]
+                kind = doc.get("kind", "save")
             except (DeltaCkptError, KeyError, TypeError, ValueError):
                 self.backend.delete(name)  # unreadable: its packs stay until garbage collection
                 continue
+            if kind == "repack":  # a repacked pack is a complete copy once its index exists
+                for pid in packs:
+                    if not self.backend.exists(index_name(pid)):
+                        self.backend.delete(pack_name(pid))
+                self.backend.delete(name)
+                continue
             committed = False
-            if self.backend.exists(manifest_name(step)):
+            if type(step) is int and self.backend.exists(manifest_name(step)):
                 try:
                     committed = self.manifest(step).txn == txn
                 except DeltaCkptError:
@@ -204,7 +211,19 @@ class Repository:
         assert self._journal is not None
         txn, step, packs = self._journal
         self.backend.write_atomic(f"txn/{txn}.json", checksum.dump(
-            {"txn": txn, "step": step, "packs": packs}))
+            {"txn": txn, "step": step, "packs": packs,
+             "kind": "save" if step is not None else "repack"}))
+
+    def _begin(self, step: int | None) -> str:
+        """Journal a transaction: a save or rebase of ``step``, or a repack (step None)."""
+        txn = os.urandom(16).hex()
+        self._journal = (txn, step, [])
+        self._write_journal()
+        return txn
+
+    def _end(self, txn: str) -> None:
+        self.backend.delete(f"txn/{txn}.json")
+        self._journal = None
 
     def _journal_pack(self, pid: str) -> None:
         if self._journal is None:
@@ -382,16 +401,15 @@ class Repository:
             self._ref_loaded = True
         ref = self._ref
         keyframe = ref is None or ref.delta_index + 1 >= self.policy.keyframe_every
-        txn = os.urandom(16).hex()
-        packs: list[str] = []
-        self._journal = (txn, step, [])
-        self._write_journal()
-        try:
-            delta_index = 0 if keyframe or ref is None else ref.delta_index + 1
-            exact = self.policy.is_exact(keyframe or ref is None, delta_index)
+        delta_index = 0 if keyframe or ref is None else ref.delta_index + 1
+        exact = self.policy.is_exact(keyframe or ref is None, delta_index)
+        enc_box: list[Any] = []
+
+        def build(txn: str) -> tuple[Manifest, int]:
             enc = StepEncoder(self.store, self._pool, self.policy, keyframe, ref, step,
                               exact).encode(leaves)
-            m = Manifest(
+            enc_box.append(enc)
+            return Manifest(
                 step=step, time=_now(), kind="keyframe" if keyframe else "delta",
                 keyframe=step if keyframe or ref is None else ref.keyframe,
                 parent=None if keyframe or ref is None else ref.step,
@@ -399,32 +417,10 @@ class Repository:
                 meta=meta, codecs=enc.codecs, tree=tree, tensors=enc.entries,
                 stats={"logical_bytes": sum(e.nbytes for e in enc.entries), "stored_bytes": 0,
                        "new_chunks": enc.new_chunks, "reused_chunks": enc.reused_chunks},
-                txn=txn, packs=[])
-            packs = self.store.flush()
-            m.packs = packs
-            stored = enc.written_bytes + sum(self.backend.size(index_name(p)) for p in packs)
-            data = b""
-            for _ in range(4):  # the manifest counts its own size: iterate to a fixed point
-                m.stats["stored_bytes"] = stored + len(data)
-                data = m.to_bytes()
-                if m.stats["stored_bytes"] == stored + len(data):
-                    break
-            self.backend.write_atomic(manifest_name(step), data)   # the commit point
-        except BaseException:
-            self._journal = None
-            if self.backend.exists(manifest_name(step)):
-                raise  # committed after all (failed after the rename): keep it; the journal
-                       # tells the next writer so
-            self.store.abort()
-            for pid in packs:  # flushed but never committed
-                self.store.forget_pack(pid)
-                self.backend.delete(index_name(pid))
-                self.backend.delete(pack_name(pid))
-            self.backend.delete(f"txn/{txn}.json")
-            raise
-        self.backend.delete(f"txn/{txn}.json")
-        self._journal = None
-        self._manifests[step] = m
+                txn=txn, packs=[]), enc.written_bytes
+
+        m = self._commit(step, build)
+        enc = enc_box[0]
         if enc.reference:
             self._ref = RefState(step, m.keyframe, m.delta_index, enc.reference)
         elif self._ref is not None:
@@ -432,6 +428,51 @@ class Repository:
         return SaveInfo(step, m.kind, m.stats["logical_bytes"], m.stats["stored_bytes"],
                         enc.new_chunks, enc.reused_chunks, len(m.tensors), m.depth,
                         time.perf_counter() - t0, m.exact, m.max_rel_error)
+
+    def _commit(self, step: int, build: Callable[[str], tuple[Manifest, int]],
+                base_stored: int = 0) -> Manifest:
+        """Run ``build(txn)`` (which writes chunks and returns the manifest and the chunk bytes
+        it wrote) inside a journaled transaction, then commit the manifest of ``step``.
+
+        All or nothing: on any error, the chunks written are removed again and the step's
+        previous manifest (if any) stays as it was.
+        """
+        txn = self._begin(step)
+        packs: list[str] = []
+        try:
+            m, written = build(txn)
+            packs = self.store.flush()
+            m.packs, m.txn = packs, txn
+            stored = base_stored + written + sum(self.backend.size(index_name(p))
+                                                 for p in packs)
+            data = b""
+            for _ in range(4):  # the manifest counts its own size: iterate to a fixed point
+                m.stats["stored_bytes"] = stored + len(data)
+                data = m.to_bytes()
+                if m.stats["stored_bytes"] == stored + len(data):
+                    break
+            self._manifests.pop(step, None)
+            self.backend.write_atomic(manifest_name(step), data)   # the commit point
+        except BaseException:
+            self._journal = None
+            if self._committed(step, txn):
+                raise  # failed after the rename: committed after all; the journal says so
+            self.store.abort()
+            for pid in packs:  # flushed but never committed
+                self.store.forget_pack(pid)
+                self.backend.delete(index_name(pid))
+                self.backend.delete(pack_name(pid))
+            self.backend.delete(f"txn/{txn}.json")
+            raise
+        self._end(txn)
+        self._manifests[step] = m
+        return m
+
+    def _committed(self, step: int, txn: str) -> bool:
+        try:
+            return self.manifest(step).txn == txn
+        except DeltaCkptError:
+            return False
 
     def _rebuild_reference(self) -> RefState | None:
         """Rebuild the writer's delta reference from disk after a reopen."""
