@@ -51,25 +51,89 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 def cmd_du(args: argparse.Namespace) -> int:
     with open_repo(args.repo, mode="r") as repo:
-        rows = repo.history()
-        usage = repo.disk_usage()
+        rows = repo.usage()
+        disk = repo.disk_usage()
     logical = sum(r.logical_bytes for r in rows)
     if args.json:
-        print(json.dumps({"steps": [{"step": r.step, "kind": r.kind, "depth": r.depth,
-                                     "logical_bytes": r.logical_bytes,
-                                     "stored_bytes": r.stored_bytes} for r in rows],
-                          "logical_bytes": logical, "disk": usage}, indent=1))
+        print(json.dumps({"steps": [r.__dict__ for r in rows], "logical_bytes": logical,
+                          "disk": disk}, indent=1))
         return 0
     cum = 0
     out = []
     for r in rows:
         cum += r.stored_bytes
         out.append([r.step, r.kind, r.depth, human(r.logical_bytes), human(r.stored_bytes),
-                    human(cum), _ratio(r.logical_bytes, r.stored_bytes)])
-    print(table(["step", "kind", "depth", "logical", "stored", "cumulative", "ratio"], out))
-    print(f"\n{len(rows)} steps: {human(logical)} of tensors stored in {human(usage['total'])} "
-          f"on disk ({_ratio(logical, usage['total'])}); packs {human(usage['packs'])}, "
-          f"indexes {human(usage['index'])}, manifests {human(usage['steps'])}")
+                    human(cum), human(r.unique_bytes), human(r.shared_bytes), r.dependents])
+    print(table(["step", "kind", "depth", "logical", "stored", "cumulative", "unique",
+                 "shared", "dependents"], out))
+    print(f"\n{len(rows)} steps: {human(logical)} of tensors stored in {human(disk['total'])} "
+          f"on disk ({_ratio(logical, disk['total'])}); packs {human(disk['packs'])}, "
+          f"indexes {human(disk['index'])}, manifests {human(disk['steps'])}. 'unique': "
+          "bytes no other step names (deleting a step with dependents also costs a rebase)")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    with open_repo(args.repo, mode="r") as repo:
+        rows = repo.diff(args.a, args.b)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=1))
+        return 0
+    if not args.all:
+        rows = [r for r in rows if r.status != "unchanged"]
+
+    def f(x: float | None, fmt: str = ".3g") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    print(table(["tensor", "status", "elements", "changed", "max |Δ|", "rms Δ", "‖Δ‖/‖A‖"],
+                [[r.path, r.status, r.numel, f"{100 * r.changed_fraction:.1f}%",
+                  f(r.max_abs), f(r.rms), f(r.relative)] for r in rows]))
+    return 0
+
+
+def _retention(args: argparse.Namespace):  # noqa: ANN202
+    from datetime import timedelta
+
+    from .retention import KeepBest, KeepEvery, KeepLast, KeepNewerThan, KeepSteps
+
+    parts = []
+    if args.keep_last is not None:
+        parts.append(KeepLast(args.keep_last))
+    if args.keep_every is not None:
+        parts.append(KeepEvery(args.keep_every))
+    if args.keep:
+        parts.append(KeepSteps(args.keep))
+    if args.keep_best:
+        key, _, mode = args.keep_best.partition(":")
+        parts.append(KeepBest(key, 1, mode or "min"))
+    if args.keep_newer_than:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[args.keep_newer_than[-1]]
+        parts.append(KeepNewerThan(timedelta(seconds=float(args.keep_newer_than[:-1]) * unit)))
+    if not parts:
+        return None
+    policy = parts[0]
+    for p in parts[1:]:
+        policy = policy | p
+    return policy
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    retention = _retention(args)
+    with open_repo(args.repo, mode="a") as repo:
+        report = repo.gc(retention, dry_run=args.dry_run, repack_below=args.repack_below)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} steps {report.deleted_steps or 'none'}; rebased {report.rebased_steps or 'none'}"
+          f"; packs deleted {report.deleted_packs}, repacked {report.repacked_packs}; "
+          f"{'would free' if args.dry_run else 'freed'} {human(report.freed_bytes)}"
+          + ("" if args.dry_run else f", rebasing wrote {human(report.rebase_bytes)}"))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with open_repo(args.repo, mode="a") as repo:
+        report = repo.delete(*args.steps)
+    print(f"deleted steps {report.deleted_steps}; rebased {report.rebased_steps or 'none'}; "
+          f"freed {human(report.freed_bytes)}, rebasing wrote {human(report.rebase_bytes)}")
     return 0
 
 
@@ -108,8 +172,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
                   if lossy else ""))
     else:
         print(f"FAILED: {len(report.problems)} problem(s) in steps {report.bad_steps}")
-        for p in report.problems:
+        for p in report.problems[:args.max_problems]:
             print(f"  - {p.cause}: {p.message}")
+        if len(report.problems) > args.max_problems:
+            print(f"  ... and {len(report.problems) - args.max_problems} more (--json for all)")
     return 0 if report.ok else 1
 
 
@@ -177,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("repo")
     sp.add_argument("--step", type=int, help="one step (default: all steps and all packs)")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--max-problems", type=int, default=30)
     sp.set_defaults(fn=cmd_verify)
     sp = add("export", "write a step as .safetensors or .pt")
     sp.add_argument("repo")
@@ -188,6 +255,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("files", nargs="+")
     sp.add_argument("--step", type=int, help="step for a single file (default: from its name)")
     sp.set_defaults(fn=cmd_import)
+    sp = add("diff", "per-tensor changes between two steps")
+    sp.add_argument("repo")
+    sp.add_argument("a", type=int)
+    sp.add_argument("b", type=int)
+    sp.add_argument("--all", action="store_true", help="also list unchanged tensors")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_diff)
+    sp = add("gc", "apply a retention policy, rebase dependents, sweep and repack packs")
+    sp.add_argument("repo")
+    sp.add_argument("--keep-last", type=int)
+    sp.add_argument("--keep-every", type=int)
+    sp.add_argument("--keep", type=int, nargs="+", help="pinned steps")
+    sp.add_argument("--keep-best", help="META_KEY[:min|max], e.g. val_loss:min")
+    sp.add_argument("--keep-newer-than", help="age such as 90m, 12h, 7d")
+    sp.add_argument("--repack-below", type=float, default=0.5,
+                    help="repack packs whose live share is below this (default 0.5)")
+    sp.add_argument("--dry-run", action="store_true")
+    sp.set_defaults(fn=cmd_gc)
+    sp = add("delete", "delete steps (dependents are rebased first)")
+    sp.add_argument("repo")
+    sp.add_argument("steps", type=int, nargs="+")
+    sp.set_defaults(fn=cmd_delete)
     sp = add("demo", "train a small model on CPU, checkpoint it, compare with torch.save")
     sp.add_argument("dir")
     sp.add_argument("--steps", type=int, default=60)

@@ -105,7 +105,8 @@ class Reconstructor:
                                        step=step, path=entry.path, cause="broken chain")
             seen.add(s)
             e = self._link(s, e, i, rec.ref)
-            if e.chunks[i].depth != rec.depth - 1:
+            if e.chunks[i].depth >= rec.depth:  # depths fall along a chain (rebasing may
+                # shorten it, so only strictly-decreasing is required, never equality)
                 raise BrokenChainError(f"chunk {i} (depth {rec.depth}) refers to step {rec.ref}, "
                                        f"whose chunk has depth {e.chunks[i].depth}", step=s,
                                        path=entry.path, cause="broken chain")

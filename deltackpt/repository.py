@@ -31,6 +31,9 @@ from .store.base import Backend
 from .store.local import LocalBackend
 from .store.packs import ChunkStore, index_name, pack_name
 from .tree import flatten, leaf_indices, unflatten
+from .diff import StepUsage, TensorDiff, diff_steps, usage
+from .gc import GCReport, delete_steps, sweep
+from .retention import Retention, StepView, parse_time, plan
 from .verify import VerifyReport
 from .verify import verify as verify_repo
 from .writer import RefState, RefTensor, StepEncoder, bounded_map
@@ -91,13 +94,15 @@ class Repository:
     """A directory of checkpoints. Use :func:`deltackpt.open` to get one."""
 
     def __init__(self, path: str | os.PathLike[str], mode: str = "a",
-                 policy: Policy | None = None, *, backend: Backend | None = None,
-                 **policy_kwargs: Any) -> None:
+                 policy: Policy | str | None = None, *, backend: Backend | None = None,
+                 retention: Retention | None = None, **policy_kwargs: Any) -> None:
         if mode not in ("r", "a"):
             raise ValueError("mode must be 'r' (read) or 'a' (read/write, create if missing)")
         self.path = os.fspath(path)
         self.mode = mode
         self.policy = Policy.from_kwargs(policy, policy_kwargs)
+        #: applied by :meth:`gc`, and after every save when set
+        self.retention = retention
         self.backend = backend or LocalBackend(self.path)
         self._lock = None
         self._closed = False
@@ -369,6 +374,52 @@ class Repository:
         usage["total"] = sum(usage.values())
         return usage
 
+    def diff(self, a: int, b: int) -> list[TensorDiff]:
+        """Per-tensor report between steps ``a`` and ``b`` (see :mod:`deltackpt.diff`)."""
+        self._check_open()
+        return diff_steps(self, a, b)
+
+    def usage(self) -> list[StepUsage]:
+        """Per-step logical, stored, unique and shared bytes, depth and dependents."""
+        self._check_open()
+        return usage(self)
+
+    def delete(self, *steps: int) -> GCReport:
+        """Delete steps; steps that depend on them are rebased first, so they stay loadable.
+
+        Frees nothing by itself beyond what :meth:`gc` then sweeps (done here too).
+        """
+        self._check_open(write=True)
+        report = GCReport()
+        delete_steps(self, sorted(set(steps)), report)
+        sweep(self, report, repack_below=0.0)
+        self._after_delete(report)
+        return report
+
+    def gc(self, retention: Retention | None = None, *, dry_run: bool = False,
+           repack_below: float = 0.5) -> GCReport:
+        """Apply ``retention`` (default: the repository's, if any), then sweep and repack.
+
+        ``dry_run`` reports what would be deleted and freed (before the cost of rebasing).
+        """
+        self._check_open(write=not dry_run)
+        report = GCReport(dry_run=dry_run)
+        policy = retention or self.retention
+        if policy is not None:
+            views = [StepView(r.step, parse_time(r.time), r.meta) for r in self.history()]
+            _kept, doomed = plan(policy, views)
+            delete_steps(self, doomed, report)
+        sweep(self, report, repack_below=repack_below)
+        if not dry_run:
+            self._after_delete(report)
+        return report
+
+    def _after_delete(self, report: GCReport) -> None:
+        self.cache.clear()
+        if self._ref is not None and (report.deleted_steps or report.rebased_steps):
+            self._ref_loaded = False  # chunk records in memory may name deleted steps
+            self._ref = None
+
     def verify(self, step: int | None = None) -> VerifyReport:
         """Check one step (or every step and the whole store) rebuilds bit-exactly."""
         self._check_open()
@@ -425,6 +476,8 @@ class Repository:
             self._ref = RefState(step, m.keyframe, m.delta_index, enc.reference)
         elif self._ref is not None:
             self._ref.delta_index += 1
+        if self.retention is not None:
+            self.gc(repack_below=0.0)
         return SaveInfo(step, m.kind, m.stats["logical_bytes"], m.stats["stored_bytes"],
                         enc.new_chunks, enc.reused_chunks, len(m.tensors), m.depth,
                         time.perf_counter() - t0, m.exact, m.max_rel_error)
@@ -480,7 +533,10 @@ class Repository:
         if latest is None:
             return None
         m = self.manifest(latest)
-        src = m if self.policy.reference == "previous" else self.manifest(m.keyframe)
+        try:
+            src = m if self.policy.reference == "previous" else self.manifest(m.keyframe)
+        except StepNotFoundError:
+            return None  # its keyframe was deleted: start a new one
         tensors = {}
         for e in src.tensors:
             if e.dropped:

@@ -189,8 +189,19 @@ class ChunkStore:
         try:
             frame = self.backend.read_range(pack_name(loc.pack), loc.offset, loc.length)
         except FileNotFoundError:
-            raise MissingChunkError(f"pack {loc.pack} holding chunk {cid.hex()} is missing",
-                                    cause="missing pack") from None
+            # a writer may have repacked it since we read the index: look again, once
+            self.forget_pack(loc.pack)
+            self.refresh()
+            moved = self._index.get(cid)
+            if moved is None or moved.pack == loc.pack:
+                raise MissingChunkError(f"pack {loc.pack} holding chunk {cid.hex()} is "
+                                        "missing", cause="missing pack") from None
+            loc = moved
+            try:
+                frame = self.backend.read_range(pack_name(loc.pack), loc.offset, loc.length)
+            except FileNotFoundError:
+                raise MissingChunkError(f"pack {loc.pack} holding chunk {cid.hex()} is "
+                                        "missing", cause="missing pack") from None
         if len(frame) != loc.length:
             raise MissingChunkError(f"pack {loc.pack} is truncated at chunk {cid.hex()}",
                                     cause="truncated pack")

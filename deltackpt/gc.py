@@ -1,0 +1,202 @@
+"""Deleting steps without breaking the ones kept, and reclaiming the space.
+
+``delete``: every kept step with a chunk that is a delta against a deleted step is *rebased*
+first: those chunks are rebuilt (bit-exactly as recorded, lossy ones included) and stored as
+self-contained raw chunks in a new manifest of the dependent step, committed like a save. Only
+then is the deleted step's manifest removed. ``sweep``: mark every chunk a manifest names,
+delete packs with nothing live, and repack packs whose live share fell below a threshold
+(live frames copied, after checking them, into a new pack whose index is committed before the
+old index and pack are removed). Each stage is crash-safe on its own; rerunning finishes it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import StepNotFoundError
+from .manifest import ChunkRef, Manifest, manifest_name
+from .store.packs import (_ENTRY_HEAD, _OpenPack, ChunkStore, decode_index, encode_index,
+                          index_name, pack_name)
+
+if TYPE_CHECKING:
+    from .repository import Repository
+
+
+@dataclass
+class GCReport:
+    """What a delete/gc did (or, with ``dry_run``, would do)."""
+
+    deleted_steps: list[int] = field(default_factory=list)
+    rebased_steps: list[int] = field(default_factory=list)
+    deleted_packs: int = 0
+    repacked_packs: int = 0
+    freed_bytes: int = 0
+    rebase_bytes: int = 0
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _refs(m: Manifest) -> set[int]:
+    return {c.ref for t in m.tensors for c in t.chunks if c.ref is not None}
+
+
+def delete_steps(repo: Repository, steps: list[int], report: GCReport) -> None:
+    """Rebase dependents of ``steps``, then remove the steps' manifests."""
+    doomed = set(steps)
+    for s in steps:
+        repo.manifest(s)  # StepNotFoundError for an unknown step, before touching anything
+    kept = [s for s in repo.steps() if s not in doomed]
+    for d in kept:  # ascending: a rebased step never depends on a later one
+        m = repo.manifest(d)
+        if _refs(m) & doomed:
+            report.rebased_steps.append(d)
+            if not report.dry_run:
+                report.rebase_bytes += _rebase(repo, m, doomed)
+    for s in steps:
+        report.deleted_steps.append(s)
+        if not report.dry_run:
+            repo._manifests.pop(s, None)
+            repo.backend.delete(manifest_name(s))
+            repo.cache.clear()
+
+
+def _rebase(repo: Repository, m: Manifest, doomed: set[int]) -> int:
+    """Commit a new manifest of ``m.step`` whose chunks no longer reference ``doomed`` steps."""
+    rec = repo.reconstructor
+    old_stored = int(m.stats.get("stored_bytes", 0))
+
+    def build(txn: str) -> tuple[Manifest, int]:
+        written = 0
+        codecs = list(m.codecs)
+        raw_index = codecs.index({"id": "raw"}) if {"id": "raw"} in codecs else None
+        if raw_index is None:
+            codecs.append({"id": "raw"})
+            raw_index = len(codecs) - 1
+        tensors = []
+        for t in m.tensors:
+            chunks = []
+            for i, c in enumerate(t.chunks):
+                if c.ref is not None and _chain_hits(repo, m.step, t, i, doomed):
+                    data = rec.chunk(m.step, t, i)
+                    cid, n = repo.store.put(data, t.etype.word, repo.policy.zstd_level,
+                                            cid=c.digest)
+                    written += n
+                    c = ChunkRef(cid, raw_index, None, c.digest, 1)
+                chunks.append(c)
+            tensors.append(t.__class__(**{**t.__dict__, "chunks": chunks}))
+        self_contained = all(c.ref is None for t in tensors for c in t.chunks)
+        new = Manifest(step=m.step, time=m.time,
+                       kind="keyframe" if self_contained else m.kind,
+                       keyframe=m.step if self_contained else m.keyframe,
+                       parent=None if self_contained else m.parent,
+                       delta_index=0 if self_contained else m.delta_index, meta=m.meta,
+                       codecs=codecs, tree=m.tree, tensors=tensors, stats=dict(m.stats),
+                       txn=txn, packs=[])
+        from .codecs import get_codec
+        objs = [get_codec(c) for c in codecs]
+        for t in new.tensors:
+            t.codecs = objs
+        return new, written
+
+    new = repo._commit(m.step, build, base_stored=old_stored)
+    return int(new.stats["stored_bytes"]) - old_stored
+
+
+def _chain_hits(repo: Repository, step: int, t: Any, i: int, doomed: set[int]) -> bool:
+    """Whether rebuilding chunk ``i`` of ``t`` at ``step`` passes through a doomed step."""
+    s, e = step, t
+    while e.chunks[i].ref is not None:
+        s = e.chunks[i].ref
+        if s in doomed:
+            return True
+        try:
+            e = repo.manifest(s).tensor(t.path)
+        except StepNotFoundError:
+            return True
+        if e is None:
+            return True
+    return False
+
+
+def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5) -> None:
+    """Delete packs nothing references; repack those whose live share is below the bound."""
+    live: set[bytes] = set()
+    gone = set(report.deleted_steps) if report.dry_run else set()
+    for s in repo.steps():
+        if s in gone:
+            continue
+        for t in repo.manifest(s).tensors:
+            live.update(c.id for c in t.chunks)
+    backend, store = repo.backend, repo.store
+    indexed = set()
+    for fname in backend.list("index"):
+        if not fname.endswith(".idx"):
+            continue
+        pid = fname[:-4]
+        indexed.add(pid)
+        try:
+            _, entries = decode_index(backend.read(index_name(pid)), index_name(pid))
+        except Exception:  # a damaged index is verify's business, never gc's to delete
+            continue
+        size = backend.size(pack_name(pid)) if backend.exists(pack_name(pid)) else 0
+        live_entries = [e for e in entries if e[0] in live]
+        live_bytes = sum(e[2] + _ENTRY_HEAD.size for e in live_entries)
+        if not live_entries:
+            report.deleted_packs += 1
+            report.freed_bytes += size + backend.size(index_name(pid))
+            if not report.dry_run:
+                store.forget_pack(pid)
+                backend.delete(index_name(pid))
+                backend.delete(pack_name(pid))
+        elif size and live_bytes < repack_below * size:
+            report.repacked_packs += 1
+            report.freed_bytes += size - live_bytes
+            if not report.dry_run:
+                _repack(repo, pid, live_entries)
+    # packs whose index never got written (a crash between the two) hold nothing reachable
+    indexed = {f[:-4] for f in backend.list("index") if f.endswith(".idx")}
+    for sub in backend.list_dirs("packs") if hasattr(backend, "list_dirs") else []:
+        for fname in backend.list(f"packs/{sub}"):
+            pid = fname.removesuffix(".pack")
+            if fname.endswith(".pack") and pid not in indexed and not _journaled(repo, pid):
+                report.deleted_packs += 1
+                report.freed_bytes += backend.size(pack_name(pid))
+                if not report.dry_run:
+                    backend.delete(pack_name(pid))
+
+
+def _journaled(repo: Repository, pid: str) -> bool:
+    return repo._journal is not None and pid in repo._journal[2]
+
+
+def _repack(repo: Repository, old: str, entries: list[tuple[bytes, int, int, int]]) -> None:
+    store: ChunkStore = repo.store
+    backend = repo.backend
+    txn = repo._begin(None)
+    new = os.urandom(16).hex()
+    repo._journal_pack(new)
+    pack = _OpenPack(new, backend.create_stream(pack_name(new)))
+    try:
+        for cid, off, length, plen in entries:
+            store.get(cid)  # decode and check: never copy a damaged frame
+            frame = backend.read_range(pack_name(old), off, length)
+            pack.write(_ENTRY_HEAD.pack(cid, length))
+            pos = pack.stream.tell()
+            pack.write(frame)
+            pack.entries.append((cid, pos, length, plen))
+        pack.seal()
+        pack.stream.commit()
+        backend.write_atomic(index_name(new), encode_index(new, pack.entries))
+    except BaseException:
+        pack.stream.abort()
+        backend.delete(pack_name(new))
+        repo._end(txn)
+        raise
+    store.forget_pack(old)
+    backend.delete(index_name(old))   # the new index already covers every live chunk
+    backend.delete(pack_name(old))
+    store.load_index(new)
+    repo._end(txn)
