@@ -10,7 +10,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -36,7 +36,8 @@ from .gc import GCReport, delete_steps, sweep
 from .retention import Retention, StepView, parse_time, plan
 from .verify import VerifyReport
 from .verify import verify as verify_repo
-from .writer import RefState, RefTensor, StepEncoder, bounded_map
+from .tree import Leaf
+from .writer import RefState, RefTensor, StepEncoder, bounded_map, snapshot
 
 REPO_FORMAT = "deltackpt"
 REPO_VERSION = 1
@@ -128,6 +129,9 @@ class Repository:
             self.store = ChunkStore(self.backend, max_pack_bytes=self.policy.max_pack_bytes,
                                     on_new_pack=self._journal_pack)
             self._pool = ThreadPoolExecutor(self.policy.workers, thread_name_prefix="deltackpt")
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="deltackpt-save")
+            self._futures: list[Future[SaveInfo]] = []
+            self._queued: set[int] = set()
             self.cache = ChunkCache(self.policy.cache_bytes)
             self.reconstructor = Reconstructor(self.store, self.manifest, self.cache)
         except BaseException:
@@ -155,15 +159,21 @@ class Repository:
         """Wait for pending work, release the writer lock and file handles."""
         if self._closed:
             return
-        self._closed = True
-        self.wait_until_finished()
-        self._pool.shutdown(wait=True)
+        try:
+            self.wait_until_finished()
+        finally:
+            self._closed = True
+            self._background.shutdown(wait=True)
+            self._pool.shutdown(wait=True)
         self.cache.clear()
         self._ref = None
         self._release()
 
     def wait_until_finished(self) -> None:
-        """Block until every save has finished (saves are synchronous in this version)."""
+        """Block until every background save has finished; raise the first error among them."""
+        for fut in list(self._futures):
+            fut.exception()  # waits
+        self._raise_pending()
 
     wait = wait_until_finished
 
@@ -290,6 +300,11 @@ class Repository:
         subtrees are rebuilt and only their tensors read. ``map_location``: device for torch
         tensors (default CPU).
         """
+        self._raise_pending()
+        return self._load(step, select, map_location)
+
+    def _load(self, step: int | None = None, select: str | Sequence[str] | None = None,
+              map_location: str | torch.device | None = None) -> Any:
         step = self._resolve_step(step)
         m = self.manifest(step)
         sel = [select] if isinstance(select, str) else (list(select) if select else None)
@@ -433,12 +448,20 @@ class Repository:
         export_state(self.load(step), os.fspath(path), step)
 
     # -- writing -------------------------------------------------------------------------------
-    def save(self, step: int, state: Any, meta: dict[str, Any] | None = None) -> SaveInfo:
-        """Commit ``state`` as ``step``; returns what it cost. Atomic: all or nothing."""
+    def save(self, step: int, state: Any, meta: dict[str, Any] | None = None, *,
+             blocking: bool = True) -> SaveInfo | Future[SaveInfo]:
+        """Commit ``state`` as ``step``; returns what it cost. Atomic: all or nothing.
+
+        With ``blocking=False`` the state is first copied off its tensors (the only part the
+        caller waits for; CUDA tensors via pinned memory), then encoded and committed in the
+        background; the call returns a future. Saves commit in call order. An error of a
+        background save is raised by the next call to save, load, wait or close.
+        """
         self._check_open(write=True)
+        self._raise_pending()
         if type(step) is not int or not 0 <= step <= MAX_STEP:
             raise ValueError(f"step must be an int in [0, 2**63), got {step!r}")
-        if step in self:
+        if step in self or step in self._queued:
             raise StepExistsError(f"step {step} is already saved in {self.path!r}", step=step)
         meta = dict(meta or {})
         try:
@@ -447,6 +470,33 @@ class Repository:
             raise UnsupportedValueError(f"meta must be a JSON object: {exc}") from None
         t0 = time.perf_counter()
         tree, leaves = flatten(state)
+        if blocking:
+            return self._save(step, tree, leaves, meta, t0)
+        leaves = [Leaf(lf.index, lf.path, snapshot(lf.value)) for lf in leaves]
+        self._queued.add(step)
+        fut = self._background.submit(self._save, step, tree, leaves, meta, t0)
+        self._futures.append(fut)
+        return fut
+
+    def _raise_pending(self) -> None:
+        """Re-raise the first error of a finished background save (once)."""
+        done = [f for f in self._futures if f.done()]
+        for f in done:
+            self._futures.remove(f)
+        for f in done:
+            exc = f.exception()
+            if exc is not None:
+                raise exc
+
+    def _save(self, step: int, tree: list[Any], leaves: list[Leaf], meta: dict[str, Any],
+              t0: float) -> SaveInfo:
+        try:
+            return self._save_now(step, tree, leaves, meta, t0)
+        finally:
+            self._queued.discard(step)
+
+    def _save_now(self, step: int, tree: list[Any], leaves: list[Leaf], meta: dict[str, Any],
+                  t0: float) -> SaveInfo:
         if not self._ref_loaded:
             self._ref = self._rebuild_reference() if self.policy.resume == "rebuild" else None
             self._ref_loaded = True

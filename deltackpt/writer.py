@@ -72,6 +72,27 @@ def raw_bytes(value: torch.Tensor | np.ndarray) -> tuple[np.ndarray, ElementType
     return arr.reshape(-1).view(np.uint8), et
 
 
+def snapshot(value: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """A private copy of ``value`` on the CPU, so training may go on changing the original.
+
+    CUDA tensors are copied into pinned host memory; the copy is complete when this returns.
+    """
+    if isinstance(value, np.ndarray):
+        return np.array(value, copy=True)
+    t = value.detach()
+    if t.device.type != "cpu":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+        host.copy_(t, non_blocking=True)
+        torch.cuda.synchronize(t.device)
+        t = host
+    data, _ = raw_bytes(t)  # resolves conj/neg views and odd strides into plain bytes
+    out = (torch.from_numpy(data.copy()).view(t.dtype).reshape(t.shape) if t.numel()
+           else torch.empty(t.shape, dtype=t.dtype))
+    if isinstance(value, torch.nn.Parameter):
+        return torch.nn.Parameter(out, requires_grad=value.requires_grad)
+    return out.requires_grad_(value.requires_grad) if value.requires_grad else out
+
+
 def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any],
                 window: int) -> Iterator[Any]:
     """``map`` over a pool with at most ``window`` tasks in flight; results in input order."""
