@@ -18,7 +18,7 @@ class DeltaCkptError(Exception):
         if step is not None:
             where.append(f"step {step}")
         if path is not None:
-            where.append(f"tensor {path!r}")
+            where.append(repr(path) if path else "the state's root")
         prefix = f"[{', '.join(where)}] " if where else ""
         super().__init__(prefix + message)
 

@@ -76,6 +76,14 @@ class _Flattener:
         return f"{path}~{n}"
 
     def _leaf(self, value: torch.Tensor | np.ndarray, path: str) -> int:
+        try:
+            return self._leaf_checked(value, path)
+        except UnsupportedValueError as exc:
+            if exc.path is not None:
+                raise
+            raise UnsupportedValueError(str(exc), path=path) from None
+
+    def _leaf_checked(self, value: torch.Tensor | np.ndarray, path: str) -> int:
         if isinstance(value, torch.Tensor):
             torch_type(value.dtype)  # refuses quantized dtypes early, with the path
             if value.layout != torch.strided:
@@ -115,8 +123,8 @@ class _Flattener:
             return ["none"]
         if t is bool:
             return ["bool", v]
-        if t is int:
-            return ["int", str(v)]
+        if t is int:  # decimal; hex ("0x…") past Python's int/str digit limit
+            return ["int", str(v) if v.bit_length() < 13000 else hex(v)]
         if t is float:
             return ["float", _f64(v)]
         if t is str:
@@ -129,7 +137,10 @@ class _Flattener:
         if t is complex:
             return ["complex", _f64(v.real), _f64(v.imag)]
         if isinstance(v, np.generic) and t.__module__ == "numpy":
-            et = numpy_type(v.dtype)
+            try:
+                et = numpy_type(v.dtype)
+            except UnsupportedValueError as exc:
+                raise UnsupportedValueError(str(exc), path=path) from None
             return ["npscalar", et.name, np.asarray(v).astype(et.name).tobytes().hex()]
         if t is torch.dtype:
             return ["dtype", str(v).removeprefix("torch.")]
@@ -174,7 +185,8 @@ class _Flattener:
             path, "<_metadata>"), depth + 1)]
 
     def encode_key(self, k: Any, path: str) -> Node:
-        if isinstance(k, (torch.Tensor, np.ndarray)) or type(k) in (dict, OrderedDict, list):
+        if isinstance(k, (torch.Tensor, np.ndarray, torch.Generator)) \
+                or type(k) in (dict, OrderedDict, list):
             raise UnsupportedValueError(f"unsupported dict key type {type(k).__name__}",
                                         path=path)
         if type(k) is tuple:
@@ -234,7 +246,8 @@ class _Unflattener:
                 raise TypeError("bool node without a bool")
             return node[1]
         if tag == "int":
-            return int(_str(node[1]))
+            text = _str(node[1])
+            return int(text, 16) if text.lstrip("-").startswith("0x") else int(text)
         if tag == "float":
             return _unf64(_str(node[1]))
         if tag == "str":

@@ -66,7 +66,10 @@ def raw_bytes(value: torch.Tensor | np.ndarray) -> tuple[np.ndarray, ElementType
             t = (t.view(same) if same is not None else t).contiguous()
         if t.numel() == 0:
             return np.empty(0, np.uint8), et
-        return t.reshape(-1).view(torch.uint8).numpy(), et
+        flat = t.reshape(-1)
+        if flat.stride(0) != 1:  # torch calls any 1-element tensor contiguous, whatever its stride
+            flat = flat.as_strided((1,), (1,))
+        return flat.view(torch.uint8).numpy(), et
     et = numpy_type(value.dtype)
     arr = np.ascontiguousarray(value, dtype=np.dtype(et.name))
     return arr.reshape(-1).view(np.uint8), et

@@ -14,7 +14,12 @@ def _bits(t: torch.Tensor) -> bytes:
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    if not t.numel():
+        return b""
+    flat = t.reshape(-1)
+    if flat.stride(0) != 1:  # a 1-element tensor may keep any stride
+        flat = flat.as_strided((1,), (1,))
+    return flat.view(torch.uint8).numpy().tobytes()
 
 
 def assert_bitexact(a: Any, b: Any, path: str = "") -> None:

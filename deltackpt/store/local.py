@@ -23,6 +23,7 @@ def _fsync_dir(path: str) -> None:
 
 def makedirs_durable(path: str) -> None:
     """``os.makedirs`` that also fsyncs each parent whose entries it changed."""
+    path = os.path.abspath(path)
     if os.path.isdir(path):
         return
     parent = os.path.dirname(path)
@@ -36,6 +37,7 @@ def makedirs_durable(path: str) -> None:
 
 class _LocalStream(Stream):
     def __init__(self, backend: LocalBackend, name: str) -> None:
+        self._backend, self._name = backend, name
         self._final = backend._path(name)
         makedirs_durable(os.path.dirname(self._final))
         self._tmp = backend._path(f"tmp/{uuid.uuid4().hex}.part")
@@ -53,6 +55,7 @@ class _LocalStream(Stream):
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self._tmp, self._final)
+        self._backend._drop_fd(self._name)  # a cached descriptor would still read the old file
         _fsync_dir(os.path.dirname(self._final))
         self._done = True
 
@@ -82,7 +85,7 @@ class LocalBackend(Backend):
     """Files under ``root``. Writes go to ``root/tmp`` first and are renamed into place."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = os.fspath(root)
+        self.root = os.path.abspath(os.fspath(root))
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._fd_lock = threading.Lock()
 
@@ -143,12 +146,15 @@ class LocalBackend(Backend):
         except FileNotFoundError:
             return []
 
-    def delete(self, name: str) -> None:
-        path = self._path(name)
+    def _drop_fd(self, name: str) -> None:
         with self._fd_lock:
             fd = self._fds.pop(name, None)
             if fd is not None:
                 os.close(fd)
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        self._drop_fd(name)
         try:
             os.unlink(path)
         except FileNotFoundError:

@@ -1,0 +1,673 @@
+"""Retention, delete, garbage collection, repack, diff and usage.
+
+* A hypothesis state machine runs random sequences of saves (exact and lossy, tensors changing
+  fully, sparsely or not at all, retyped, reshaped, added and removed), deletes of any steps
+  (the latest included), gc with random retention policies and repack thresholds, dry runs,
+  reopens and loads; after every rule the repository holds exactly the steps a model of it
+  says, each loads as it did right after its save, and ``verify()`` is clean.
+* Crash injection: delete / gc / repack run in a child process that dies (``os._exit``) before
+  its k-th durable operation, for k = 1, 2, ... until one run completes; after every kill the
+  steps still load bit-exactly (before and after recovery), ``verify()`` is clean, and running
+  the operation again finishes the job.
+* Dry runs change nothing; ``usage``/``du`` and ``diff`` report what they should; retention on
+  open; readers of deleted steps get ``StepNotFoundError``; the CLI commands.
+
+Crash children: a single helper process (``python -c "import test_gc; ..."``, so torch is
+imported once) forks one child per kill point; parent and children share this module.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import operator
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
+                                 rule, run_state_machine_as_test)
+
+import deltackpt
+from deltackpt.cli import main as cli_main
+from deltackpt.errors import DeltaCkptError, LockedError, StepNotFoundError
+from deltackpt.policy import Rule
+from deltackpt.retention import (AnyOf, KeepBest, KeepEvery, KeepLast, KeepNewerThan, KeepSteps,
+                                 Retention, StepView, plan)
+
+from _util import assert_bitexact
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+LOSSY_RULE = Rule("*", {"id": "quant", "bits": 8})
+
+
+# ================================================================================== helpers
+def _listing(root: str) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` with its size and mtime (ns)."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            st_ = os.stat(p)
+            out[os.path.relpath(p, root)] = (st_.st_size, st_.st_mtime_ns)
+    return out
+
+
+def _files(root: str, top: str) -> list[str]:
+    return sorted(_listing(os.path.join(root, top)))
+
+
+def _disk(root: str) -> int:
+    return sum(size for size, _ in _listing(root).values())
+
+
+def _pack_ids(root: str) -> tuple[set[str], set[str]]:
+    packs = {os.path.basename(f)[:-5] for f in _files(root, "packs")}
+    idx = {os.path.basename(f)[:-4] for f in _files(root, "index")}
+    return packs, idx
+
+
+def _clone(value: Any) -> Any:
+    """A deep copy of a state whose tensors share nothing with the original."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
+def _oracle_keep(policy: Retention, steps: list[int], meta: dict[int, dict[str, Any]]) -> set[int]:
+    """What a retention policy keeps, written from its documentation (not from its code)."""
+    if isinstance(policy, AnyOf):
+        return set().union(*(_oracle_keep(p, steps, meta) for p in policy.policies))
+    if isinstance(policy, KeepLast):
+        return set(steps[len(steps) - policy.n:]) if policy.n > 0 else set()
+    if isinstance(policy, KeepEvery):
+        return {s for s in steps if s % policy.m == 0}
+    if isinstance(policy, KeepSteps):
+        return set(steps) & set(policy.steps)
+    if isinstance(policy, KeepBest):
+        scored = []
+        for s in steps:
+            v = meta[s].get(policy.key)
+            if type(v) in (int, float) and not math.isnan(v):
+                scored.append((v, s))
+        scored.sort(key=lambda x: x[0], reverse=policy.mode == "max")  # values are unique
+        return {s for _, s in scored[:policy.n]}
+    if isinstance(policy, KeepNewerThan):  # only ages of +-1 day are used: all or nothing
+        return set(steps) if policy.age > timedelta(0) else set()
+    raise AssertionError(f"unknown policy {policy!r}")
+
+
+def _oracle_plan(policy: Retention, steps: list[int], meta: dict[int, dict[str, Any]]
+                 ) -> tuple[set[int], set[int]]:
+    steps = sorted(steps)
+    keep = _oracle_keep(policy, steps, meta)
+    if steps:
+        keep.add(steps[-1])  # the latest step is always kept
+    return keep & set(steps), set(steps) - keep
+
+
+# ======================================================================= the state machine
+DTYPES = [torch.float32, torch.float32, torch.bfloat16, torch.float64, torch.int64, torch.uint8]
+MUTATIONS = ["same", "same", "sparse", "sparse", "sparse", "full", "retype", "reshape"]
+
+
+def _rand(rng: np.random.Generator, dtype: torch.dtype, n: int) -> torch.Tensor:
+    if dtype.is_floating_point:
+        return torch.from_numpy(rng.standard_normal(n).astype(np.float64)).to(dtype)
+    return torch.from_numpy(rng.integers(0, 200, n)).to(dtype)
+
+
+def _mutate(t: torch.Tensor, how: str, rng: np.random.Generator) -> torch.Tensor:
+    n = t.numel()
+    if how == "same":
+        return t
+    if how == "sparse":
+        t = t.clone()
+        idx = torch.from_numpy(rng.choice(n, max(1, n // 50), replace=False))
+        t.view(-1)[idx] = _rand(rng, t.dtype, len(idx))
+        return t
+    if how == "full":
+        if t.dtype.is_floating_point:  # small steps everywhere, like training
+            return (t.double() + 1e-3 * _rand(rng, torch.float64, n).view(t.shape)).to(t.dtype)
+        return _rand(rng, t.dtype, n).view(t.shape)
+    if how == "retype":
+        choices = [d for d in DTYPES if d != t.dtype]
+        return t.to(choices[int(rng.integers(len(choices)))])
+    if how == "reshape":
+        m = int(rng.integers(1, 700))
+        return _rand(rng, t.dtype, m)
+    raise AssertionError(how)
+
+
+def policies() -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries({
+        "keyframe_every": st.integers(1, 5),
+        "reference": st.sampled_from(["previous", "keyframe"]),
+        "codec": st.sampled_from(["diff", "xor"]),
+        "chunk_bytes": st.sampled_from([256, 512, 1024]),
+        "max_pack_bytes": st.sampled_from([1500, 1 << 20]),
+        "workers": st.sampled_from([1, 2]),
+        "cache_bytes": st.sampled_from([0, 1 << 20]),
+        "rules": st.sampled_from([(), (), (LOSSY_RULE,)]),
+        "exact_every": st.integers(0, 3),
+    })
+
+
+_BASE_POLICIES = st.one_of(
+    st.builds(KeepLast, st.integers(0, 4)),
+    st.builds(KeepEvery, st.integers(1, 5)),
+    st.builds(KeepSteps, st.sets(st.integers(0, 40), max_size=4)),
+    st.builds(KeepBest, st.just("loss"), st.integers(1, 2), st.sampled_from(["min", "max"])),
+    st.sampled_from([KeepNewerThan(timedelta(days=1)), KeepNewerThan(timedelta(days=-1))]),
+)
+RETENTIONS = st.lists(_BASE_POLICIES, min_size=1, max_size=3).map(
+    lambda ps: functools.reduce(operator.or_, ps))
+
+
+class GCMachine(RuleBasedStateMachine):
+    """Model: ``self.kept`` maps each committed step to what loading it must return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="dckpt-gc-")
+        self.path = os.path.join(self.dir, "repo")
+        self.repo: deltackpt.Repository | None = None
+        self.kept: dict[int, Any] = {}
+        self.meta: dict[int, dict[str, Any]] = {}
+        self.deleted: set[int] = set()
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.next_step = 0
+        self.retention: Retention | None = None
+        self.policy: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def _open(self) -> None:
+        self.repo = deltackpt.open(self.path, "a", retention=self.retention, **self.policy)
+
+    @initialize(policy=policies(), seed=st.integers(0, 2**32 - 1),
+                retention=st.one_of(st.none(), st.none(), RETENTIONS))
+    def start(self, policy: dict[str, Any], seed: int, retention: Retention | None) -> None:
+        self.policy, self.retention = policy, retention
+        rng = np.random.default_rng(seed)
+        self.tensors = {"a": _rand(rng, torch.float32, 600).view(20, 30),
+                        "b": _rand(rng, torch.bfloat16, 300),
+                        "c": _rand(rng, torch.int64, 100)}
+        self._open()
+
+    def teardown(self) -> None:
+        if self.repo is not None:
+            self.repo.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- saving --------------------------------------------------------------------------------
+    def _apply_retention_after_save(self) -> None:
+        if self.retention is None:
+            return
+        _, doomed = _oracle_plan(self.retention, list(self.kept), self.meta)
+        for s in doomed:
+            self._forget(s)
+
+    def _forget(self, s: int) -> None:
+        del self.kept[s]
+        del self.meta[s]
+        self.deleted.add(s)
+
+    def _save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        assert self.repo is not None
+        expected = _clone(state)
+        info = self.repo.save(step, state, meta=meta)
+        self._count("save exact" if info.exact else "save lossy")
+        self.meta[step] = meta
+        self.kept[step] = None
+        self._apply_retention_after_save()  # the repository applied it inside save()
+        if step not in self.kept:
+            self._count("saved step removed by retention at once")
+            return
+        if info.exact:
+            self.kept[step] = expected
+            assert_bitexact(self.repo.load(step), expected)
+        else:  # what the decoder gives now is what this step must give for ever after
+            self.kept[step] = self.repo.load(step)
+
+    def _meta(self, step: int, kind: str, loss: int) -> dict[str, Any]:
+        value = {"none": None, "nan": float("nan"), "bool": True,
+                 "num": loss + step / 1024}[kind]  # step/1024: no ties between steps
+        return {} if value is None else {"loss": value, "step": step}
+
+    @rule(seed=st.integers(0, 2**32 - 1),
+          how=st.lists(st.sampled_from(MUTATIONS), min_size=6, max_size=6),
+          add=st.booleans(), remove=st.booleans(), gap=st.integers(1, 3),
+          meta_kind=st.sampled_from(["num", "num", "none", "nan", "bool"]),
+          loss=st.integers(0, 50))
+    def save(self, seed: int, how: list[str], add: bool, remove: bool, gap: int,
+             meta_kind: str, loss: int) -> None:
+        rng = np.random.default_rng(seed)
+        names = sorted(self.tensors)
+        for i, name in enumerate(names):
+            self.tensors[name] = _mutate(self.tensors[name], how[i % len(how)], rng)
+        if add and len(self.tensors) < 6:
+            name = f"t{self.next_step}"
+            self.tensors[name] = _rand(rng, DTYPES[int(rng.integers(len(DTYPES)))],
+                                       int(rng.integers(1, 500)))
+        if remove and len(self.tensors) > 1:
+            del self.tensors[names[int(rng.integers(len(names)))]]
+        step = self.next_step
+        self.next_step += gap
+        state = {"model": dict(self.tensors), "step": step, "lr": 1.0 / (step + 1)}
+        self._save(step, state, self._meta(step, meta_kind, loss))
+
+    # saves are the common operation: two more rules with the same body weight them up
+    save_again = save
+    save_once_more = save
+
+    @precondition(lambda self: any(s < max(self.kept, default=-1) for s in self.deleted))
+    @rule(data=st.data())
+    def resave_deleted_step(self, data: st.DataObject) -> None:
+        """Reuse the number of a deleted step below the latest (a new, different state)."""
+        latest = max(self.kept)
+        step = data.draw(st.sampled_from(sorted(s for s in self.deleted if s < latest)))
+        self.deleted.discard(step)
+        state = {"model": {"z": torch.full((50,), float(step)), **self.tensors},
+                 "step": step, "resaved": True}
+        self._save(step, state, {"loss": 100 + step / 1024})
+        self._count("resave")
+
+    # -- deleting ------------------------------------------------------------------------------
+    @precondition(lambda self: bool(self.kept))
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        assert self.repo is not None
+        steps = sorted(self.kept)
+        doomed = data.draw(st.lists(st.sampled_from(steps), min_size=1, max_size=3, unique=True))
+        report = self.repo.delete(*doomed)
+        assert sorted(report.deleted_steps) == sorted(doomed)
+        for s in doomed:
+            self._forget(s)
+        self._count("delete")
+        if max(steps) in doomed:
+            self._count("delete latest")
+
+    @rule(step=st.integers(0, 200))
+    def delete_unknown(self, step: int) -> None:
+        assert self.repo is not None
+        if step in self.kept:
+            return
+        before = _listing(self.path)
+        with pytest.raises(StepNotFoundError):
+            self.repo.delete(step)
+        assert _listing(self.path) == before
+
+    @rule(retention=st.one_of(st.none(), RETENTIONS),
+          repack_below=st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0]))
+    def gc(self, retention: Retention | None, repack_below: float) -> None:
+        assert self.repo is not None
+        policy = retention or self.retention
+        report = self.repo.gc(retention, repack_below=repack_below)
+        doomed: set[int] = set()
+        if policy is not None:
+            _, doomed = _oracle_plan(policy, list(self.kept), self.meta)
+        assert sorted(report.deleted_steps) == sorted(doomed), (policy, report)
+        for s in doomed:
+            self._forget(s)
+        self._count("gc")
+        if report.repacked_packs:
+            self._count("repack")
+        if report.rebased_steps:
+            self._count("rebase")
+
+    @rule(retention=RETENTIONS, repack_below=st.sampled_from([0.5, 1.0]))
+    def gc_dry_run(self, retention: Retention, repack_below: float) -> None:
+        assert self.repo is not None
+        before = _listing(self.path)
+        report = self.repo.gc(retention, dry_run=True, repack_below=repack_below)
+        assert _listing(self.path) == before
+        _, doomed = _oracle_plan(retention, list(self.kept), self.meta)
+        assert report.dry_run and sorted(report.deleted_steps) == sorted(doomed)
+
+    # -- reopening and reading -----------------------------------------------------------------
+    @rule(new_policy=st.one_of(st.none(), policies()))
+    def reopen(self, new_policy: dict[str, Any] | None) -> None:
+        assert self.repo is not None
+        self.repo.close()
+        if new_policy is not None:
+            self.policy = new_policy
+        self._open()
+        self._count("reopen")
+
+    @precondition(lambda self: bool(self.kept))
+    @rule(data=st.data(), fresh_reader=st.booleans())
+    def load(self, data: st.DataObject, fresh_reader: bool) -> None:
+        assert self.repo is not None
+        s = data.draw(st.sampled_from(sorted(self.kept)))
+        if fresh_reader:
+            with deltackpt.open(self.path, "r") as r:
+                assert_bitexact(r.load(s), self.kept[s])
+        else:
+            assert_bitexact(self.repo.load(s), self.kept[s])
+
+    @precondition(lambda self: len(self.kept) >= 2)
+    @rule(data=st.data())
+    def diff(self, data: st.DataObject) -> None:
+        assert self.repo is not None
+        a, b = data.draw(st.lists(st.sampled_from(sorted(self.kept)), min_size=2, max_size=2,
+                                  unique=True))
+        ta, tb = self.kept[a]["model"], self.kept[b]["model"]
+        for d in self.repo.diff(a, b):
+            name = d.path.removeprefix("model/")
+            if d.path.startswith("model/") and name in ta and name in tb \
+                    and ta[name].dtype == tb[name].dtype and ta[name].shape == tb[name].shape:
+                x = ta[name].reshape(-1).view(torch.uint8).reshape(ta[name].numel(), -1)
+                y = tb[name].reshape(-1).view(torch.uint8).reshape(tb[name].numel(), -1)
+                n_changed = int((x != y).any(dim=1).sum())
+                assert d.status == ("unchanged" if n_changed == 0 else "changed"), d
+                assert d.changed_fraction == n_changed / max(1, ta[name].numel()), d
+            elif d.path.startswith("model/") and name in ta and name in tb:
+                assert d.status == "retyped", d
+            elif d.path.startswith("model/") and name in tb:
+                assert d.status == "added", d
+            elif d.path.startswith("model/") and name in ta:
+                assert d.status == "removed", d
+
+    # -- invariants ----------------------------------------------------------------------------
+    @invariant()
+    def steps_match_model(self) -> None:
+        if self.repo is None:
+            return
+        assert self.repo.steps() == sorted(self.kept)
+
+    @invariant()
+    def every_kept_step_loads_as_saved(self) -> None:
+        if self.repo is None:
+            return
+        for s, expected in self.kept.items():
+            assert_bitexact(self.repo.load(s), expected)
+        for s in self.deleted - set(self.kept):
+            assert s not in self.repo
+            with pytest.raises(StepNotFoundError):
+                self.repo.load(s)
+
+    @invariant()
+    def verifies(self) -> None:
+        if self.repo is None:
+            return
+        report = self.repo.verify()
+        assert report.ok, report.problems
+        assert sorted(report.steps) == sorted(self.kept)
+
+
+GC_STATS: dict[str, int] = {}
+
+
+def _run_machine(max_examples: int, steps: int) -> None:
+    class Counting(GCMachine):
+        def teardown(self) -> None:
+            for k, v in self.counts.items():
+                GC_STATS[k] = GC_STATS.get(k, 0) + v
+            super().teardown()
+
+    run_state_machine_as_test(Counting, settings=settings(
+        max_examples=max_examples, stateful_step_count=steps, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                               HealthCheck.filter_too_much]))
+
+
+def test_state_machine():
+    GC_STATS.clear()
+    _run_machine(max_examples=40, steps=40)
+    print(f"state machine rule counts: {dict(sorted(GC_STATS.items()))}")
+    assert GC_STATS.get("delete", 0) and GC_STATS.get("gc", 0) and GC_STATS.get("save exact")
+
+
+@pytest.mark.slow
+def test_state_machine_heavy():
+    GC_STATS.clear()
+    _run_machine(max_examples=150, steps=50)
+    print(f"state machine rule counts: {dict(sorted(GC_STATS.items()))}")
+    for kind in ("delete", "delete latest", "gc", "repack", "rebase", "save lossy", "reopen",
+                 "resave"):
+        assert GC_STATS.get(kind, 0) > 0, (kind, GC_STATS)
+
+
+# ========================================================================= crash injection
+KILLED = 77
+CRASH_POLICY: dict[str, Any] = dict(chunk_bytes=1024, max_pack_bytes=3000, keyframe_every=4,
+                                    workers=1, exact_every=0,
+                                    rules=(Rule("model/q", {"id": "quant", "bits": 8}),))
+CRASH_STEPS = list(range(10))   # keyframes 0, 4, 8; deltas between; "model/q" lossy in deltas
+
+
+def crash_state(step: int) -> dict[str, Any]:
+    """Deterministic training-like state: ``w`` changes sparsely, ``q`` a little everywhere
+    (stored lossily at delta steps), ``e`` never (shared chunks)."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(4096, generator=g)
+    q = torch.randn(1024, generator=g)
+    e = torch.randn(2048, generator=g).to(torch.bfloat16)
+    for s in range(1, step + 1):
+        rng = np.random.default_rng(s)
+        idx = torch.from_numpy(rng.choice(4096, 48, replace=False))
+        w[idx] += torch.from_numpy(rng.standard_normal(48).astype(np.float32))
+        q += torch.from_numpy(rng.standard_normal(1024).astype(np.float32)) * 1e-2
+    return {"model": {"w": w, "q": q, "e": e}, "step": torch.tensor(step), "n": step}
+
+
+def _op_delete_keyframe(repo: deltackpt.Repository) -> Any:
+    return repo.delete(4)                  # 5, 6, 7 replay deltas through keyframe 4
+
+
+def _op_delete_several(repo: deltackpt.Repository) -> Any:
+    return repo.delete(1, 2, 9)            # two deltas with dependents, and the latest step
+
+
+def _op_gc_retention(repo: deltackpt.Repository) -> Any:
+    return repo.gc(KeepLast(2) | KeepEvery(3), repack_below=0.9)
+
+
+def _op_gc_repack(repo: deltackpt.Repository) -> Any:
+    return repo.gc(repack_below=1.0)       # base had steps deleted without repacking
+
+
+CRASH_OPS: dict[str, tuple[Any, set[int]]] = {   # op, steps it deletes
+    "delete_keyframe": (_op_delete_keyframe, {4}),
+    "delete_several": (_op_delete_several, {1, 2, 9}),
+    "gc_retention": (_op_gc_retention, {1, 2, 4, 5, 7}),
+    "gc_repack": (_op_gc_repack, set()),
+}
+
+
+def _install_crash_hooks(root: str, k: int, log: list[str]) -> None:
+    """Die before the ``k``-th durable operation: a file commit (the data is written and
+    fsynced to tmp/, the rename into place not done) or the unlink of an existing file."""
+    from deltackpt.store import local
+
+    commit, delete = local._LocalStream.commit, local.LocalBackend.delete
+
+    def hit(label: str) -> None:
+        log.append(label)
+        if len(log) == k:
+            os._exit(KILLED)
+
+    def p_commit(self):  # type: ignore[no-untyped-def]
+        if len(log) + 1 == k:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        hit("write " + os.path.relpath(self._final, root))
+        commit(self)
+
+    def p_delete(self, name):  # type: ignore[no-untyped-def]
+        if os.path.exists(self._path(name)):
+            hit("delete " + name)
+        delete(self, name)
+
+    local._LocalStream.commit = p_commit
+    local.LocalBackend.delete = p_delete
+
+
+def _crash_child(path: str, op: str, k: int, log_path: str) -> None:
+    repo = deltackpt.open(path, "a", **CRASH_POLICY)
+    log: list[str] = []
+    _install_crash_hooks(os.path.abspath(path), k, log)
+    CRASH_OPS[op][0](repo)
+    repo.close()
+    with open(log_path, "w") as f:
+        json.dump(log, f)
+
+
+def _crash_server(base: str, work: str, op: str, limit: int) -> None:
+    """Runs in a helper process: for k = 1, 2, ...: copy ``base``, fork a child that runs
+    ``op`` on the copy and dies before its k-th durable operation; stop at the first k the
+    operation completes without reaching. Prints one JSON line."""
+    import traceback
+
+    for k in range(1, limit + 1):
+        dst = os.path.join(work, f"k{k:04d}")
+        shutil.copytree(base, dst)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 0
+            try:
+                _crash_child(dst, op, k, os.path.join(work, "ops.json"))
+            except BaseException:
+                traceback.print_exc()
+                code = 2
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code != KILLED:
+            print(json.dumps({"completed": k if code == 0 else None, "code": code}), flush=True)
+            return
+    print(json.dumps({"completed": None, "code": "limit"}), flush=True)
+
+
+def _run_crash_server(base: str, work: str, op: str, limit: int = 400) -> dict[str, Any]:
+    code = (f"import sys; sys.path.insert(0, {TESTS_DIR!r}); import test_gc; "
+            f"test_gc._crash_server(*sys.argv[1:4], int(sys.argv[4]))")
+    res = subprocess.run([sys.executable, "-c", code, base, work, op, str(limit)],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["code"] == 0, (out, res.stderr[-3000:])
+    return out
+
+
+@pytest.fixture(scope="module")
+def crash_bases(tmp_path_factory) -> dict[str, tuple[str, dict[int, Any]]]:
+    """Per operation: a repository to run it on, and what each of its steps loads."""
+    root = tmp_path_factory.mktemp("gc-crash")
+    base = str(root / "base")
+    with deltackpt.open(base, "a", **CRASH_POLICY) as repo:
+        for s in CRASH_STEPS:
+            info = repo.save(s, crash_state(s))
+            assert info.exact == (s % 4 == 0), (s, info)
+        kinds = [repo.manifest(s).kind for s in CRASH_STEPS]
+        assert kinds == ["keyframe", "delta", "delta", "delta"] * 2 + ["keyframe", "delta"]
+        assert len(repo.manifest(0).packs) > 1          # saves span several packs
+    bases = {}
+    for op in CRASH_OPS:
+        path = str(root / op)
+        shutil.copytree(base, path)
+        if op == "gc_repack":  # leave dead bytes in packs that still hold live chunks
+            with deltackpt.open(path, "a", **CRASH_POLICY) as repo:
+                repo.delete(2, 5)
+        with deltackpt.open(path, "r") as repo:
+            expected = {s: repo.load(s) for s in repo.steps()}
+        for s, value in expected.items():
+            if s % 4 == 0:
+                assert_bitexact(value, crash_state(s))
+        bases[op] = (path, expected)
+    return bases
+
+
+def _check_loads(path: str, expected: dict[int, Any], must_have: set[int]) -> list[int]:
+    with deltackpt.open(path, "r") as r:
+        steps = r.steps()
+        assert must_have <= set(steps) <= set(expected), (steps, sorted(must_have))
+        for s in steps:
+            assert_bitexact(r.load(s), expected[s])
+        report = r.verify()
+        assert report.ok, report.problems
+    return steps
+
+
+SAME_DELETE_REFUSED: dict[str, list[int]] = {}
+
+
+def _finish(path: str, op: str, doomed: set[int], k: int) -> None:
+    """Run the operation again after a crash."""
+    with deltackpt.open(path, "a", **CRASH_POLICY) as w:
+        if op.startswith("delete"):
+            left = sorted(s for s in doomed if s in w)
+            try:
+                CRASH_OPS[op][0](w)
+            except StepNotFoundError:  # some were deleted before the crash: finish the rest
+                SAME_DELETE_REFUSED.setdefault(op, []).append(k)
+                w.delete(*left)
+        else:
+            CRASH_OPS[op][0](w)
+
+
+@pytest.mark.parametrize("op", list(CRASH_OPS))
+def test_crash_at_every_durable_operation(crash_bases, tmp_path, op):
+    base, expected = crash_bases[op]
+    doomed = CRASH_OPS[op][1]
+    kept = set(expected) - doomed
+    before = _disk(base)
+    work = str(tmp_path / "work")
+    os.makedirs(work)
+    out = _run_crash_server(base, work, op)
+    n_points = out["completed"] - 1
+    with open(os.path.join(work, "ops.json")) as f:
+        ops = json.load(f)
+    assert len(ops) == n_points
+    clean = os.path.join(work, f"k{out['completed']:04d}")
+    assert _check_loads(clean, expected, kept) == sorted(kept)
+    clean_disk = _disk(clean)
+    assert clean_disk < before, (clean_disk, before)
+    assert any(o.startswith("write txn/") for o in ops)
+    if doomed:
+        assert any(o.startswith("delete steps/") for o in ops)
+    if op in ("gc_retention", "gc_repack"):
+        assert any(o.startswith("write packs/") for o in ops)   # a repack ran
+    over_clean = {}
+    for k in range(1, n_points + 1):
+        path = os.path.join(work, f"k{k:04d}")
+        try:
+            _check_loads(path, expected, kept)                    # a reader, before recovery
+            with deltackpt.open(path, "a", **CRASH_POLICY):      # recovery
+                pass
+            assert _files(path, "txn") == [] and _files(path, "tmp") == []
+            _check_loads(path, expected, kept)
+            _finish(path, op, doomed, k)
+            assert _check_loads(path, expected, kept) == sorted(kept)
+            packs, idx = _pack_ids(path)
+            assert packs == idx, "packs without an index, or indexes without a pack"
+            final = _disk(path)
+            assert final < before, (final, before)
+        except AssertionError as exc:
+            raise AssertionError(f"{op}: killed before durable operation #{k} "
+                                 f"({ops[k - 1]}): {exc}") from exc
+        if final > clean_disk:
+            over_clean[k] = (ops[k - 1], final - clean_disk)
+        shutil.rmtree(path)
+    print(f"\n{op}: {n_points} durable operations, a kill tried before each "
+          f"(+1 complete run); disk {before} -> {clean_disk} bytes clean; "
+          f"same delete refused after kills {SAME_DELETE_REFUSED.get(op, [])}; "
+          f"left more than a clean run after kills {over_clean}")
+    assert n_points >= 8, f"{op}: only {n_points} durable operations"
