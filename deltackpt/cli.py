@@ -166,7 +166,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     elif report.ok:
         lossy = report.lossy_steps
         print(f"OK: {len(report.steps)} steps, {report.tensors} tensors, "
-              f"{human(report.bytes)} rebuilt bit-exactly as saved" + (
+              f"{human(report.bytes)} rebuilt and matched their save-time digests" + (
                   f" ({len(lossy)} lossy step(s) rebuilt bit-exactly as their decoder must "
                   f"produce; worst recorded relative error {max(lossy.values()):.2e})"
                   if lossy else ""))

@@ -108,15 +108,17 @@ def _rebase(repo: Repository, m: Manifest, doomed: set[int]) -> int:
 def _chain_hits(repo: Repository, step: int, t: Any, i: int, doomed: set[int]) -> bool:
     """Whether rebuilding chunk ``i`` of ``t`` at ``step`` passes through a doomed step."""
     s, e = step, t
+    seen = {step}
     while e.chunks[i].ref is not None:
         s = e.chunks[i].ref
-        if s in doomed:
-            return True
+        if s in doomed or s in seen:
+            return True  # (a cycle is broken data: rebasing from the rebuilt value fixes it)
+        seen.add(s)
         try:
             e = repo.manifest(s).tensor(t.path)
         except StepNotFoundError:
             return True
-        if e is None:
+        if e is None or e.dropped or i >= len(e.chunks):
             return True
     return False
 
@@ -192,6 +194,7 @@ def _repack(repo: Repository, old: str, entries: list[tuple[bytes, int, int, int
         backend.write_atomic(index_name(new), encode_index(new, pack.entries))
     except BaseException:
         pack.stream.abort()
+        backend.delete(index_name(new))
         backend.delete(pack_name(new))
         repo._end(txn)
         raise

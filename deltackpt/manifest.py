@@ -20,6 +20,7 @@ MANIFEST_FORMAT = "deltackpt.manifest"
 MANIFEST_VERSION = 1
 MAX_STEP = 2**63 - 1
 _NAME = re.compile(r"([0-9]{20})\.json")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 def manifest_name(step: int) -> str:
@@ -151,7 +152,7 @@ def _int(x: Any, lo: int = 0, hi: int = MAX_STEP) -> int:
 
 
 def _hex16(x: Any) -> bytes:
-    if not isinstance(x, str) or len(x) != 32:
+    if not isinstance(x, str) or not _HEX32.fullmatch(x):
         raise ValueError(f"expected 32 hex digits, got {x!r}")
     return bytes.fromhex(x)
 

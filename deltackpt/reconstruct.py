@@ -79,7 +79,7 @@ class Reconstructor:
                                    f"is damaged: {exc}", step=step, path=entry.path,
                                    cause="broken chain") from None
         base = m.tensor(entry.path)
-        if base is None or base.kind != entry.kind or base.dtype != entry.dtype \
+        if base is None or base.dropped or base.kind != entry.kind or base.dtype != entry.dtype \
                 or base.nbytes != entry.nbytes or base.chunk_bytes != entry.chunk_bytes:
             raise BrokenChainError(f"chunk {i} is a delta against step {ref}, which has no "
                                    "matching tensor", step=step, path=entry.path,

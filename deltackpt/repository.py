@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +21,8 @@ import torch
 
 from . import checksum
 from .dtypes import TORCH_DTYPES, element_type
-from .errors import (CorruptFileError, DeltaCkptError, FormatVersionError, ReadOnlyError,
+from .errors import (CorruptFileError, DeltaCkptError, FormatVersionError, IntegrityError,
+                     ReadOnlyError,
                      RepositoryNotFoundError, StepExistsError, StepNotFoundError,
                      UnsupportedValueError)
 from .manifest import (MAX_STEP, Manifest, TensorEntry, manifest_name,
@@ -301,7 +303,19 @@ class Repository:
         tensors (default CPU).
         """
         self._raise_pending()
-        return self._load(step, select, map_location)
+        try:
+            return self._load(step, select, map_location)
+        except IntegrityError:
+            # another process may have rebased or repacked since we cached manifests and
+            # indexes: look again from disk once; real damage fails the same way again
+            self.refresh()
+            return self._load(step, select, map_location)
+
+    def refresh(self) -> None:
+        """Drop cached manifests, chunks and indexes (another writer may have changed them)."""
+        self._manifests.clear()
+        self.cache.clear()
+        self.store.reload()
 
     def _load(self, step: int | None = None, select: str | Sequence[str] | None = None,
               map_location: str | torch.device | None = None) -> Any:
@@ -405,6 +419,7 @@ class Repository:
         Frees nothing by itself beyond what :meth:`gc` then sweeps (done here too).
         """
         self._check_open(write=True)
+        self.wait_until_finished()
         report = GCReport()
         delete_steps(self, sorted(set(steps)), report)
         sweep(self, report, repack_below=0.0)
@@ -418,6 +433,8 @@ class Repository:
         ``dry_run`` reports what would be deleted and freed (before the cost of rebasing).
         """
         self._check_open(write=not dry_run)
+        if not threading.current_thread().name.startswith("deltackpt-save"):
+            self.wait_until_finished()  # (inside a background save, retention runs in line)
         report = GCReport(dry_run=dry_run)
         policy = retention or self.retention
         if policy is not None:

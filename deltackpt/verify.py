@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import DeltaCkptError, IntegrityError, StepNotFoundError
+from .errors import CorruptFileError
 from .store.packs import scan_pack
+from .tree import leaf_indices
 
 if TYPE_CHECKING:
     from .repository import Repository
@@ -72,6 +74,13 @@ def verify(repo: Repository, step: int | None = None) -> VerifyReport:
             continue
         if not m.exact:
             report.lossy_steps[s] = m.max_rel_error
+        try:
+            wanted = leaf_indices(m.tree)
+            if wanted and max(wanted) >= len(m.tensors):
+                raise CorruptFileError("state tree refers to a tensor the manifest lacks",
+                                       step=s)
+        except DeltaCkptError as exc:
+            report.add(exc, step=s)
         for entry in m.tensors:
             if entry.dropped:
                 continue

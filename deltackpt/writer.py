@@ -191,6 +191,8 @@ class StepEncoder:
             if len(shape) < 2 or not is_float(et):
                 return None, False, 1
             row = int(np.prod(shape[1:]))
+            if row * et.itemsize > self.policy.chunk_bytes:
+                return None, False, 1  # rows longer than a chunk: no row-wise codec
             if not cfg.get("cols"):
                 cfg["cols"] = row
         codec = get_codec(cfg)

@@ -356,6 +356,7 @@ def test_failed_save_waits_for_its_workers(repo, monkeypatch):
 
     lock, running = threading.Lock(), {"n": 0, "max": 0}
     release = threading.Event()
+    started = threading.Event()
 
     def behaviour(orig, enc, job):  # type: ignore[no-untyped-def]
         with lock:
@@ -363,7 +364,9 @@ def test_failed_save_waits_for_its_workers(repo, monkeypatch):
             running["max"] = max(running["max"], running["n"])
         try:
             if _job_name(job) == ("model/w", 0):
+                started.wait(timeout=30)  # fail only once another job is in flight
                 raise OSError("injected write failure")
+            started.set()
             release.wait(timeout=1.0)   # a correct writer waits this out; not asserted
             return orig(enc, job)
         finally:

@@ -7,8 +7,11 @@ reference, so an element's error at any step is at most half a quantization step
 block (plus its pruning threshold and the final rounding to the tensor's dtype): errors do not
 accumulate along a chain. Payload: float32 scales, then the integers zigzag-mapped, one per
 byte (bits=8) or two per byte (bits=4, low nibble first); the frame layer zstd's it.
-With ``domain="log"`` (for non-negative tensors such as Adam's ``exp_avg_sq``) the same is done
-on ``log(x)``; zeros stay exactly zero and the result stays non-negative.
+With ``domain="log"`` (for non-negative tensors such as Adam's ``exp_avg_sq``) the delta is
+taken between the values' *bit patterns* read as integers, which for positive floats is a
+piecewise-linear log2 scaled by 2**mantissa_bits: errors become relative, zeros stay exactly
+zero, results stay non-negative, and decoding is pure integer and IEEE arithmetic (no
+transcendental functions, whose last bit varies between CPUs).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import ElementType
+from ..dtypes import ElementType, uint_of_width
 from ..errors import CodecError, CorruptChunkError
 from ._floats import from_float, to_float
 from .base import Codec, NotApplicable, check_reference, register_codec
@@ -64,41 +67,16 @@ class Quant(Codec):
         except (TypeError, ValueError) as exc:
             raise CodecError(f"quant: bad config {config!r}: {exc}") from None
 
-    # -- helpers ----------------------------------------------------------------------------
-    def _forward(self, x: np.ndarray) -> np.ndarray:
-        if self.domain == "linear":
-            return x
-        with np.errstate(divide="ignore"):
-            return np.log(x)  # zeros map to -inf and are handled by the zero mask
-
-    def _inverse(self, y: np.ndarray) -> np.ndarray:
-        return y if self.domain == "linear" else np.exp(y)
-
     def _payload_sizes(self, n: int) -> tuple[int, int, int]:
         nb = -(-n // self.block)
         qbytes = -(-n * self.bits // 8)
         mask = -(-n // 8) if self.domain == "log" else 0
         return nb, qbytes, mask
 
-    def encode(self, data: np.ndarray, ref: np.ndarray | None,
-               etype: ElementType) -> tuple[np.ndarray, int]:
-        ref = check_reference(self, data.size, ref)
-        x, r = to_float(data, etype), to_float(ref, etype)
-        if not (np.isfinite(x).all() and np.isfinite(r).all()):
-            raise NotApplicable("non-finite values")
-        zero = None
-        if self.domain == "log":
-            if (x < 0).any() or (r < 0).any():
-                raise NotApplicable("log domain needs non-negative values")
-            zero = x == 0
-            if (r[~zero] == 0).any():
-                raise NotApplicable("reference is zero where the value is not")
-            fx, fr = self._forward(x), self._forward(r)
-            d = np.where(zero, 0, fx - np.where(zero, 0, fr)).astype(x.dtype)
-        else:
-            d = x - r
+    def _quantize(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Block scales (float32) and zigzag-packed integers of the delta ``d``."""
         n = d.size
-        nb, _, _ = self._payload_sizes(n)
+        nb = -(-n // self.block)
         padded = np.zeros(nb * self.block, dtype=d.dtype)
         padded[:n] = d
         blocks = padded.reshape(nb, self.block)
@@ -118,10 +96,43 @@ class Quant(Codec):
         elif self.bits == 2:
             z = np.pad(z, (0, -n % 4))
             z = (z[0::4] | (z[1::4] << 2) | (z[2::4] << 4) | (z[3::4] << 6)).astype(np.uint8)
-        parts = [scale.view(np.uint8), z]
-        if zero is not None:
-            parts.append(np.packbits(zero, bitorder="little"))
-        return np.concatenate(parts), 1
+        return scale, z
+
+    def _dequantize(self, payload: np.ndarray, n: int, dtype: type) -> np.ndarray:
+        nb, qbytes, _ = self._payload_sizes(n)
+        scale = payload[:4 * nb].copy().view(np.float32)
+        z = payload[4 * nb:4 * nb + qbytes]
+        if self.bits == 4:
+            z = np.stack([z & 15, z >> 4], axis=1).reshape(-1)[:n]
+        elif self.bits == 2:
+            z = np.stack([z & 3, (z >> 2) & 3, (z >> 4) & 3, z >> 6], axis=1).reshape(-1)[:n]
+        q = _unzigzag(z).astype(dtype)
+        return q * np.repeat(scale.astype(dtype), self.block)[:n]  # no fused multiply-add
+
+    @staticmethod
+    def _bits(data: np.ndarray, etype: ElementType) -> np.ndarray:
+        return data.view(uint_of_width(etype.word)).astype(np.int64)
+
+    def encode(self, data: np.ndarray, ref: np.ndarray | None,
+               etype: ElementType) -> tuple[np.ndarray, int]:
+        ref = check_reference(self, data.size, ref)
+        x, r = to_float(data, etype), to_float(ref, etype)
+        if not (np.isfinite(x).all() and np.isfinite(r).all()):
+            raise NotApplicable("non-finite values")
+        if self.domain == "linear":
+            scale, z = self._quantize(x - r)
+            return np.concatenate([scale.view(np.uint8), z]), 1
+        u, shift = uint_of_width(etype.word), 8 * etype.word - 1
+        if (data.view(u) >> u.type(shift)).any() or (ref.view(u) >> u.type(shift)).any():
+            raise NotApplicable("log domain needs non-negative values (and no -0.0)")
+        xb, rb = self._bits(data, etype), self._bits(ref, etype)
+        zero = xb == 0
+        if (rb[~zero] == 0).any():
+            raise NotApplicable("reference is zero where the value is not")
+        d = np.where(zero, 0, xb - rb).astype(np.float64)
+        scale, z = self._quantize(d)
+        return np.concatenate([scale.view(np.uint8), z,
+                               np.packbits(zero, bitorder="little")]), 1
 
     def decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
                nbytes: int) -> np.ndarray:
@@ -131,24 +142,18 @@ class Quant(Codec):
         if payload.size != 4 * nb + qbytes + maskbytes:
             raise CorruptChunkError(f"quant payload has {payload.size} bytes, expected "
                                     f"{4 * nb + qbytes + maskbytes}")
-        scale = payload[:4 * nb].copy().view(np.float32)
-        z = payload[4 * nb:4 * nb + qbytes]
-        if self.bits == 4:
-            z = np.stack([z & 15, z >> 4], axis=1).reshape(-1)[:n]
-        elif self.bits == 2:
-            z = np.stack([z & 3, (z >> 2) & 3, (z >> 4) & 3, z >> 6], axis=1).reshape(-1)[:n]
-        r = to_float(ref, etype)
-        q = _unzigzag(z).astype(r.dtype)
-        step = np.repeat(scale.astype(r.dtype), self.block)[:n]
-        d = q * step                       # separate ufuncs: no fused multiply-add
-        if self.domain == "log":
-            zero = np.unpackbits(payload[4 * nb + qbytes:], count=n, bitorder="little")
-            with np.errstate(divide="ignore"):
-                fr = np.log(r)
-            y = np.where(zero.astype(bool), 0, np.exp(np.where(zero.astype(bool), 0, fr + d)))
-        else:
-            y = r + d
-        return from_float(y.astype(r.dtype), etype)
+        if self.domain == "linear":
+            r = to_float(ref, etype)
+            return from_float(r + self._dequantize(payload, n, r.dtype), etype)
+        zero = np.unpackbits(payload[4 * nb + qbytes:], count=n,
+                             bitorder="little").astype(bool)
+        rb = self._bits(ref, etype)
+        inf = np.array([np.inf], np.float64 if etype.itemsize == 8 else np.float32)
+        inf_bits = int(self._bits(from_float(inf, etype), etype)[0])
+        yb = rb + np.rint(self._dequantize(payload, n, np.float64)).astype(np.int64)
+        yb = np.clip(yb, 1, inf_bits - 1)            # positive, finite
+        yb = np.where(zero, 0, yb).astype(uint_of_width(etype.word))
+        return yb.view(np.uint8)
 
     def supports(self, etype: ElementType) -> bool:
         from ._floats import is_float

@@ -158,7 +158,8 @@ class LocalBackend(Backend):
         try:
             os.unlink(path)
         except FileNotFoundError:
-            pass
+            return
+        _fsync_dir(os.path.dirname(path))  # deletes are ordered too (gc relies on it)
 
     def lock(self, name: str, owner: str) -> Lock:
         path = self._path(name)

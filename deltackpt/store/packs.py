@@ -156,6 +156,14 @@ class ChunkStore:
             self._loaded.add(pid)
         return entries
 
+    def reload(self) -> None:
+        """Forget every loaded index and read them all again (after packs moved)."""
+        with self._lock:
+            self._index.clear()
+            self._loaded.clear()
+            self.bad_indexes.clear()
+        self.refresh()
+
     def forget_pack(self, pid: str) -> None:
         with self._lock:
             self._loaded.discard(pid)
@@ -189,9 +197,8 @@ class ChunkStore:
         try:
             frame = self.backend.read_range(pack_name(loc.pack), loc.offset, loc.length)
         except FileNotFoundError:
-            # a writer may have repacked it since we read the index: look again, once
-            self.forget_pack(loc.pack)
-            self.refresh()
+            # a writer may have repacked it since we read the index: reload every index, once
+            self.reload()
             moved = self._index.get(cid)
             if moved is None or moved.pack == loc.pack:
                 raise MissingChunkError(f"pack {loc.pack} holding chunk {cid.hex()} is "
