@@ -21,17 +21,24 @@ DROP = "drop"
 @dataclass(frozen=True)
 class Rule:
     """Tensors whose path matches ``pattern`` (fnmatch; ``*`` also crosses ``/``) use ``codec``
-    at steps that are not exact: a codec config (e.g. ``{"id": "quant", "bits": 4}``),
+    at steps that are not exact: a codec config (e.g. ``{"id": "quant", "bits": 4}``), a list
+    of configs tried in order (the first that takes a chunk wins, e.g. lowrank then quant),
     ``"lossless"``, or ``"drop"`` (not stored at all; such a step loads them as ``None``)."""
 
     pattern: str
-    codec: dict[str, Any] | str
+    codec: dict[str, Any] | list[dict[str, Any]] | str
 
     def __post_init__(self) -> None:
-        if self.codec not in (LOSSLESS, DROP):
-            codec = get_codec(self.codec)  # type: ignore[arg-type]
-            if not codec.uses_reference:
+        if self.codec in (LOSSLESS, DROP):
+            return
+        for cfg in self.codec if isinstance(self.codec, list) else [self.codec]:
+            if not get_codec(cfg).uses_reference:  # type: ignore[arg-type]
                 raise ValueError(f"rule {self.pattern!r}: codec must be a delta codec")
+
+    def configs(self) -> list[dict[str, Any]]:
+        if self.codec in (LOSSLESS, DROP):
+            return []
+        return list(self.codec) if isinstance(self.codec, list) else [self.codec]  # type: ignore
 
     def matches(self, path: str) -> bool:
         return fnmatchcase(path, self.pattern)
@@ -93,10 +100,10 @@ class Policy:
     @property
     def lossy(self) -> bool:
         """Whether any rule may store a tensor inexactly (a lossy codec, or drop)."""
-        return any(r.codec == DROP or (r.codec != LOSSLESS and not get_codec(
-            r.codec).lossless) for r in self.rules)  # type: ignore[arg-type]
+        return any(r.codec == DROP or any(not get_codec(c).lossless for c in r.configs())
+                   for r in self.rules)
 
-    def rule_for(self, path: str) -> dict[str, Any] | str:
+    def rule_for(self, path: str) -> dict[str, Any] | list[dict[str, Any]] | str:
         """The codec config, ``"lossless"`` or ``"drop"`` for ``path`` at an inexact step."""
         for rule in self.rules:
             if rule.matches(path):

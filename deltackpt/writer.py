@@ -121,7 +121,7 @@ class _Tensor:
     chunk_bytes: int
     base: RefTensor | None
     n_chunks: int
-    lossy: Codec | None = None           # codec for changed chunks when lossy
+    lossy: list[Codec] = field(default_factory=list)  # rule codecs for changed chunks
     dropped: bool = False
     recon: np.ndarray | None = None      # the reconstruction, when any chunk is lossy
     chunks: list[ChunkRef] = field(default_factory=list)
@@ -173,35 +173,35 @@ class StepEncoder:
             self.codecs.append(cfg)
         return self.codecs.index(cfg)
 
-    def _lossy_codec(self, leaf: Leaf, et: ElementType) -> tuple[Codec | None, bool, int]:
-        """(lossy codec or None, dropped, row length to align chunks to).
+    def _lossy_codec(self, leaf: Leaf, et: ElementType) -> tuple[list[Codec], bool, int]:
+        """(codecs to try in order for changed chunks, dropped, row length to align chunks to).
 
         Chunks are aligned to rows whenever the tensor's rule is row-based (``lowrank``), at
         exact steps too, so that chunk layouts match between exact and lossy steps.
         """
         rule = self.policy.rule_for(leaf.path)
         if rule == DROP:
-            return None, not self.exact, 1
+            return [], not self.exact, 1
         if rule == LOSSLESS:
-            return None, False, 1
-        cfg = dict(rule)  # type: ignore[arg-type]
+            return [], False, 1
+        cfgs = [dict(c) for c in (rule if isinstance(rule, list) else [rule])]
         shape = tuple(leaf.value.shape)
         row = 1
-        if cfg["id"] == "lowrank":
-            if len(shape) < 2 or not is_float(et):
-                return None, False, 1
-            row = int(np.prod(shape[1:]))
-            if row * et.itemsize > self.policy.chunk_bytes:
-                return None, False, 1  # rows longer than a chunk: no row-wise codec
-            if not cfg.get("cols"):
-                cfg["cols"] = row
-        codec = get_codec(cfg)
-        if codec.lossless:  # a lossless rule codec (e.g. sparse) applies at every delta step
-            use = not self.keyframe and cfg != self.delta.get_config()
-            return (codec if use else None), False, row
-        if self.exact:
-            return None, False, row
-        return (codec if is_float(et) else None), False, row
+        usable = []
+        for cfg in cfgs:
+            if cfg["id"] == "lowrank":
+                rlen = int(np.prod(shape[1:])) if len(shape) >= 2 else 0
+                if not rlen or not is_float(et) or rlen * et.itemsize > self.policy.chunk_bytes:
+                    continue  # not a matrix, or rows longer than a chunk
+                row = rlen
+                cfg["cols"] = cfg.get("cols") or rlen
+            codec = get_codec(cfg)
+            if codec.lossless:  # a lossless rule codec (e.g. sparse) applies at every delta
+                if not self.keyframe and cfg != self.delta.get_config():
+                    usable.append(codec)
+            elif not self.exact and is_float(et):
+                usable.append(codec)
+        return usable, False, row
 
     def _prepare(self, leaf: Leaf) -> _Tensor:
         data, et = raw_bytes(leaf.value)
@@ -212,16 +212,16 @@ class StepEncoder:
         if base is not None and (base.entry.kind != et.kind or base.entry.dtype != et.name
                                  or base.entry.nbytes != data.size
                                  or base.entry.chunk_bytes != chunk_bytes):
-            if lossy is not None and base.entry.nbytes == data.size \
+            if lossy and base.entry.nbytes == data.size \
                     and base.entry.kind == et.kind and base.entry.dtype == et.name:
                 chunk_bytes = base.entry.chunk_bytes  # keep the reference's chunking
             else:
                 base = None  # dtype, size or chunking changed: no chunk-wise reference
         if base is None:
-            lossy = None  # the first entry of a tensor is always exact
+            lossy = []  # the first entry of a tensor is always exact
         t = _Tensor(leaf, data, et, chunk_bytes, base, 0 if dropped else
                     -(-data.size // chunk_bytes), lossy, dropped)
-        if lossy is not None:
+        if lossy:
             t.recon = np.empty_like(data)
         return t
 
@@ -232,27 +232,27 @@ class StepEncoder:
         lo, hi = i * t.chunk_bytes, min(t.data.size, (i + 1) * t.chunk_bytes)
         chunk = t.data[lo:hi]
         prev = t.base.entry.chunks[i] if t.base is not None else None
-        if t.lossy is not None and t.recon is not None:
+        if t.lossy and t.recon is not None:
             assert t.base is not None and prev is not None
             ref_chunk = t.base.data[lo:hi]
             if np.array_equal(chunk, ref_chunk):
                 t.recon[lo:hi] = chunk
                 t.error.append((0.0, 0.0, 0.0, 0))
                 return ("copy", prev, t.base.entry.codecs[prev.codec]), 0
-            try:
-                payload, word = t.lossy.encode(chunk, ref_chunk, t.etype)
-                recon = t.lossy.decode(payload, ref_chunk, t.etype, chunk.size)
-            except NotApplicable:
-                payload = None
-            if payload is not None:
+            for codec in t.lossy:  # the first codec that takes the chunk wins
+                try:
+                    payload, word = codec.encode(chunk, ref_chunk, t.etype)
+                    recon = codec.decode(payload, ref_chunk, t.etype, chunk.size)
+                except NotApplicable:
+                    continue
                 t.recon[lo:hi] = recon
-                if not t.lossy.lossless:
+                if not codec.lossless:
                     t.error.append(_error(chunk, recon, t.etype))
                 rdigest = xxhash.xxh3_128(recon).digest()
                 if rdigest == prev.digest:  # quantized to no change at all
                     return ("copy", prev, t.base.entry.codecs[prev.codec]), 0
                 pid, written = store.put(payload, word, pol.zstd_level)
-                return ("delta", pid, prev.depth + 1, rdigest, t.lossy), written
+                return ("delta", pid, prev.depth + 1, rdigest, codec), written
             t.recon[lo:hi] = chunk  # the codec declined: store this chunk exactly
         digest = xxhash.xxh3_128(chunk).digest()
         if prev is not None and prev.digest == digest and (not self.keyframe or prev.ref is None):

@@ -311,3 +311,26 @@ def test_presets_and_json_policies():
         preset("nope")
     with pytest.raises(Exception):
         Rule("*", {"id": "raw"})  # not a delta codec
+
+
+def test_rule_with_fallback_list_tries_codecs_in_order(tmp_path):
+    """lowrank where the delta is low-rank, quant where it is not (or not a matrix)."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(128, 64, generator=g)
+    b = torch.randn(64, generator=g)
+    rule = Rule("*", [{"id": "lowrank", "energy": 0.99, "residual_bits": 8},
+                      {"id": "quant", "bits": 8}])
+    with deltackpt.open(tmp_path / "r", rules=(rule,), keyframe_every=100) as repo:
+        repo.save(0, {"w": w, "b": b, "n": torch.randn(128, 64, generator=g)})
+        w1 = w + torch.randn(128, 1, generator=g) @ torch.randn(1, 64, generator=g) * 0.01
+        repo.save(1, {"w": w1, "b": b + 0.01, "n": torch.randn(128, 64, generator=g)})
+        m = repo.manifest(1)
+
+        def ids(path):
+            t = m.tensor(path)
+            return {t.codecs[c.codec].codec_id for c in t.chunks}
+
+        assert ids("w") == {"lowrank"}      # a rank-1 delta: the low-rank codec takes it
+        assert ids("b") == {"quant"}        # a vector: lowrank does not apply
+        assert ids("n") == {"quant"}        # full-rank noise: lowrank declines, quant takes it
+        assert repo.verify().ok and not repo.manifest(1).exact
