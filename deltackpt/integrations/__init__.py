@@ -1,0 +1,1 @@
+"""Integrations with training loops and frameworks. The core package never imports these."""
