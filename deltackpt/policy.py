@@ -142,14 +142,13 @@ class Policy:
 
 #: optimizer moments of Adam-family optimizers, wherever they sit in the state
 _EXP_AVG_SQ = "*exp_avg_sq"
-_EXP_AVG = "*exp_avg"
 
 
 def preset(name: str) -> Policy:
-    """A named policy. ``lossless`` (default): bit-exact always. ``balanced``: 8-bit closed-loop
-    deltas, bit-exact every 10th save and keyframe every 20th. ``archive``: 4-bit pruned
-    deltas, exact every 50th save; for long runs where disk matters most. Measured trade-offs:
-    benchmarks/results/lossy.md."""
+    """A named policy. ``lossless`` (default): bit-exact always. ``balanced``: 8-bit
+    closed-loop deltas, bit-exact every 10th save, a keyframe every 20th. ``archive``: 4-bit
+    closed-loop deltas, exact only at keyframes (every 100th save); for long runs where disk
+    matters most. Measured trade-offs (disk vs resume loss): benchmarks/results/lossy.md."""
     if name == "lossless":
         return Policy()
     if name == "balanced":
@@ -157,8 +156,7 @@ def preset(name: str) -> Policy:
             Rule(_EXP_AVG_SQ, {"id": "quant", "bits": 8, "block": 256, "domain": "log"}),
             Rule("*", {"id": "quant", "bits": 8, "block": 256})))
     if name == "archive":
-        return Policy(keyframe_every=50, exact_every=50, rules=(
+        return Policy(keyframe_every=100, exact_every=0, rules=(
             Rule(_EXP_AVG_SQ, {"id": "quant", "bits": 4, "block": 256, "domain": "log"}),
-            Rule(_EXP_AVG, {"id": "quant", "bits": 4, "block": 256, "prune": 0.5}),
-            Rule("*", {"id": "quant", "bits": 4, "block": 256, "prune": 0.5})))
+            Rule("*", {"id": "quant", "bits": 4, "block": 256})))
     raise ValueError(f"unknown policy preset {name!r}; known: lossless, balanced, archive")

@@ -1,0 +1,825 @@
+"""Lossy tiers: disk saved vs resume fidelity, per codec setting, one training run per workload.
+
+Workload 1 ("transformer"): the 3.2M-parameter char-level transformer of deltackpt.demo
+(4 layers, d=256, context 128; the model of bench_foundation.py), AdamW + cosine schedule, fp32,
+trained once; a checkpoint (model + optimizer + scheduler + data RNG + step) every 5 steps, 100
+saves. Each checkpoint is written as a torch.save file (the baseline) and into one repository per
+method: deltackpt lossless, the presets ``balanced`` and ``archive``, and a sweep of codec
+settings (quant 8/4/2 bits with and without pruning, log domain for ``exp_avg_sq`` or not,
+lowrank for 2-D weights, keyframe/exact intervals).
+
+Workload 2 ("recsys"): a click model with a 200k x 32 item table and a 50k x 32 user table
+(``nn.Embedding(sparse=True)`` + ``SparseAdam``, dense Adam for a small MLP) on synthetic
+Zipf-popular clicks; each step touches a few thousand rows. Compared: torch.save, lossless,
+lossless ``sparse`` codec on the tables and their moments, and the lossy presets.
+
+Per method: disk total vs torch.save, bytes per save, the worst error the manifests record, and
+RESUME FIDELITY: the state at a mid-run save is rebuilt from the repository (a lossy, i.e.
+not bit-exact, step where the method has one), training continues for N steps in a fresh
+trainer with the same data order, and the final loss (mean of the last 10 steps) is compared
+with resuming from the original in-memory state at that step.
+
+    python benchmarks/bench_lossy.py            # full run (~25 min on 2 cores), writes results/
+    python benchmarks/bench_lossy.py --quick    # CI-sized smoke run (< 1 min), writes nothing
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+from torch import nn
+
+import deltackpt
+from deltackpt.demo import GPTConfig, Trainer
+from deltackpt.policy import Rule
+from deltackpt.tree import flatten
+
+#: published compression ratios quoted in the issue (literature, not measured here)
+PUBLISHED = (("LC-Checkpoint", "~28x"), ("DynaQuant", "39x"), ("ExCP", "~70x"))
+TARGET_RATIO = 20.0       # the issue's goal: >= 20x less disk than torch.save ...
+TARGET_LOSS_PCT = 1.0     # ... with the resumed run's final loss within 1%
+LAST = 10                 # final loss = mean of the last LAST steps' losses
+
+SQ = "*exp_avg_sq"
+
+
+def q(bits: int, prune: float = 0.0, domain: str = "linear") -> dict[str, Any]:
+    return {"id": "quant", "bits": bits, "block": 256, "prune": prune, "domain": domain}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ methods
+@dataclass
+class Method:
+    name: str
+    open_kwargs: dict[str, Any] | None  # None: the torch.save baseline
+    main: bool = False                  # drawn in the bytes-per-save plot
+    # filled in by the run
+    repo_dir: str = ""
+    repo: Any = None
+    step_bytes: list[int] = field(default_factory=list)
+    save_s: list[float] = field(default_factory=list)
+    exact_steps: list[int] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def lossy(self) -> bool:
+        return self.open_kwargs is not None and self.policy().lossy
+
+    def policy(self) -> deltackpt.Policy:
+        kw = dict(self.open_kwargs or {})
+        return deltackpt.Policy.from_kwargs(kw.pop("policy", None), kw)
+
+    def describe(self) -> dict[str, Any]:
+        if self.open_kwargs is None:
+            return {"baseline": "torch.save, one file per checkpoint"}
+        p = self.policy()
+        return {"preset": self.open_kwargs.get("policy"), "keyframe_every": p.keyframe_every,
+                "exact_every": p.exact_every, "codec": p.codec, "reference": p.reference,
+                "rules": [{"pattern": r.pattern, "codec": r.codec} for r in p.rules]}
+
+    def ke(self) -> str:
+        if self.open_kwargs is None:
+            return "-"
+        p = self.policy()
+        return f"{p.keyframe_every}/{p.exact_every}" if p.lossy else f"{p.keyframe_every}/-"
+
+
+def transformer_methods() -> list[Method]:
+    long = {"keyframe_every": 100, "exact_every": 0}   # one keyframe, no exact step after it
+    out = [Method("torch.save", None, main=True), Method("lossless", {}, main=True),
+           Method("balanced", {"policy": "balanced"}, main=True),
+           Method("archive", {"policy": "archive"}, main=True)]
+    for bits in (8, 4, 2):
+        for prune in (0.0, 0.5):
+            name = f"q{bits}" + (f" prune{prune:g}" if prune else "")
+            out.append(Method(name, {"rules": (Rule(SQ, q(bits, domain="log")),
+                                               Rule("*", q(bits, prune))), **long},
+                              main=(bits, prune) in ((8, 0.0), (4, 0.5), (2, 0.5))))
+    out.append(Method("q4 prune0.5 linear-sq", {"rules": (Rule("*", q(4, 0.5)),), **long}))
+    out.append(Method("q4 prune0.5 K20/E10", {"rules": (Rule(SQ, q(4, domain="log")),
+                                                         Rule("*", q(4, 0.5))),
+                                               "keyframe_every": 20, "exact_every": 10}))
+    out.append(Method("lowrank r8+2b", {"rules": (
+        Rule("model/*weight", {"id": "lowrank", "rank": 8, "residual_bits": 2}),
+        Rule(SQ, q(4, domain="log")), Rule("*", q(4, 0.5))), **long}, main=True))
+    return out
+
+
+def _only(methods: list[Method], names: str | None) -> list[Method]:
+    if not names:
+        return methods
+    keep = {"torch.save", "lossless", *(n.strip() for n in names.split(","))}
+    return [m for m in methods if m.name in keep]
+
+
+def recsys_methods() -> list[Method]:
+    sparse = {"id": "sparse", "block": 32}
+    return [Method("torch.save", None, main=True), Method("lossless", {}, main=True),
+            Method("sparse", {"rules": (Rule("model/user.weight", sparse),
+                                        Rule("model/item.weight", sparse),
+                                        Rule("sparse_opt/state/*", sparse))}, main=True),
+            Method("balanced", {"policy": "balanced"}, main=True),
+            Method("archive", {"policy": "archive"}, main=True)]
+
+
+# ---------------------------------------------------------------------------------- workloads
+class TransformerWorkload:
+    name = "transformer"
+
+    def __init__(self, quick: bool, total_steps: int) -> None:
+        self.cfg = GPTConfig() if quick else GPTConfig(layers=4, dim=256, block=128)
+        self.total_steps = total_steps
+
+    def new(self) -> Trainer:
+        return Trainer(self.cfg, total_steps=self.total_steps)
+
+    @staticmethod
+    def restore(t: Trainer, state: dict[str, Any]) -> None:
+        t.model.load_state_dict(state["model"])
+        t.opt.load_state_dict(state["optimizer"])
+        t.sched.load_state_dict(state["scheduler"])
+        t.gen.set_state(state["data_rng"])
+        t.step = int(state["step"])
+
+    def describe(self, t: Trainer) -> str:
+        n = sum(p.numel() for p in t.model.parameters())
+        c = self.cfg
+        return (f"char transformer ({c.layers} layers, d={c.dim}, context {c.block}), "
+                f"{n / 1e6:.2f}M parameters, AdamW + cosine schedule over "
+                f"{self.total_steps} steps, batch {t.batch}, fp32")
+
+
+class RecModel(nn.Module):
+    def __init__(self, n_users: int, n_items: int, dim: int) -> None:
+        super().__init__()
+        self.user = nn.Embedding(n_users, dim, sparse=True)
+        self.item = nn.Embedding(n_items, dim, sparse=True)
+        nn.init.normal_(self.user.weight, std=0.1)
+        nn.init.normal_(self.item.weight, std=0.1)
+        self.mlp = nn.Sequential(nn.Linear(3 * dim, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def forward(self, u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        eu, ei = self.user(u), self.item(i)
+        return self.mlp(torch.cat([eu, ei, eu * ei], -1)).squeeze(-1)
+
+
+class RecTrainer:
+    """Synthetic clicks: users uniform, items Zipf-popular (hot items scattered over the table),
+    click probability from hidden factors fixed by the seed (the "dataset", not checkpointed)."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int = 32, batch: int = 1024,
+                 seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed + 100)
+        self.true_u = torch.randn(n_users, 8, generator=g) / 8 ** 0.25
+        self.true_i = torch.randn(n_items, 8, generator=g) / 8 ** 0.25
+        self.bias = torch.randn(n_items, generator=g) - 1.0
+        w = 1.0 / torch.arange(1, n_items + 1, dtype=torch.float64) ** 1.05
+        self.cdf = (torch.cumsum(w, 0) / w.sum()).float()
+        self.perm = torch.randperm(n_items, generator=g)
+        self.model = RecModel(n_users, n_items, dim)
+        self.sparse_opt = torch.optim.SparseAdam(
+            list(self.model.user.parameters()) + list(self.model.item.parameters()), lr=0.01)
+        self.dense_opt = torch.optim.Adam(self.model.mlp.parameters(), lr=1e-3)
+        self.gen = torch.Generator().manual_seed(seed + 1)
+        self.n_users, self.n_items, self.batch, self.step = n_users, n_items, batch, 0
+
+    def train_step(self) -> float:
+        u = torch.randint(0, self.n_users, (self.batch,), generator=self.gen)
+        r = torch.rand(self.batch, generator=self.gen)
+        i = self.perm[torch.searchsorted(self.cdf, r).clamp_(max=self.n_items - 1)]
+        p = torch.sigmoid((self.true_u[u] * self.true_i[i]).sum(-1) * 2 + self.bias[i])
+        y = (torch.rand(self.batch, generator=self.gen) < p).float()
+        loss = nn.functional.binary_cross_entropy_with_logits(self.model(u, i), y)
+        self.sparse_opt.zero_grad(set_to_none=True)
+        self.dense_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sparse_opt.step()
+        self.dense_opt.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "sparse_opt": self.sparse_opt.state_dict(),
+                "dense_opt": self.dense_opt.state_dict(), "data_rng": self.gen.get_state(),
+                "step": self.step}
+
+
+class RecWorkload:
+    name = "recsys"
+
+    def __init__(self, quick: bool) -> None:
+        self.n_users, self.n_items = (5_000, 20_000) if quick else (50_000, 200_000)
+
+    def new(self) -> RecTrainer:
+        return RecTrainer(self.n_users, self.n_items)
+
+    @staticmethod
+    def restore(t: RecTrainer, state: dict[str, Any]) -> None:
+        t.model.load_state_dict(state["model"])
+        t.sparse_opt.load_state_dict(state["sparse_opt"])
+        t.dense_opt.load_state_dict(state["dense_opt"])
+        t.gen.set_state(state["data_rng"])
+        t.step = int(state["step"])
+
+    def describe(self, t: RecTrainer) -> str:
+        n = sum(p.numel() for p in t.model.parameters())
+        return (f"click model: item table {self.n_items:,} x 32 and user table "
+                f"{self.n_users:,} x 32 (nn.Embedding(sparse=True) + SparseAdam), MLP with "
+                f"Adam; {n / 1e6:.2f}M parameters; batch {t.batch} (user uniform, item Zipf "
+                f"1.05), synthetic clicks from hidden factors")
+
+
+# ------------------------------------------------------------------------------------ helpers
+def group_of(path: str) -> str:
+    if path.endswith("exp_avg_sq"):
+        return "exp_avg_sq"
+    if path.endswith("exp_avg"):
+        return "exp_avg"
+    if path.startswith("model/"):
+        return "model"
+    return "other"
+
+
+def leaves_by_path(state: Any) -> dict[str, Any]:
+    return {leaf.path: leaf.value for leaf in flatten(state)[1]}
+
+
+def tensor_bytes(v: Any) -> bytes:
+    if isinstance(v, torch.Tensor):
+        t = v.detach().contiguous().cpu()
+        return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return np.ascontiguousarray(v).tobytes()
+
+
+def state_digest(state: Any) -> str:
+    h = xxhash.xxh3_128()
+    for path, v in sorted(leaves_by_path(state).items()):
+        h.update(path.encode())
+        h.update(str(getattr(v, "dtype", "")).encode())
+        h.update(tensor_bytes(v))
+    return h.hexdigest()
+
+
+def compare_states(orig: Any, got: Any) -> dict[str, Any]:
+    """Bit-exactness, max |error| per group and the step/int leaves of two states."""
+    a, b = leaves_by_path(orig), leaves_by_path(got)
+    out: dict[str, Any] = {"bit_exact": set(a) == set(b), "max_abs": {}, "max_rel": {},
+                           "missing": sorted(set(a) ^ set(b))}
+    for path in sorted(set(a) & set(b)):
+        x, y = a[path], b[path]
+        if tensor_bytes(x) != tensor_bytes(y) or getattr(x, "dtype", None) != getattr(
+                y, "dtype", None):
+            out["bit_exact"] = False
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+            err = (y.detach().double() - x.detach().double()).abs().max().item()
+            peak = x.detach().double().abs().max().item()
+            g = group_of(path)
+            out["max_abs"][g] = max(out["max_abs"].get(g, 0.0), err)
+            out["max_rel"][g] = max(out["max_rel"].get(g, 0.0), err / peak if peak else 0.0)
+    return out
+
+
+def recorded_errors(repo: Any, steps: list[int]) -> dict[str, Any]:
+    """Worst error records of the manifests, over all steps, overall and per group."""
+    rel: dict[str, float] = {}
+    mabs: dict[str, float] = {}
+    lossy_steps = 0
+    for s in steps:
+        m = repo.manifest(s)
+        any_lossy = False
+        for e in m.tensors:
+            if not e.lossy:
+                continue
+            any_lossy = True
+            g = group_of(e.path)
+            rel[g] = max(rel.get(g, 0.0), float(e.lossy["max_rel"]))
+            mabs[g] = max(mabs.get(g, 0.0), float(e.lossy["max_abs"]))
+        lossy_steps += any_lossy
+    return {"max_rel": max(rel.values(), default=0.0), "max_abs": max(mabs.values(), default=0.0),
+            "by_group_rel": rel, "by_group_abs": mabs, "lossy_steps": lossy_steps}
+
+
+def recorded_at(repo: Any, step: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for e in repo.manifest(step).tensors:
+        if e.lossy:
+            g = group_of(e.path)
+            out[g] = max(out.get(g, 0.0), float(e.lossy["max_abs"]))
+    return out
+
+
+def bytes_by_group(repo: Any, steps: list[int], total: int) -> dict[str, int]:
+    """Stored frame bytes attributed to the tensor group whose chunk first wrote them."""
+    seen: set[bytes] = set()
+    out = {"model": 0, "exp_avg": 0, "exp_avg_sq": 0, "other": 0}
+    for s in steps:
+        for e in repo.manifest(s).tensors:
+            for c in e.chunks:
+                if c.id in seen:
+                    continue
+                seen.add(c.id)
+                out[group_of(e.path)] += repo.store.locate(c.id).length
+    out["metadata"] = total - sum(out.values())
+    return out
+
+
+def pick_resume_step(repo: Any, target: int, saved: list[int], candidates: set[int],
+                     lossy: bool) -> int:
+    """``target`` unless the method is lossy and ``target`` is an exact step: then the nearest
+    lossy step among ``candidates`` (steps whose original state was kept)."""
+    if not lossy or not repo.manifest(target).exact:
+        return target
+    i = saved.index(target)
+    for d in range(1, len(saved)):
+        for j in (i - d, i + d):
+            if 0 <= j < len(saved) and saved[j] in candidates \
+                    and not repo.manifest(saved[j]).exact:
+                return saved[j]
+    return target
+
+
+def run_resume(workload: Any, state: Any, n: int) -> list[float]:
+    t = workload.new()
+    workload.restore(t, copy.deepcopy(state))   # optimizers may alias the given tensors
+    return [t.train_step() for _ in range(n)]
+
+
+# --------------------------------------------------------------------------------- one workload
+def run_workload(workload: Any, methods: list[Method], saves: int, every: int,
+                 resume_save: int, resume_steps: int, root: str,
+                 window: int = 3) -> dict[str, Any]:
+    wroot = os.path.join(root, workload.name)
+    os.makedirs(wroot)
+    pt_path = os.path.join(wroot, "ckpt.pt")
+    for m in methods:
+        if m.open_kwargs is not None:
+            m.repo_dir = os.path.join(wroot, m.name.replace(" ", "_").replace("/", "-"))
+            kw = dict(m.open_kwargs)
+            m.repo = deltackpt.open(m.repo_dir, policy=kw.pop("policy", None), **kw)
+    trainer = workload.new()
+    desc = workload.describe(trainer)
+    target = resume_save * every
+    kept: dict[int, Any] = {}
+    digests: dict[int, str] = {}
+    saved: list[int] = []
+    run_losses: list[float] = []
+    state_bytes = 0
+    t_train = 0.0
+    t_start = time.perf_counter()
+    while len(saved) < saves:
+        t0 = time.perf_counter()
+        run_losses.append(trainer.train_step())
+        t_train += time.perf_counter() - t0
+        if trainer.step % every:
+            continue
+        step = trainer.step
+        state = trainer.state()
+        saved.append(step)
+        digests[step] = state_digest(state)
+        if abs(step - target) <= window * every:
+            kept[step] = copy.deepcopy(state)
+        for m in methods:
+            if m.error is not None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                if m.repo is None:
+                    torch.save(state, pt_path)
+                    m.save_s.append(time.perf_counter() - t0)
+                    m.step_bytes.append(os.path.getsize(pt_path))
+                    os.remove(pt_path)
+                    continue
+                info = m.repo.save(step, state)
+            except Exception as exc:  # a deltackpt bug: report it, keep measuring the others
+                m.error = f"save of step {step}: {type(exc).__name__}: {exc}"
+                log(f"{workload.name}/{m.name}: {m.error}")
+                continue
+            m.save_s.append(time.perf_counter() - t0)
+            m.step_bytes.append(info.stored_bytes)
+            if info.exact:
+                m.exact_steps.append(step)
+            if len(saved) == 1:
+                state_bytes = info.logical_bytes
+        if len(saved) % 10 == 0 or len(saved) == saves:
+            log(f"{workload.name}: {len(saved)}/{saves} saves, step {step}, "
+                f"loss {run_losses[-1]:.4f}, {time.perf_counter() - t_start:.0f} s")
+    log(f"{workload.name}: training {t_train:.0f} s, saves "
+        f"{time.perf_counter() - t_start - t_train:.0f} s")
+
+    baseline = next(m for m in methods if m.open_kwargs is None)
+    pt_total = sum(baseline.step_bytes)
+    rows: list[dict[str, Any]] = []
+    resume_of: dict[int, list[float]] = {}
+    failures: list[str] = []
+
+    def original_resume(step: int) -> list[float]:
+        if step not in resume_of:
+            t0 = time.perf_counter()
+            resume_of[step] = run_resume(workload, kept[step], resume_steps)
+            log(f"{workload.name}: resume from the original state at step {step}: "
+                f"{time.perf_counter() - t0:.0f} s")
+        return resume_of[step]
+
+    original_resume(target)
+    for m in methods:
+        row: dict[str, Any] = {"method": m.name, "config": m.describe(), "ke": m.ke(),
+                               "lossy": m.lossy, "main": m.main, "error": m.error,
+                               "step_bytes": m.step_bytes, "steps": saved[:len(m.step_bytes)],
+                               "save_s_median": statistics.median(m.save_s) if m.save_s
+                               else None}
+        rows.append(row)
+        if m.error is not None:
+            failures.append(f"{workload.name}/{m.name}: {m.error}")
+            continue
+        if m.repo is None:
+            row.update(total=pt_total, ratio=1.0)
+            continue
+        total = m.repo.disk_usage()["total"]
+        row.update(total=total, ratio=pt_total / total, exact_saves=len(m.exact_steps),
+                   recorded=recorded_errors(m.repo, saved),
+                   bytes_by_group=bytes_by_group(m.repo, saved, total))
+        try:
+            step = pick_resume_step(m.repo, target, saved, set(kept), m.lossy)
+            t0 = time.perf_counter()
+            got = m.repo.load(step)
+            load_s = time.perf_counter() - t0
+            cmp = compare_states(kept[step], got)
+            rec = recorded_at(m.repo, step)
+            # every recorded error must bound the measured one (same float64 arithmetic)
+            consistent = all(cmp["max_abs"].get(g, 0.0) <= rec.get(g, 0.0) * (1 + 1e-9) + 1e-30
+                             for g in cmp["max_abs"])
+            step_exact = m.repo.manifest(step).exact
+            row["load_check"] = {"step": step, "exact_step": step_exact,
+                                 "bit_exact": cmp["bit_exact"], "max_abs": cmp["max_abs"],
+                                 "max_rel": cmp["max_rel"], "recorded_max_abs": rec,
+                                 "recorded_bounds_measured": consistent, "load_s": load_s}
+            if step_exact and not cmp["bit_exact"]:
+                failures.append(f"{workload.name}/{m.name}: step {step} is recorded exact "
+                                f"but does not load bit-exactly")
+            if not consistent:
+                failures.append(f"{workload.name}/{m.name}: measured error at step {step} "
+                                f"exceeds the manifest's record")
+            # an exact step of a lossy method (deepest one before the resume step) must load
+            # bit-exactly: compare against the digest of the original state
+            ex = [s for s in m.exact_steps if s <= step]
+            if ex:
+                s_ex = max(ex, key=lambda s: (m.repo.manifest(s).kind != "keyframe", s))
+                ok = state_digest(m.repo.load(s_ex)) == digests[s_ex]
+                row["exact_step_check"] = {"step": s_ex, "kind": m.repo.manifest(s_ex).kind,
+                                           "bit_exact": ok}
+                if not ok:
+                    failures.append(f"{workload.name}/{m.name}: exact step {s_ex} does not "
+                                    f"load bit-exactly")
+            base = original_resume(step)
+            t0 = time.perf_counter()
+            losses = run_resume(workload, got, resume_steps)
+            log(f"{workload.name}/{m.name}: resumed from step {step} "
+                f"({'exact' if step_exact else 'lossy'}) in {time.perf_counter() - t0:.0f} s")
+            f0, f1 = statistics.fmean(base[-LAST:]), statistics.fmean(losses[-LAST:])
+            row["resume"] = {"step": step, "exact_step": step_exact, "steps": resume_steps,
+                             "final_loss_original": f0, "final_loss": f1,
+                             "diff": f1 - f0, "diff_pct": 100 * (f1 - f0) / f0,
+                             "first_step_diff_pct": 100 * (losses[0] - base[0]) / base[0],
+                             "max_step_diff_pct": max(100 * abs(a - b) / b
+                                                      for a, b in zip(losses, base)),
+                             "losses": losses}
+            if not m.lossy and not cmp["bit_exact"]:
+                failures.append(f"{workload.name}/{m.name}: lossless load is not bit-exact")
+        except Exception as exc:
+            row["error"] = f"check/resume: {type(exc).__name__}: {exc}"
+            failures.append(f"{workload.name}/{m.name}: {row['error']}")
+            log(f"{workload.name}/{m.name}: {row['error']}")
+        m.repo.close()
+        shutil.rmtree(m.repo_dir, ignore_errors=True)
+    # determinism of the harness: resuming the original state must replay the original run
+    uninterrupted = run_losses[target:target + resume_steps]
+    replay = resume_of.get(target, [])
+    deterministic = None if not uninterrupted or not replay else all(
+        a == b for a, b in zip(uninterrupted, replay))
+    return {"workload": workload.name, "description": desc, "saves": len(saved),
+            "every": every, "steps": saved[-1] if saved else 0, "state_bytes": state_bytes,
+            "torch_save_total": pt_total, "resume_target": target,
+            "resume_steps": resume_steps, "original_resumes": {
+                str(s): {"final_loss": statistics.fmean(v[-LAST:]), "losses": v}
+                for s, v in resume_of.items()},
+            "replay_matches_uninterrupted_run": deterministic, "run_losses": run_losses,
+            "methods": rows, "failures": failures}
+
+
+# ------------------------------------------------------------------------------------- report
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
+
+
+def fmt_e(x: float | None) -> str:
+    return "-" if x is None else ("0" if x == 0 else f"{x:.1e}")
+
+
+def fmt_pct(x: float) -> str:
+    return f"{x:+.3f}%" if abs(x) >= 0.001 else ("0" if x == 0 else f"{x:+.1e}%")
+
+
+def method_table(r: dict[str, Any]) -> list[str]:
+    lines = ["| method | K/E | total | vs torch.save | median save | worst rel err | "
+             "worst abs err | worst rel err (model) | resume from | final loss | "
+             "Δ loss | Δ loss % | first-step Δ % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in r["methods"]:
+        if row.get("error") and "total" not in row:
+            lines.append(f"| {row['method']} | {row['ke']} | FAILED: {row['error']} |" +
+                         " |" * 10)
+            continue
+        rec = row.get("recorded")
+        res = row.get("resume")
+        if res:
+            where = f"{res['step']} ({'exact' if res['exact_step'] else 'lossy'})"
+            tail = (f"{where} | {res['final_loss']:.4f} | {res['diff']:+.2e} | "
+                    f"**{fmt_pct(res['diff_pct'])}** | {fmt_pct(res['first_step_diff_pct'])}")
+        elif row["method"] == "torch.save":
+            f0 = r["original_resumes"][str(r["resume_target"])]["final_loss"]
+            tail = f"{r['resume_target']} (original) | {f0:.4f} | (reference) | | "
+        else:
+            tail = f"{row.get('error', '-')} | | | |"
+        lines.append(
+            f"| {row['method']} | {row['ke']} | {mib(row['total'])} | "
+            f"**{row['ratio']:.1f}x** | {(row['save_s_median'] or 0) * 1e3:.0f} ms | "
+            f"{fmt_e(rec and rec['max_rel'])} | {fmt_e(rec and rec['max_abs'])} | "
+            f"{fmt_e(rec and rec['by_group_rel'].get('model', 0.0))} | {tail} |")
+    return lines
+
+
+def bytes_table(r: dict[str, Any]) -> list[str]:
+    lines = ["| method | first save | later saves, median | model | exp_avg | exp_avg_sq | "
+             "other | metadata |", "|---|---|---|---|---|---|---|---|"]
+    for row in r["methods"]:
+        if "total" not in row:
+            continue
+        sb = row["step_bytes"]
+        g = row.get("bytes_by_group")
+        cells = " | ".join(mib(g[k]) for k in ("model", "exp_avg", "exp_avg_sq", "other",
+                                                "metadata")) if g else "| | | |"
+        lines.append(f"| {row['method']} | {mib(sb[0])} | "
+                     f"{mib(statistics.median(sb[1:] or sb))} | {cells} |")
+    return lines
+
+
+def check_lines(r: dict[str, Any]) -> list[str]:
+    out = []
+    for row in r["methods"]:
+        lc = row.get("load_check")
+        if not lc:
+            continue
+        meas = max(lc["max_abs"].values(), default=0.0)
+        s = (f"- {row['method']}: step {lc['step']} loads "
+             f"{'**bit-exact**' if lc['bit_exact'] else 'lossy'}"
+             f"{'' if lc['bit_exact'] else f' (measured max abs error {meas:.1e}; the manifest record bounds it: ' + ('yes' if lc['recorded_bounds_measured'] else '**NO**') + ')'}")
+        ex = row.get("exact_step_check")
+        if ex and row["lossy"]:
+            s += (f"; exact {ex['kind']} step {ex['step']} loads "
+                  f"{'bit-exact' if ex['bit_exact'] else '**NOT bit-exact**'}")
+        out.append(s + ".")
+    return out
+
+
+def verdict(t: dict[str, Any]) -> list[str]:
+    rows = [x for x in t["methods"] if x.get("resume") and x["lossy"]]
+    hit = [x for x in rows if x["ratio"] >= TARGET_RATIO
+           and abs(x["resume"]["diff_pct"]) <= TARGET_LOSS_PCT]
+    within = [x for x in rows if abs(x["resume"]["diff_pct"]) <= TARGET_LOSS_PCT]
+    best_within = max(within, key=lambda x: x["ratio"], default=None)
+    best = max(rows, key=lambda x: x["ratio"], default=None)
+    pub = ", ".join(f"{n} {v}" for n, v in PUBLISHED)
+    lines = []
+    if hit:
+        lines.append(
+            f"**Target met** (≥ {TARGET_RATIO:g}x less total disk than torch.save over the "
+            f"{t['saves']}-save run, resumed final loss within {TARGET_LOSS_PCT:g}%) by: " +
+            ", ".join(f"`{x['method']}` ({x['ratio']:.1f}x, {fmt_pct(x['resume']['diff_pct'])})"
+                      for x in sorted(hit, key=lambda x: -x["ratio"])) + ".")
+    else:
+        lines.append(f"**Target not met**: no setting reaches ≥ {TARGET_RATIO:g}x less total "
+                     f"disk than torch.save with the resumed final loss within "
+                     f"{TARGET_LOSS_PCT:g}%.")
+    if best_within is not None:
+        lines.append(f"The smallest footprint within {TARGET_LOSS_PCT:g}% is "
+                     f"`{best_within['method']}` at {best_within['ratio']:.1f}x.")
+    if best is not None:
+        lines.append(f"The highest ratio overall is `{best['method']}` at {best['ratio']:.1f}x "
+                     f"(Δ loss {fmt_pct(best['resume']['diff_pct'])}).")
+    over = [x for x in rows if abs(x["resume"]["diff_pct"]) > TARGET_LOSS_PCT]
+    if over:
+        lines.append("Outside the loss tolerance: " + ", ".join(
+            f"`{x['method']}` ({fmt_pct(x['resume']['diff_pct'])})" for x in over) + ".")
+    # where the bytes go for the best candidate
+    cand = hit[0] if hit else best_within or best
+    if cand and cand.get("bytes_by_group"):
+        g = cand["bytes_by_group"]
+        first = cand["step_bytes"][0]
+        lines.append(
+            f"Where the bytes go in `{cand['method']}` ({mib(cand['total'])} in all): the first "
+            f"save, a full lossless keyframe, is {mib(first)} "
+            f"({100 * first / cand['total']:.0f}% of the total), which alone caps any method "
+            f"at {t['torch_save_total'] / first:.0f}x over {t['saves']} saves; by tensor "
+            f"group: model {mib(g['model'])}, exp_avg {mib(g['exp_avg'])}, exp_avg_sq "
+            f"{mib(g['exp_avg_sq'])}, manifests and indexes {mib(g['metadata'])}.")
+    lines.append(f"For context, published ratios (other models, other baselines; not measured "
+                 f"here): {pub}. The loss difference is measured on one seed after "
+                 f"{t['resume_steps']} steps with the same batches, so it reflects only the "
+                 f"perturbation of the restored state.")
+    return lines
+
+
+def to_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = ["# Lossy tiers: disk vs resume fidelity", "",
+             f"Measured {meta['date']} on {meta['machine']} (Python {meta['python']}, torch "
+             f"{meta['torch']}, deltackpt {meta['deltackpt']}); `{meta['command']}`; "
+             f"{meta['seconds']:.0f} s in all" + (
+                 f" (1-min load average {meta['loadavg_1min'][0]:.1f} at the start, "
+                 f"{meta['loadavg_1min'][1]:.1f} at the end: save times are noisy when other "
+                 f"work shares the cores; sizes and losses are not affected)"
+                 if None not in meta.get("loadavg_1min", [None]) else "") + ".", ""]
+    for r in results:
+        lines += [f"## {r['workload']}", "",
+                  f"{r['description']}; a checkpoint every {r['every']} steps, {r['saves']} "
+                  f"saves ({r['steps']} steps), {mib(r['state_bytes'])} of tensors per "
+                  f"checkpoint; torch.save total {mib(r['torch_save_total'])}. Resume: the "
+                  f"state at step {r['resume_target']} (save #{r['resume_target'] // r['every']}"
+                  f") as rebuilt by each method (the nearest lossy step for lossy methods), "
+                  f"{r['resume_steps']} more steps with the same data order; final loss = mean "
+                  f"of the last {LAST} losses; Δ vs resuming from the original in-memory "
+                  f"state. K/E = keyframe_every / exact_every. Errors are the worst the "
+                  f"manifests record over all steps (rel = max |error| / max |value| of the "
+                  f"tensor).", ""]
+        lines += method_table(r)
+        lines += ["", "Stored bytes (first save, later saves; by tensor group over the whole "
+                  "run):", ""]
+        lines += bytes_table(r)
+        lines += ["", "Checks:", ""] + check_lines(r)
+        rep = r["replay_matches_uninterrupted_run"]
+        lines.append(f"- Resuming from the original state replays the uninterrupted run "
+                     f"bit-for-bit: {'n/a' if rep is None else 'yes' if rep else '**NO**'}.")
+        for f in r["failures"]:
+            lines.append(f"- FAILURE: {f}")
+        lines.append("")
+    t = next((r for r in results if r["workload"] == "transformer"), None)
+    if t is not None:
+        lines += ["## Verdict", "", " ".join(verdict(t)), ""]
+    lines += ["![frontier](lossy_frontier.png)", "", "![bytes per save](lossy_bytes.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], out: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, axes = plt.subplots(1, len(results), figsize=(9.5 * len(results), 5.5), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        pts = []
+        for x in r["methods"]:  # identical results (e.g. a no-op setting) share one label
+            if not x.get("resume"):
+                continue
+            p = (round(x["ratio"], 2), x["resume"]["diff_pct"])
+            same = next((k for k, q in enumerate(pts) if (round(q[0], 2), q[1]) == p), None)
+            if same is None:
+                pts.append((x["ratio"], x["resume"]["diff_pct"], x["method"], x["lossy"]))
+            else:
+                q0 = pts[same]
+                pts[same] = (q0[0], q0[1], f"{q0[2]} = {x['method']}", q0[3])
+        ax.axhspan(-TARGET_LOSS_PCT, TARGET_LOSS_PCT, color="tab:green", alpha=0.08,
+                   label=f"|Δ loss| ≤ {TARGET_LOSS_PCT:g}%")
+        ax.axvline(TARGET_RATIO, color="tab:red", ls="--", lw=1, label=f"{TARGET_RATIO:g}x")
+        ax.axhline(0, color="grey", lw=0.5)
+        cmap = plt.get_cmap("tab10")
+        markers = "ovD^s<>phP*X"
+        ax.scatter([1.0], [0.0], color="grey", marker="s", zorder=3, label="torch.save")
+        for k, (x, y, name, lossy) in enumerate(sorted(pts)):
+            ax.scatter([x], [y], color=cmap(k % 10) if lossy else "black", s=40, zorder=3,
+                       marker=markers[k % len(markers)], label=f"{name} ({x:.1f}x)")
+            ax.annotate(str(k + 1), (x, y), textcoords="offset points", xytext=(4, 3),
+                        fontsize=7)
+        ax.set_xscale("log")
+        ys = [abs(p[1]) for p in pts if p[1]]
+        ax.set_yscale("symlog", linthresh=max(1e-3, min(ys, default=1e-2)))
+        ax.set_ylim(-2 * max(ys + [TARGET_LOSS_PCT]), 2 * max(ys + [TARGET_LOSS_PCT]))
+        ax.set_xlim(0.8, 1.6 * max([TARGET_RATIO] + [p[0] for p in pts]))
+        ax.set_xlabel("total disk saved vs torch.save (x, log)")
+        ax.set_ylabel(f"resume final-loss difference (%), after {r['resume_steps']} steps")
+        ax.set_title(f"{r['workload']}: {r['saves']} saves")
+        handles, labels = ax.get_legend_handles_labels()
+        labels = [lab if k < 3 else f"{k - 2}: {lab}" for k, lab in enumerate(labels)]
+        ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = os.path.join(out, "lossy_frontier.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 5), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        for row in r["methods"]:
+            if not row["main"] or not row["step_bytes"]:
+                continue
+            ax.plot(row["steps"], row["step_bytes"], label=row["method"],
+                    lw=1.2, marker="." if len(row["steps"]) <= 40 else None)
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("bytes added to disk by the save (log)")
+        ax.set_title(f"{r['workload']}: bytes per save")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = os.path.join(out, "lossy_bytes.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny models, few saves (CI smoke)")
+    ap.add_argument("--saves", type=int, help="transformer checkpoints (default 100)")
+    ap.add_argument("--every", type=int, default=5, help="transformer steps per checkpoint")
+    ap.add_argument("--resume-save", type=int, help="resume from this save # (default saves/2)")
+    ap.add_argument("--resume-steps", type=int, help="steps after resuming (default 100)")
+    ap.add_argument("--rec-saves", type=int, help="recsys checkpoints (default 30)")
+    ap.add_argument("--rec-every", type=int, default=5)
+    ap.add_argument("--rec-resume-steps", type=int, help="recsys steps after resuming")
+    ap.add_argument("--skip-recsys", action="store_true")
+    ap.add_argument("--methods", help="comma-separated method names to run (default: all); "
+                    "torch.save and lossless always run as the baselines")
+    ap.add_argument("--out", help="results folder (default benchmarks/results; --quick: none)")
+    args = ap.parse_args(argv)
+    quick = args.quick
+    saves = args.saves or (12 if quick else 100)
+    resume_save = args.resume_save or saves // 2
+    resume_steps = args.resume_steps or (20 if quick else 100)
+    rec_saves = args.rec_saves or (8 if quick else 30)
+    rec_resume_steps = args.rec_resume_steps or (10 if quick else 50)
+    out = args.out or (None if quick else os.path.join(os.path.dirname(__file__), "results"))
+    if resume_steps < LAST or rec_resume_steps < LAST:
+        ap.error(f"resume steps must be >= {LAST}")
+    t_all = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    root = tempfile.mkdtemp(prefix="deltackpt-lossy-", dir=os.environ.get("BENCH_TMP"))
+    results = []
+    try:
+        tw = TransformerWorkload(quick, total_steps=saves * args.every)
+        results.append(run_workload(tw, _only(transformer_methods(), args.methods), saves,
+                                    args.every, resume_save,
+                                    resume_steps, root))
+        if not args.skip_recsys:
+            results.append(run_workload(RecWorkload(quick), _only(recsys_methods(), args.methods),
+                                        rec_saves,
+                                        args.rec_every, rec_saves // 2, rec_resume_steps, root))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "python": platform.python_version(), "deltackpt": deltackpt.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "
+                       f"{torch.get_num_threads()} torch threads",
+            "command": "python benchmarks/" + os.path.basename(__file__) + (
+                " " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+            "seconds": time.perf_counter() - t_all,
+            "loadavg_1min": [load_start, os.getloadavg()[0] if hasattr(os, "getloadavg")
+                             else None]}
+    md = to_markdown(results, meta)
+    print(md)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "lossy.md"), "w") as f:
+            f.write(md)
+        with open(os.path.join(out, "lossy.json"), "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+        for p in plot(results, out):
+            log(f"wrote {p}")
+    failures = [f for r in results for f in r["failures"]]
+    ok = not failures and all(r["replay_matches_uninterrupted_run"] is not False
+                              for r in results)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
