@@ -7,13 +7,18 @@
   says, each loads as it did right after its save, and ``verify()`` is clean.
 * Crash injection: delete / gc / repack run in a child process that dies (``os._exit``) before
   its k-th durable operation, for k = 1, 2, ... until one run completes; after every kill the
-  steps still load bit-exactly (before and after recovery), ``verify()`` is clean, and running
-  the operation again finishes the job.
+  kept steps still load bit-exactly (before and after recovery), ``verify()`` is clean, and
+  running the operation again finishes the job.
 * Dry runs change nothing; ``usage``/``du`` and ``diff`` report what they should; retention on
   open; readers of deleted steps get ``StepNotFoundError``; the CLI commands.
 
 Crash children: a single helper process (``python -c "import test_gc; ..."``, so torch is
-imported once) forks one child per kill point; parent and children share this module.
+imported once) forks one child per kill point; parent and children share this module. Where a
+kill exposes a known bug (a to-be-deleted step left unloadable, a rerun of the same delete
+refused, chunks duplicated by an interrupted repack), the sweep over kill points records it and
+prints it, and a targeted test marked ``xfail(strict=True)`` pins the bug down. Kills and the
+state machine run with ``os.fsync`` a no-op: a killed process loses nothing the kernel has, and
+fsync is most of their time.
 """
 from __future__ import annotations
 
@@ -154,14 +159,15 @@ def _mutate(t: torch.Tensor, how: str, rng: np.random.Generator) -> torch.Tensor
 
 def policies() -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries({
-        "keyframe_every": st.integers(1, 5),
+        # hypothesis leans towards the first choice: a policy that makes delta chains
+        "keyframe_every": st.sampled_from([4, 3, 6, 2, 1]),
         "reference": st.sampled_from(["previous", "keyframe"]),
         "codec": st.sampled_from(["diff", "xor"]),
         "chunk_bytes": st.sampled_from([256, 512, 1024]),
         "max_pack_bytes": st.sampled_from([1500, 1 << 20]),
         "workers": st.sampled_from([1, 2]),
         "cache_bytes": st.sampled_from([0, 1 << 20]),
-        "rules": st.sampled_from([(), (), (LOSSY_RULE,)]),
+        "rules": st.sampled_from([(), (LOSSY_RULE,)]),
         "exact_every": st.integers(0, 3),
     })
 
@@ -300,8 +306,12 @@ class GCMachine(RuleBasedStateMachine):
         for s in doomed:
             self._forget(s)
         self._count("delete")
+        if report.rebased_steps:
+            self._count("rebase")
         if max(steps) in doomed:
             self._count("delete latest")
+
+    delete_again = delete   # (weights: hypothesis enables a random subset of rules per run)
 
     @rule(step=st.integers(0, 200))
     def delete_unknown(self, step: int) -> None:
@@ -331,6 +341,8 @@ class GCMachine(RuleBasedStateMachine):
         if report.rebased_steps:
             self._count("rebase")
 
+    gc_again = gc
+
     @rule(retention=RETENTIONS, repack_below=st.sampled_from([0.5, 1.0]))
     def gc_dry_run(self, retention: Retention, repack_below: float) -> None:
         assert self.repo is not None
@@ -341,7 +353,7 @@ class GCMachine(RuleBasedStateMachine):
         assert report.dry_run and sorted(report.deleted_steps) == sorted(doomed)
 
     # -- reopening and reading -----------------------------------------------------------------
-    @rule(new_policy=st.one_of(st.none(), policies()))
+    @rule(new_policy=st.one_of(st.none(), st.none(), policies()))
     def reopen(self, new_policy: dict[str, Any] | None) -> None:
         assert self.repo is not None
         self.repo.close()
@@ -421,7 +433,17 @@ def _run_machine(max_examples: int, steps: int) -> None:
                 GC_STATS[k] = GC_STATS.get(k, 0) + v
             super().teardown()
 
-    run_state_machine_as_test(Counting, settings=settings(
+    # fsync orders writes against power loss, which these runs do not exercise; it is most
+    # of their time
+    real_fsync, os.fsync = os.fsync, _no_fsync
+    try:
+        _run(Counting, max_examples, steps)
+    finally:
+        os.fsync = real_fsync
+
+
+def _run(machine: type, max_examples: int, steps: int) -> None:
+    run_state_machine_as_test(machine, settings=settings(
         max_examples=max_examples, stateful_step_count=steps, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                HealthCheck.filter_too_much]))
@@ -446,9 +468,9 @@ def test_state_machine_heavy():
 
 # ========================================================================= crash injection
 KILLED = 77
-CRASH_POLICY: dict[str, Any] = dict(chunk_bytes=1024, max_pack_bytes=3000, keyframe_every=4,
-                                    workers=1, exact_every=0,
-                                    rules=(Rule("model/q", {"id": "quant", "bits": 8}),))
+CRASH_POLICY: dict[str, Any] = {"chunk_bytes": 1024, "max_pack_bytes": 3000,
+                                "keyframe_every": 4, "workers": 1, "exact_every": 0,
+                                "rules": (Rule("model/q", {"id": "quant", "bits": 8}),)}
 CRASH_STEPS = list(range(10))   # keyframes 0, 4, 8; deltas between; "model/q" lossy in deltas
 
 
@@ -480,7 +502,7 @@ def _op_gc_retention(repo: deltackpt.Repository) -> Any:
 
 
 def _op_gc_repack(repo: deltackpt.Repository) -> Any:
-    return repo.gc(repack_below=1.0)       # base had steps deleted without repacking
+    return repo.gc(repack_below=0.9)       # base had steps deleted without repacking
 
 
 CRASH_OPS: dict[str, tuple[Any, set[int]]] = {   # op, steps it deletes
@@ -563,7 +585,7 @@ def _crash_server(base: str, work: str, op: str, spec_json: str) -> None:
             code = 0
             try:
                 _crash_child(dst, op, die_fn, os.path.join(work, f"{name}.op"), work)
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - reported through the exit status
                 traceback.print_exc()
                 code = 2
             sys.stdout.flush()
@@ -761,4 +783,502 @@ def test_crash_at_every_durable_operation(crash_bases, tmp_path, monkeypatch, op
           f"delete refused on rerun after kills {SAME_DELETE_REFUSED.get(op, [])}; duplicated "
           f"chunks left after kills {DUPLICATES_AFTER_KILL.get(op, {})} (bytes over a clean "
           f"run: {over_clean})")
-    assert n_points >= 8, f"{op}: only {n_points} durable operations"
+    assert n_points >= 7, f"{op}: only {n_points} durable operations"
+
+
+# ---------------------------------------------------------- known bugs found by crash runs
+@pytest.mark.xfail(strict=True, reason="BUG: delete_steps removes the doomed manifests in "
+                   "ascending order, so a crash after removing step 1 and before step 2 leaves "
+                   "step 2 committed but delta-chained to the missing step 1: it fails to load "
+                   "(BrokenChainError) and verify() fails until the delete is rerun")
+def test_crash_between_manifest_removals_leaves_every_step_loadable(crash_bases, tmp_path):
+    base, expected = crash_bases["delete_several"]           # delete(1, 2, 9)
+    path, point = _crash_once(base, str(tmp_path / "w"), "delete_several", "delete steps/", 2)
+    assert point == "delete steps/00000000000000000002.json"
+    with deltackpt.open(path, "r") as r:
+        assert r.steps() == [0, 2, 3, 4, 5, 6, 7, 8, 9]
+        assert r.verify().ok
+        for s in r.steps():
+            assert_bitexact(r.load(s), expected[s])
+
+
+@pytest.mark.xfail(strict=True, raises=StepNotFoundError,
+                   reason="BUG: after a crash past the removal of the first doomed manifest, "
+                   "rerunning the same delete raises StepNotFoundError before doing anything, "
+                   "so it never finishes (remaining steps, sweep); gc.py says 'rerunning "
+                   "finishes it'")
+def test_rerunning_the_same_delete_after_a_crash_finishes_it(crash_bases, tmp_path):
+    base, _ = crash_bases["delete_keyframe"]                 # delete(4)
+    path, _ = _crash_once(base, str(tmp_path / "w"), "delete_keyframe", "delete packs/")
+    with deltackpt.open(path, "a", **CRASH_POLICY) as w:
+        assert 4 not in w
+        report = w.delete(4)
+    assert report.deleted_packs > 0
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (listed in FORMAT.md 'Limits and known gaps'): a "
+                   "repack killed after its new index was written and before the old index was "
+                   "deleted leaves every live chunk of the old pack in two packs; recovery keeps "
+                   "both and later gc runs count both as fully live, so the bytes never come back")
+def test_crash_in_repack_leaves_no_duplicate_chunks(crash_bases, tmp_path):
+    base, _ = crash_bases["gc_repack"]
+    clean = str(tmp_path / "clean")
+    shutil.copytree(base, clean)
+    with deltackpt.open(clean, "a", **CRASH_POLICY) as w:
+        _op_gc_repack(w)
+    path, point = _crash_once(base, str(tmp_path / "w"), "gc_repack", "delete index/")
+    assert point.startswith("delete index/")
+    for _ in range(3):
+        with deltackpt.open(path, "a", **CRASH_POLICY) as w:
+            w.gc(repack_below=0.9)
+    assert _duplicated_chunks(path) == {}
+    assert _disk(path) <= _disk(clean)
+
+
+# ================================================================ dry run, usage, diff, du
+def _small_state(step: int, n: int = 3000) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(n, generator=g)
+    frozen = torch.randn(1000, generator=g)
+    for s in range(1, step + 1):
+        w[(s * 37) % n] += 1.0
+    return {"model": {"w": w, "frozen": frozen}, "step": step}
+
+
+def _build_small(path: str, steps: range | list[int], **policy: Any) -> None:
+    with deltackpt.open(path, "a", **{"chunk_bytes": 1024, **policy}) as repo:
+        for s in steps:
+            repo.save(s, _small_state(s), meta={"val_loss": 10.0 - s})
+
+
+def test_dry_run_changes_nothing_and_predicts_the_real_run(tmp_path):
+    path = str(tmp_path / "r")
+    _build_small(path, range(12), keyframe_every=5)
+    policy = KeepLast(3) | KeepEvery(4)
+    with deltackpt.open(path, "a") as repo:
+        before = _listing(path)
+        time.sleep(0.01)  # an mtime change would show
+        dry = repo.gc(policy, dry_run=True, repack_below=0.9)
+        assert _listing(path) == before
+        assert dry.dry_run and dry.deleted_steps == [1, 2, 3, 5, 6, 7]
+        assert dry.rebased_steps and dry.freed_bytes > 0
+        real = repo.gc(policy, repack_below=0.9)
+        assert real.deleted_steps == dry.deleted_steps
+        assert real.rebased_steps == dry.rebased_steps
+        assert repo.steps() == [0, 4, 8, 9, 10, 11]
+    with deltackpt.open(path, "r") as r:   # a dry run on a read-only repository works too
+        before = _listing(path)
+        again = r.gc(KeepLast(1), dry_run=True)
+        assert again.deleted_steps == [0, 4, 8, 9, 10] and _listing(path) == before
+        for s in r.steps():
+            assert_bitexact(r.load(s), _small_state(s))
+        assert r.verify().ok
+
+
+def test_cli_gc_dry_run_changes_nothing(tmp_path, capsys):
+    path = str(tmp_path / "r")
+    _build_small(path, range(6))
+    before = {k: v for k, v in _listing(path).items() if k != "lock"}
+    assert cli_main(["gc", path, "--keep-last", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("would delete steps [0, 1, 2, 3]"), out
+    assert "would free" in out
+    # the CLI opens the repository as a writer, which rewrites the lock file's owner line
+    assert {k: v for k, v in _listing(path).items() if k != "lock"} == before
+    with deltackpt.open(path, "r") as r:
+        assert r.steps() == list(range(6))
+
+
+@pytest.mark.xfail(strict=True, raises=LockedError,
+                   reason="BUG: `deltackpt gc --dry-run` opens the repository as a writer "
+                   "(takes the lock, runs recovery, rewrites the lock file), so it cannot "
+                   "preview a gc while training holds the lock; a dry run needs only mode 'r' "
+                   "(Repository.gc(dry_run=True) already works read-only)")
+def test_cli_gc_dry_run_works_while_a_writer_holds_the_lock(tmp_path, capsys):
+    path = str(tmp_path / "r")
+    _build_small(path, range(6))
+    with deltackpt.open(path, "a"):
+        code = cli_main(["gc", path, "--keep-last", "2", "--dry-run"])
+        if code != 0:  # the CLI turns the error into exit status 1 and a message
+            err = capsys.readouterr().err
+            if "locked" in err:
+                raise LockedError(err)
+        assert code == 0
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: sweep counts the 16-byte pack header and the "
+                   "24-byte trailer as dead bytes, so gc(repack_below=1.0) rewrites every pack "
+                   "on every run even when nothing is garbage, and reports those 40 bytes per "
+                   "pack as freed")
+def test_repack_below_one_rewrites_only_packs_with_garbage(tmp_path):
+    path = str(tmp_path / "r")
+    _build_small(path, range(6), keyframe_every=3)
+    with deltackpt.open(path, "a") as repo:
+        repo.gc(repack_below=1.0)
+        packs = _pack_ids(path)[0]
+        report = repo.gc(repack_below=1.0)   # nothing is garbage now
+        assert report.repacked_packs == 0 and report.freed_bytes == 0
+        assert _pack_ids(path)[0] == packs
+
+
+def test_usage_unique_bytes_are_what_deleting_frees(tmp_path):
+    path = str(tmp_path / "r")
+    _build_small(path, range(8), keyframe_every=4)
+    with deltackpt.open(path, "a") as repo:
+        rows = {u.step: u for u in repo.usage()}
+        last = rows[7]
+        assert last.dependents == 0 and last.unique_bytes > 0
+        m = repo.manifest(7)
+        manifest_size = os.path.getsize(os.path.join(path, "steps", f"{7:020d}.json"))
+        index_sizes = sum(os.path.getsize(os.path.join(path, "index", f"{p}.idx"))
+                          for p in m.packs)
+        before = _disk(path)
+        report = repo.delete(7)
+        repo.gc(repack_below=1.0)
+        freed = before - _disk(path)
+        # what deleting frees is the step's unique chunk bytes plus its own files' framing:
+        # its manifest, its index files, pack header/trailer and 24-byte entry headers
+        others = {c.id for s in repo.steps() if s != 7
+                  for t in repo.manifest(s).tensors for c in t.chunks}
+        n_unique = len({c.id for t in m.tensors for c in t.chunks} - others)
+        assert n_unique > 0
+        overhead = manifest_size + index_sizes + len(m.packs) * 40 + 24 * n_unique
+        assert last.unique_bytes <= freed <= last.unique_bytes + overhead, \
+            (last, freed, overhead)
+        assert report.freed_bytes <= freed
+
+
+@pytest.mark.parametrize("reference,expected", [
+    ("keyframe", [3, 0, 0, 0, 3, 0, 0, 0]),   # every delta is taken against its keyframe
+    ("previous", [1, 1, 1, 0, 1, 1, 1, 0]),   # each changed chunk against the step before
+])
+def test_usage_dependents_and_shared_bytes(tmp_path, reference, expected):
+    path = str(tmp_path / "r")
+    with deltackpt.open(path, "a", chunk_bytes=1024, keyframe_every=4,
+                        reference=reference) as repo:
+        g = torch.Generator().manual_seed(0)
+        w, fixed = torch.randn(256, generator=g), torch.randn(256, generator=g)
+        for s in range(8):
+            w = w + 1e-3 * torch.randn(256, generator=g)   # one chunk, changed every step
+            repo.save(s, {"w": w, "fixed": fixed})
+        rows = repo.usage()
+        assert [u.step for u in rows] == list(range(8))
+        assert [u.dependents for u in rows] == expected
+        assert [u.kind for u in rows] == ["keyframe", "delta", "delta", "delta"] * 2
+        for u in rows:
+            assert u.unique_bytes > 0 and u.unique_bytes + u.shared_bytes > 0
+        # "fixed" never changes: every step names the keyframe's chunk, so it is shared
+        assert all(u.shared_bytes > 0 for u in rows)
+        assert rows[4].depth == 1 and rows[3].depth == (2 if reference == "keyframe" else 4)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy().reshape(-1)
+
+
+def test_diff_sparse_change_is_exact_and_unchanged_tensors_read_nothing(tmp_path, monkeypatch):
+    from deltackpt.reconstruct import Reconstructor
+
+    path = str(tmp_path / "r")
+    g = torch.Generator().manual_seed(1)
+    a = {"w": torch.randn(10_000, generator=g), "frozen": torch.randn(5000, generator=g),
+         "h": torch.randn(300, generator=g).to(torch.bfloat16),
+         "i": torch.arange(1000, dtype=torch.int64), "gone": torch.zeros(3)}
+    b = {k: v.clone() for k, v in a.items() if k != "gone"}
+    rng = np.random.default_rng(0)
+    idx = torch.from_numpy(rng.choice(10_000, 137, replace=False))
+    b["w"][idx] += torch.from_numpy(rng.standard_normal(137).astype(np.float32))
+    b["h"][:30] = b["h"][:30] * 2
+    b["i"][::100] += 1
+    b["new"] = torch.ones(4)
+    with deltackpt.open(path, "a", chunk_bytes=4096) as repo:
+        repo.save(0, a)
+        repo.save(1, b)
+    calls: list[str] = []
+    real = Reconstructor.chunk
+
+    def counting(self, step, entry, i):  # type: ignore[no-untyped-def]
+        calls.append(entry.path)
+        return real(self, step, entry, i)
+
+    monkeypatch.setattr(Reconstructor, "chunk", counting)
+    with deltackpt.open(path, "r") as repo:
+        rows = {d.path: d for d in repo.diff(0, 1)}
+    assert set(rows) == {"w", "frozen", "h", "i", "gone", "new"}
+    fr = rows["frozen"]
+    assert fr.status == "unchanged" and fr.chunks_read == 0 and "frozen" not in calls
+    assert fr.changed_fraction == 0.0 and fr.max_abs == 0.0
+    assert rows["gone"].status == "removed" and rows["new"].status == "added"
+    for name in ("w", "h"):
+        d = rows[name]
+        x, y = _np(a[name]), _np(b[name])
+        delta = y - x
+        assert d.status == "changed" and d.numel == x.size
+        assert d.changed_fraction == np.count_nonzero(delta) / x.size
+        assert d.max_abs == pytest.approx(np.abs(delta).max(), rel=1e-12)
+        assert d.rms == pytest.approx(np.sqrt(np.mean(delta ** 2)), rel=1e-9)
+        assert d.relative == pytest.approx(np.linalg.norm(delta) / np.linalg.norm(x), rel=1e-9)
+        assert d.chunks_read > 0
+    assert rows["w"].changed_fraction == 137 / 10_000
+    assert rows["i"].status == "changed" and rows["i"].changed_fraction == 10 / 1000
+    assert rows["i"].max_abs is None and rows["i"].rms is None
+
+
+def test_diff_across_chunk_layouts_and_after_rebase(tmp_path):
+    path = str(tmp_path / "r")
+    g = torch.Generator().manual_seed(2)
+    w0 = torch.randn(5000, generator=g)
+    w1 = w0.clone()
+    w1[4000:4100] -= 0.5
+    w2 = w1.clone()
+    w2[17] = 3.0
+    with deltackpt.open(path, "a", chunk_bytes=4096) as repo:
+        repo.save(0, {"w": w0})
+        repo.save(1, {"w": w1})
+    with deltackpt.open(path, "a", chunk_bytes=1024) as repo:   # another chunk layout
+        repo.save(2, {"w": w2})
+        d = repo.diff(0, 2)[0]
+        delta = _np(w2) - _np(w0)
+        assert d.changed_fraction == 101 / 5000
+        assert d.max_abs == pytest.approx(np.abs(delta).max(), rel=1e-12)
+        assert d.relative == pytest.approx(np.linalg.norm(delta) / np.linalg.norm(_np(w0)),
+                                           rel=1e-9)
+        repo.delete(1)   # step 2 is rebased
+        assert repo.diff(0, 2)[0] == d
+        with pytest.raises(StepNotFoundError):
+            repo.diff(0, 1)
+
+
+# ==================================================================== retention policies
+def _views(steps: list[int], meta: dict[int, dict[str, Any]] | None = None,
+           age_days: dict[int, float] | None = None) -> list[StepView]:
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc)
+    return [StepView(s, now - timedelta(days=(age_days or {}).get(s, 0.0)),
+                     (meta or {}).get(s, {})) for s in steps]
+
+
+def test_plan_policies():
+    steps = list(range(0, 35, 5))   # 0, 5, ..., 30
+    assert plan(KeepLast(2), _views(steps)) == ([25, 30], [0, 5, 10, 15, 20])
+    assert plan(KeepLast(99), _views(steps))[1] == []
+    assert plan(KeepLast(0), _views(steps))[0] == [30]          # the latest is always kept
+    assert plan(KeepEvery(10), _views(steps))[0] == [0, 10, 20, 30]
+    assert plan(KeepSteps([5, 7]), _views(steps))[0] == [5, 30]
+    assert plan(KeepLast(1) | KeepEvery(15) | KeepSteps([5]), _views(steps))[0] == \
+        [0, 5, 15, 30]
+    ages = {0: 10, 5: 3, 10: 0.5}
+    assert plan(KeepNewerThan(timedelta(days=1)), _views(steps, age_days=ages))[1] == [0, 5]
+    meta = {0: {"loss": 3.0}, 5: {"loss": 1.0}, 10: {"loss": float("nan")},
+            15: {"loss": True}, 20: {"loss": 2.0}, 25: {"other": 0}, 30: {"loss": 9.0}}
+    assert plan(KeepBest("loss"), _views(steps, meta))[0] == [5, 30]
+    assert plan(KeepBest("loss", n=2), _views(steps, meta))[0] == [5, 20, 30]
+    assert plan(KeepBest("loss", mode="max"), _views(steps, meta))[0] == [30]
+    assert plan(KeepBest("loss", n=2, mode="max"), _views(steps, meta))[0] == [0, 30]
+    assert plan(KeepLast(3), []) == ([], [])
+
+
+def test_retention_applied_after_every_save(tmp_path):
+    path = str(tmp_path / "r")
+    policy = KeepLast(3) | KeepEvery(10)
+    with deltackpt.open(path, "a", chunk_bytes=1024, keyframe_every=4,
+                        retention=policy) as repo:
+        for s in range(26):
+            repo.save(s, _small_state(s))
+            alive = [t for t in range(s + 1) if t % 10 == 0 or t > s - 3]
+            assert repo.steps() == alive
+    with deltackpt.open(path, "r") as r:
+        assert r.steps() == [0, 10, 20, 23, 24, 25]
+        for s in r.steps():
+            assert_bitexact(r.load(s), _small_state(s))
+        assert r.verify().ok
+    with deltackpt.open(path, "a", chunk_bytes=1024) as repo:    # no retention: keeps all
+        repo.save(26, _small_state(26))
+        assert repo.steps() == [0, 10, 20, 23, 24, 25, 26]
+        report = repo.gc(policy)        # an explicit policy
+        assert report.deleted_steps == [23]
+
+
+def test_keep_best_by_meta_and_latest_always_kept(tmp_path):
+    path = str(tmp_path / "r")
+    losses = [5.0, 3.0, 4.0, 1.5, float("nan"), 2.0, 6.0]
+    with deltackpt.open(path, "a", chunk_bytes=1024, keyframe_every=3) as repo:
+        for s, loss in enumerate(losses):
+            repo.save(s, _small_state(s), meta={"val_loss": loss, "acc": -loss})
+        repo.save(7, _small_state(7), meta={})              # latest, no metric
+        dry = repo.gc(KeepBest("val_loss", n=2), dry_run=True)
+        assert dry.deleted_steps == [0, 1, 2, 4, 6]
+        assert repo.gc(KeepBest("acc", mode="max")).deleted_steps == [0, 1, 2, 4, 5, 6]
+        assert repo.steps() == [3, 7]
+        assert repo.gc(KeepSteps([])).deleted_steps == [3]
+        assert repo.steps() == [7]
+        assert repo.gc(KeepLast(0)).deleted_steps == []
+        assert_bitexact(repo.load(7), _small_state(7))
+        assert repo.verify().ok
+
+
+def test_delete_everything_then_save_again(tmp_path):
+    path = str(tmp_path / "r")
+    _build_small(path, range(5), keyframe_every=3)
+    with deltackpt.open(path, "a", chunk_bytes=1024) as repo:
+        repo.delete(*range(5))
+        assert repo.steps() == [] and _files(path, "packs") == []
+        repo.save(9, _small_state(9))
+        assert_bitexact(repo.load(9), _small_state(9))
+        assert repo.verify().ok
+
+
+# ================================================================================ readers
+def _reader_child(path: str) -> None:
+    """Open a reader, wait for a line on stdin, then load steps 2 and 3 and report."""
+    r = deltackpt.open(path, "r")
+    print("ready", flush=True)
+    sys.stdin.readline()
+    try:
+        r.load(2)
+        print("loaded 2", flush=True)
+    except StepNotFoundError as exc:
+        print(f"StepNotFoundError {exc.step} {isinstance(exc, KeyError)}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        print(f"other {type(exc).__name__}: {exc}", flush=True)
+    value = r.load(3)
+    ok = torch.equal(value["model"]["w"], _small_state(3)["model"]["w"])
+    print(f"step 3 {ok}", flush=True)
+
+
+def test_reader_in_another_process_gets_step_not_found(tmp_path):
+    path = str(tmp_path / "r")
+    _build_small(path, range(6), keyframe_every=6)
+    code = (f"import sys; sys.path.insert(0, {TESTS_DIR!r}); import test_gc; "
+            f"test_gc._reader_child(sys.argv[1])")
+    child = subprocess.Popen([sys.executable, "-c", code, path], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready"
+        with deltackpt.open(path, "a") as w:
+            report = w.delete(2)      # step 3 is a delta against 2: it is rebased
+            assert report.rebased_steps == [3]
+            w.gc(repack_below=1.0)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert out.splitlines() == ["StepNotFoundError 2 True", "step 3 True"], (out, err)
+
+
+def test_reader_object_gets_step_not_found(tmp_path):
+    path = str(tmp_path / "r")
+    _build_small(path, range(6), keyframe_every=6)
+    with deltackpt.open(path, "r") as r, deltackpt.open(path, "a") as w:
+        w.delete(2, 5)
+        w.gc(repack_below=1.0)
+        for s in (2, 5):
+            with pytest.raises(StepNotFoundError) as info:
+                r.load(s)
+            assert info.value.step == s and isinstance(info.value, DeltaCkptError)
+            assert s not in r
+        assert r.steps() == [0, 1, 3, 4]
+        for s in r.steps():
+            assert_bitexact(r.load(s), _small_state(s))
+
+
+def test_reader_that_parsed_manifests_before_a_rebase_still_loads(tmp_path):
+    path = str(tmp_path / "r")
+    _build_small(path, range(6), keyframe_every=6)
+    with deltackpt.open(path, "r") as r, deltackpt.open(path, "a") as w:
+        r.history()             # parses (and caches) every manifest, reads no chunk
+        w.delete(2)
+        w.gc(repack_below=1.0)
+        assert_bitexact(r.load(3), _small_state(3))
+        with pytest.raises(StepNotFoundError):
+            r.load(2)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a reader caches parsed manifests (and rebuilt "
+                   "chunks) for its lifetime: after another process deletes a step the reader "
+                   "had loaded, it keeps loading it (no StepNotFoundError) and, once the step "
+                   "number is saved again, returns the OLD state for it")
+def test_reader_that_loaded_a_step_sees_its_deletion_and_resave(tmp_path):
+    path = str(tmp_path / "r")
+    _build_small(path, range(4), keyframe_every=4)
+    with deltackpt.open(path, "r") as r, deltackpt.open(path, "a", chunk_bytes=1024) as w:
+        assert_bitexact(r.load(2), _small_state(2))
+        w.delete(2)
+        w.gc(repack_below=1.0)
+        resaved = {"model": {"w": torch.zeros(7)}, "step": -2}
+        w.save(2, resaved)
+        value = r.load(2)
+        assert_bitexact(value, resaved)
+
+
+# ==================================================================================== CLI
+def test_cli_gc_delete_diff_du(tmp_path, capsys):
+    path = str(tmp_path / "r")
+    _build_small(path, range(8), keyframe_every=4)
+    assert cli_main(["gc", path, "--keep-last", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would delete steps [0, 1, 2, 3, 4, 5]" in out and "would free" in out
+    with deltackpt.open(path, "r") as r:
+        assert r.steps() == list(range(8))
+
+    assert cli_main(["du", path]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header == ["step", "kind", "depth", "logical", "stored", "cumulative", "unique",
+                      "shared", "dependents"]
+    assert "8 steps" in out and "on disk" in out
+    assert cli_main(["du", path, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["step"] for r in doc["steps"]] == list(range(8))
+    assert doc["steps"][0]["dependents"] >= 1 and doc["disk"]["total"] == _disk_total(path)
+
+    assert cli_main(["diff", path, "0", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "model/w" in out and "changed" in out and "model/frozen" not in out
+    assert cli_main(["diff", path, "0", "3", "--all"]) == 0
+    assert "model/frozen" in capsys.readouterr().out
+    assert cli_main(["diff", path, "0", "3", "--json"]) == 0
+    rows = {r["path"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["model/w"]["changed_fraction"] == 3 / 3000
+    assert rows["model/frozen"]["status"] == "unchanged"
+
+    assert cli_main(["delete", path, "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("deleted steps [5]; rebased [6, 7]"), out
+
+    assert cli_main(["gc", path, "--keep-last", "2", "--keep-every", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("deleted steps [1, 2, 3]; rebased"), out
+    assert "freed" in out and "rebasing wrote" in out
+    assert cli_main(["gc", path, "--keep-best", "val_loss:min", "--repack-below", "0.9"]) == 0
+    assert capsys.readouterr().out.startswith("deleted steps [0, 4, 6]")  # best = latest
+    assert cli_main(["verify", path]) == 0
+    assert capsys.readouterr().out.startswith("OK: 1 steps")
+
+    assert cli_main(["delete", path, "42"]) == 1
+    assert "step 42" in capsys.readouterr().err
+    with deltackpt.open(path, "r") as r:
+        assert r.steps() == [7]
+        assert_bitexact(r.load(7), _small_state(7))
+
+
+def _disk_total(path: str) -> int:
+    return sum(size for size, _ in _listing(path).values())
+
+
+@pytest.mark.xfail(strict=True, raises=(ZeroDivisionError, KeyError, ValueError),
+                   reason="BUG: retention arguments are not validated: `gc --keep-every 0` "
+                   "(KeepEvery(0)) dies with ZeroDivisionError and `--keep-newer-than 3w` with "
+                   "KeyError, as tracebacks, after the writer lock was taken, instead of a usage "
+                   "error")
+@pytest.mark.parametrize("args", [["--keep-every", "0"], ["--keep-newer-than", "3w"]])
+def test_cli_gc_rejects_bad_retention_arguments(tmp_path, capsys, args):
+    path = str(tmp_path / "r")
+    _build_small(path, range(3))
+    with pytest.raises(SystemExit) as exit_info:   # argparse: usage error, status 2
+        cli_main(["gc", path, *args])
+    assert exit_info.value.code == 2
