@@ -91,6 +91,26 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _age(text: str) -> float:
+    """'90m', '12h', '7d' (or s) as seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value, unit = float(text[:-1]), units[text[-1]]
+    except (ValueError, KeyError, IndexError):
+        raise argparse.ArgumentTypeError(f"expected a number and one of s/m/h/d, got {text!r}") \
+            from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("age must not be negative")
+    return value * unit
+
+
 def _retention(args: argparse.Namespace):  # noqa: ANN202
     from datetime import timedelta
 
@@ -107,8 +127,7 @@ def _retention(args: argparse.Namespace):  # noqa: ANN202
         key, _, mode = args.keep_best.partition(":")
         parts.append(KeepBest(key, 1, mode or "min"))
     if args.keep_newer_than:
-        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[args.keep_newer_than[-1]]
-        parts.append(KeepNewerThan(timedelta(seconds=float(args.keep_newer_than[:-1]) * unit)))
+        parts.append(KeepNewerThan(timedelta(seconds=args.keep_newer_than)))
     if not parts:
         return None
     policy = parts[0]
@@ -119,7 +138,7 @@ def _retention(args: argparse.Namespace):  # noqa: ANN202
 
 def cmd_gc(args: argparse.Namespace) -> int:
     retention = _retention(args)
-    with open_repo(args.repo, mode="a") as repo:
+    with open_repo(args.repo, mode="r" if args.dry_run else "a") as repo:
         report = repo.gc(retention, dry_run=args.dry_run, repack_below=args.repack_below)
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{verb} steps {report.deleted_steps or 'none'}; rebased {report.rebased_steps or 'none'}"
@@ -264,11 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_diff)
     sp = add("gc", "apply a retention policy, rebase dependents, sweep and repack packs")
     sp.add_argument("repo")
-    sp.add_argument("--keep-last", type=int)
-    sp.add_argument("--keep-every", type=int)
+    sp.add_argument("--keep-last", type=_positive)
+    sp.add_argument("--keep-every", type=_positive)
     sp.add_argument("--keep", type=int, nargs="+", help="pinned steps")
     sp.add_argument("--keep-best", help="META_KEY[:min|max], e.g. val_loss:min")
-    sp.add_argument("--keep-newer-than", help="age such as 90m, 12h, 7d")
+    sp.add_argument("--keep-newer-than", type=_age, help="age such as 90m, 12h, 7d")
     sp.add_argument("--repack-below", type=float, default=0.5,
                     help="repack packs whose live share is below this (default 0.5)")
     sp.add_argument("--dry-run", action="store_true")

@@ -448,8 +448,10 @@ class Repository:
 
     def _after_delete(self, report: GCReport) -> None:
         self.cache.clear()
-        if self._ref is not None and (report.deleted_steps or report.rebased_steps):
-            self._ref_loaded = False  # chunk records in memory may name deleted steps
+        touched = set(report.deleted_steps) | set(report.rebased_steps)
+        if self._ref is not None and any(t.step in touched or any(
+                c.ref in touched for c in t.entry.chunks) for t in self._ref.tensors.values()):
+            self._ref_loaded = False  # chunk records in memory name deleted or rebased steps
             self._ref = None
 
     def verify(self, step: int | None = None) -> VerifyReport:

@@ -60,6 +60,10 @@ class KeepEvery(Retention):
 
     m: int
 
+    def __post_init__(self) -> None:
+        if self.m < 1:
+            raise ValueError("KeepEvery needs m >= 1")
+
     def keep(self, steps: Sequence[StepView]) -> set[int]:
         return {s.step for s in steps if s.step % self.m == 0}
 

@@ -889,11 +889,6 @@ def test_cli_gc_dry_run_changes_nothing(tmp_path, capsys):
         assert r.steps() == list(range(6))
 
 
-@pytest.mark.xfail(strict=True, raises=LockedError,
-                   reason="BUG: `deltackpt gc --dry-run` opens the repository as a writer "
-                   "(takes the lock, runs recovery, rewrites the lock file), so it cannot "
-                   "preview a gc while training holds the lock; a dry run needs only mode 'r' "
-                   "(Repository.gc(dry_run=True) already works read-only)")
 def test_cli_gc_dry_run_works_while_a_writer_holds_the_lock(tmp_path, capsys):
     path = str(tmp_path / "r")
     _build_small(path, range(6))
@@ -1270,11 +1265,6 @@ def _disk_total(path: str) -> int:
     return sum(size for size, _ in _listing(path).values())
 
 
-@pytest.mark.xfail(strict=True, raises=(ZeroDivisionError, KeyError, ValueError),
-                   reason="BUG: retention arguments are not validated: `gc --keep-every 0` "
-                   "(KeepEvery(0)) dies with ZeroDivisionError and `--keep-newer-than 3w` with "
-                   "KeyError, as tracebacks, after the writer lock was taken, instead of a usage "
-                   "error")
 @pytest.mark.parametrize("args", [["--keep-every", "0"], ["--keep-newer-than", "3w"]])
 def test_cli_gc_rejects_bad_retention_arguments(tmp_path, capsys, args):
     path = str(tmp_path / "r")
@@ -1284,11 +1274,6 @@ def test_cli_gc_rejects_bad_retention_arguments(tmp_path, capsys, args):
     assert exit_info.value.code == 2
 
 
-@pytest.mark.xfail(strict=True, reason="PERF BUG: Repository._after_delete drops the writer's "
-                   "in-memory delta reference whenever a delete/gc deleted or rebased any step, "
-                   "so with open(..., retention=KeepLast(n)) nearly every save first rebuilds the "
-                   "latest step from disk (measured ~1.8x slower saves on the demo model); only "
-                   "a deleted or rebased reference step needs that")
 def test_retention_on_open_keeps_the_writer_reference(tmp_path, monkeypatch):
     from deltackpt.repository import Repository
 
