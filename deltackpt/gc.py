@@ -55,8 +55,10 @@ def delete_steps(repo: Repository, steps: list[int], report: GCReport) -> None:
             report.rebased_steps.append(d)
             if not report.dry_run:
                 report.rebase_bytes += _rebase(repo, m, doomed)
-    for s in steps:
-        report.deleted_steps.append(s)
+    # latest first: deltas only point back, so a crash between two removals never leaves a
+    # kept step chained to a removed one
+    report.deleted_steps.extend(sorted(steps))
+    for s in sorted(steps, reverse=True):
         if not report.dry_run:
             repo._manifests.pop(s, None)
             repo.backend.delete(manifest_name(s))

@@ -787,16 +787,12 @@ def test_crash_at_every_durable_operation(crash_bases, tmp_path, monkeypatch, op
 
 
 # ---------------------------------------------------------- known bugs found by crash runs
-@pytest.mark.xfail(strict=True, reason="BUG: delete_steps removes the doomed manifests in "
-                   "ascending order, so a crash after removing step 1 and before step 2 leaves "
-                   "step 2 committed but delta-chained to the missing step 1: it fails to load "
-                   "(BrokenChainError) and verify() fails until the delete is rerun")
 def test_crash_between_manifest_removals_leaves_every_step_loadable(crash_bases, tmp_path):
     base, expected = crash_bases["delete_several"]           # delete(1, 2, 9)
     path, point = _crash_once(base, str(tmp_path / "w"), "delete_several", "delete steps/", 2)
-    assert point == "delete steps/00000000000000000002.json"
+    assert point == "delete steps/00000000000000000002.json"  # removals go latest first
     with deltackpt.open(path, "r") as r:
-        assert r.steps() == [0, 2, 3, 4, 5, 6, 7, 8, 9]
+        assert r.steps() == [0, 1, 2, 3, 4, 5, 6, 7, 8]
         assert r.verify().ok
         for s in r.steps():
             assert_bitexact(r.load(s), expected[s])
