@@ -547,9 +547,10 @@ def run_workload(workload: Any, methods: list[Method], saves: int, every: int,
             base = original_resume(step)
             t0 = time.perf_counter()
             losses = run_resume(workload, got, resume_steps)
-            log(f"{workload.name}/{m.label}: resumed from step {step} "
-                f"({'exact' if step_exact else 'lossy'}) in {time.perf_counter() - t0:.0f} s")
             f0, f1 = statistics.fmean(base[-LAST:]), statistics.fmean(losses[-LAST:])
+            log(f"{workload.name}/{m.label}: {row['ratio']:.1f}x, resumed from step {step} "
+                f"({'exact' if step_exact else 'lossy'}): final loss {f1:.5f} vs {f0:.5f} "
+                f"({100 * (f1 - f0) / f0:+.3f}%), {time.perf_counter() - t0:.0f} s")
             row["resume"] = {"step": step, "exact_step": step_exact, "steps": resume_steps,
                              "final_loss_original": f0, "final_loss": f1,
                              "diff": f1 - f0, "diff_pct": 100 * (f1 - f0) / f0,
