@@ -10,7 +10,6 @@ from typing import Any
 
 from . import open as open_repo
 from .errors import DeltaCkptError
-from .export import read_file, step_from_name
 
 
 def human(n: float) -> str:
@@ -199,35 +198,52 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_step, export_steps, parse_steps
+
     with open_repo(args.repo, mode="r") as repo:
+        if args.steps is not None:
+            if args.step is not None:
+                print("deltackpt: give --step or --steps, not both", file=sys.stderr)
+                return 2
+            steps = parse_steps(args.steps, repo.steps())
+            if not steps:
+                print(f"deltackpt: no steps match {args.steps!r}", file=sys.stderr)
+                return 1
+            done = export_steps(repo, steps, args.out, args.format, overwrite=args.overwrite)
+            for step, path in done:
+                print(f"step {step:>8}  {human(_size(path)):>10}  {path}")
+            print(f"exported {len(done)} step(s) to {args.out}")
+            return 0
         step = repo._resolve_step(args.step)
-        repo.export(step, args.out)
-    print(f"exported step {step} to {args.out} ({human(os.path.getsize(args.out))})")
+        out = export_step(repo, step, args.out, args.format, overwrite=args.overwrite)
+    print(f"exported step {step} to {out} ({human(_size(out))})")
     return 0
 
 
+def _size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)
+
+
 def cmd_import(args: argparse.Namespace) -> int:
-    files = list(args.files)
-    if args.step is not None and len(files) != 1:
-        print("deltackpt: --step needs exactly one file", file=sys.stderr)
-        return 2
-    jobs = []
-    for f in files:
-        step = args.step if args.step is not None else step_from_name(f)
-        if step is None:
-            print(f"deltackpt: no step number in {f!r}; pass --step", file=sys.stderr)
-            return 2
-        jobs.append((step, f))
-    jobs.sort()
-    before = sum(os.path.getsize(f) for _, f in jobs)
-    with open_repo(args.repo) as repo:
-        for step, f in jobs:
-            info = repo.save(step, read_file(f), meta={"imported_from": os.path.basename(f)})
-            print(f"step {step:>8}  {info.kind:8}  {human(os.path.getsize(f)):>10} -> "
-                  f"{human(info.stored_bytes):>10}  {f}")
-        after = repo.disk_usage()["total"]
-    print(f"imported {len(jobs)} file(s): {human(before)} -> {human(after)} "
-          f"({_ratio(before, after)} smaller)")
+    from .importer import import_checkpoints
+
+    def row(item) -> None:  # noqa: ANN001
+        print(f"step {item.step:>8}  {item.save_kind:8}  {human(item.source_bytes):>10} -> "
+              f"{human(item.stored_bytes):>10}  {item.source}", flush=True)
+
+    report = import_checkpoints(args.repo, args.sources, step=args.step, progress=row)
+    if report.note:
+        print(f"deltackpt: note: {report.note}", file=sys.stderr)
+    if report.skipped:
+        n = len(report.skipped)
+        print(f"deltackpt: skipped {n} entr{'y' if n == 1 else 'ies'} that are not "
+              f"checkpoints: {', '.join(report.skipped[:5])}"
+              + (" ..." if len(report.skipped) > 5 else ""), file=sys.stderr)
+    print(f"imported {len(report.steps)} checkpoint(s): {human(report.source_bytes)} on disk -> "
+          f"{human(report.stored_bytes)} stored ({_ratio(report.source_bytes, report.stored_bytes)}"
+          f" smaller); repository now {human(report.disk_bytes)}")
     return 0
 
 
@@ -264,15 +280,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--max-problems", type=int, default=30)
     sp.set_defaults(fn=cmd_verify)
-    sp = add("export", "write a step as .safetensors or .pt")
+    sp = add("export", "write steps as .safetensors/.pt files or checkpoint folders")
     sp.add_argument("repo")
-    sp.add_argument("out", help="output file: *.safetensors or *.pt")
+    sp.add_argument("out", help="output file (*.safetensors, *.pt) or folder (hf-folder); a "
+                    "directory with --steps")
     sp.add_argument("--step", type=int, help="default: latest")
+    sp.add_argument("--steps", help="several steps into the directory OUT: all, A:B "
+                    "(inclusive) or A,B,C")
+    sp.add_argument("--format", choices=["auto", "pt", "safetensors", "hf-folder"],
+                    default="auto", help="auto (default): a step stored from a folder as a "
+                    "folder, else by the file suffix (pt with --steps; safetensors for steps "
+                    "imported from plain safetensors files)")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace existing non-empty output folders")
     sp.set_defaults(fn=cmd_export)
-    sp = add("import", "save .pt/.pth/.bin/.ckpt or .safetensors files as steps")
+    sp = add("import", "save checkpoint files, Hugging Face checkpoint-N folders, or "
+             "directories of them as steps")
     sp.add_argument("repo")
-    sp.add_argument("files", nargs="+")
-    sp.add_argument("--step", type=int, help="step for a single file (default: from its name)")
+    sp.add_argument("sources", nargs="+", metavar="SRC",
+                    help=".pt/.pth/.bin/.ckpt/.safetensors file, checkpoint folder, or a "
+                    "directory of those")
+    sp.add_argument("--step", type=int, help="step for a single checkpoint (default: from its "
+                    "name, else by sorted name order)")
     sp.set_defaults(fn=cmd_import)
     sp = add("diff", "per-tensor changes between two steps")
     sp.add_argument("repo")
