@@ -29,7 +29,8 @@ def load(data: bytes, name: str) -> dict[str, Any]:
         raise CorruptFileError(f"{name}: checksum mismatch (file damaged on disk)")
     try:
         doc = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also an int literal too long
+        # to convert (sys.get_int_max_str_digits), besides JSONDecodeError/UnicodeDecodeError
         raise CorruptFileError(f"{name}: not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise CorruptFileError(f"{name}: top level is not an object")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -33,6 +34,17 @@ def _ratio(a: int, b: int) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
+def _dcp_note(path: str) -> str:
+    """A pointer to the rank sub-repositories of a torch.distributed.checkpoint repository,
+    whose top-level steps hold only DCP's metadata (no tensors)."""
+    ranks = sorted(glob.glob(os.path.join(path, "dcp", "rank-*")))
+    if not ranks:
+        return ""
+    return (f"\ntorch.distributed.checkpoint repository: the tensors are in {len(ranks)} rank "
+            f"sub-repositories ({', '.join(os.path.relpath(r, path) for r in ranks[:4])}"
+            f"{', ...' if len(ranks) > 4 else ''}); run log/du/verify on each of them")
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     with open_repo(args.repo, mode="r") as repo:
         rows = repo.history()
@@ -45,6 +57,8 @@ def cmd_log(args: argparse.Namespace) -> int:
                   r.time, r.depth, r.tensors, human(r.logical_bytes),
                   human(r.stored_bytes), _ratio(r.logical_bytes, r.stored_bytes),
                   json.dumps(r.meta) if r.meta else ""] for r in rows]))
+    if note := _dcp_note(args.repo):
+        print(note)
     return 0
 
 
@@ -67,8 +81,12 @@ def cmd_du(args: argparse.Namespace) -> int:
                  "shared", "dependents"], out))
     print(f"\n{len(rows)} steps: {human(logical)} of tensors stored in {human(disk['total'])} "
           f"on disk ({_ratio(logical, disk['total'])}); packs {human(disk['packs'])}, "
-          f"indexes {human(disk['index'])}, manifests {human(disk['steps'])}. 'unique': "
-          "bytes no other step names (deleting a step with dependents also costs a rebase)")
+          f"indexes {human(disk['index'])}, manifests {human(disk['steps'])}"
+          + (f", rank sub-repositories {human(disk['dcp'])}" if disk["dcp"] else "")
+          + ". 'unique': bytes no other step names (deleting a step with dependents also costs "
+          "a rebase)")
+    if note := _dcp_note(args.repo):
+        print(note)
     return 0
 
 
@@ -174,16 +192,36 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .repair import apply as repair_apply
+    from .repair import plan as repair_plan
+
     with open_repo(args.repo, mode="r") as repo:
         report = repo.verify(args.step)
+        todo = repair_plan(repo) if not report.ok and args.step is None else None
+    repaired = False
+    if args.repair and todo is not None and any(a.recoverable for a in todo.actions):
+        with open_repo(args.repo, mode="a") as writer:
+            todo = repair_apply(writer, todo)
+        repaired = True
+        with open_repo(args.repo, mode="r") as repo:
+            report = repo.verify()
     if args.json:
         print(json.dumps({"ok": report.ok, "steps": report.steps, "tensors": report.tensors,
                           "lossy_steps": report.lossy_steps,
                           "bytes": report.bytes,
-                          "problems": [p.__dict__ for p in report.problems]}, indent=1))
+                          "problems": [p.__dict__ for p in report.problems],
+                          "repaired": repaired,
+                          "repair": None if todo is None else {
+                              "damaged_steps": todo.damaged_steps,
+                              "lost_steps": todo.lost_steps,
+                              "actions": [{"kind": a.kind, "step": a.step, "path": a.path,
+                                           "chunk": a.chunk, "pack": a.pack,
+                                           "recoverable": a.recoverable, "detail": a.detail}
+                                          for a in todo.actions]}}, indent=1))
     elif report.ok:
         lossy = report.lossy_steps
-        print(f"OK: {len(report.steps)} steps, {report.tensors} tensors, "
+        print(("repaired; " if repaired else "")
+              + f"OK: {len(report.steps)} steps, {report.tensors} tensors, "
               f"{human(report.bytes)} rebuilt and matched their save-time digests" + (
                   f" ({len(lossy)} lossy step(s) rebuilt bit-exactly as their decoder must "
                   f"produce; worst recorded relative error {max(lossy.values()):.2e})"
@@ -194,6 +232,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"  - {p.cause}: {p.message}")
         if len(report.problems) > args.max_problems:
             print(f"  ... and {len(report.problems) - args.max_problems} more (--json for all)")
+        if todo is not None:
+            print(todo)
+            if not args.repair and any(a.recoverable for a in todo.actions):
+                print(f"  run `deltackpt verify {args.repo} --repair` to recover them")
     return 0 if report.ok else 1
 
 
@@ -279,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--step", type=int, help="one step (default: all steps and all packs)")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--max-problems", type=int, default=30)
+    sp.add_argument("--repair", action="store_true",
+                    help="carry out the recoverable repairs the check proposes (takes the "
+                         "writer lock), then check again")
     sp.set_defaults(fn=cmd_verify)
     sp = add("export", "write steps as .safetensors/.pt files or checkpoint folders")
     sp.add_argument("repo")

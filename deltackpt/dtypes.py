@@ -65,9 +65,16 @@ def numpy_type(dtype: np.dtype) -> ElementType:
     if (dtype.kind == "f" and dtype.itemsize > 8) or (dtype.kind == "c" and dtype.itemsize > 16):
         raise UnsupportedValueError(f"numpy dtype {dtype} (long double) is platform-specific; "
                                     "convert it to float64/complex128")
-    le = dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
-    size = le.itemsize
-    return ElementType("numpy", le.str, size, size // 2 if le.kind == "c" else size)
+    # bytes are always stored little-endian; the name keeps a big-endian order ('>i4') so the
+    # array is restored with the very dtype it was saved with
+    name = dtype.str if dtype.byteorder == ">" else dtype.newbyteorder("<").str
+    size = dtype.itemsize
+    return ElementType("numpy", name, size, size // 2 if dtype.kind == "c" else size)
+
+
+def storage_dtype(et: ElementType) -> np.dtype:
+    """The little-endian numpy dtype whose bytes a numpy element type is stored as."""
+    return np.dtype(et.name).newbyteorder("<")
 
 
 def element_type(kind: str, name: str) -> ElementType:

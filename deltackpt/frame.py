@@ -21,8 +21,9 @@ METHOD_ZSTD = 1
 
 _HEAD = struct.Struct("<BBHQ")      # version, planes, reserved, payload length
 _PLANE = struct.Struct("<BQ")       # method, stored size
-_SAMPLE = 32 * 1024
-_SAMPLE_MIN_PLANE = 4 * _SAMPLE
+_SAMPLE = 16 * 1024
+_SAMPLES = 2
+_SAMPLE_MIN_PLANE = 8 * _SAMPLE
 _GIVE_UP_RATIO = 0.96               # a sample compressing worse than this: store the plane raw
 _KEEP_RATIO = 0.98                  # a zstd'd plane must be at least 2% smaller to be kept
 
@@ -52,9 +53,9 @@ def _worth_compressing(plane: memoryview, level: int) -> bool:
         return True
     comp = _compressor(level)
     total = 0
-    for start in (0, n // 2 - _SAMPLE // 2, n - _SAMPLE):
+    for start in (n // 4, (3 * n) // 4 - _SAMPLE):
         total += len(comp.compress(plane[start:start + _SAMPLE]))
-    return total < _GIVE_UP_RATIO * 3 * _SAMPLE
+    return total < _GIVE_UP_RATIO * _SAMPLES * _SAMPLE
 
 
 def encode_frame(payload: np.ndarray, word: int, level: int) -> bytes:
@@ -91,11 +92,13 @@ def frame_length(frame: bytes | memoryview) -> int:
     return _HEAD.unpack_from(frame, 0)[3]
 
 
-def decode_frame(frame: bytes | memoryview, expected_length: int) -> np.ndarray:
+def decode_frame(frame: bytes | memoryview, expected_length: int,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """Invert :func:`encode_frame`; refuses frames whose header disagrees with ``expected_length``.
 
     ``expected_length`` comes from the pack index, so a hostile frame cannot make the reader
-    allocate more than the index already declared.
+    allocate more than the index already declared. ``out`` (a contiguous 1-D uint8 array of
+    that length) receives the payload instead of a new array.
     """
     mv = memoryview(frame)
     if len(mv) < _HEAD.size:
@@ -113,7 +116,11 @@ def decode_frame(frame: bytes | memoryview, expected_length: int) -> np.ndarray:
     pos = _HEAD.size + nplanes * _PLANE.size
     if len(mv) < pos:
         raise CorruptChunkError("chunk frame truncated in its plane table")
-    out = np.empty((plane_len, nplanes), dtype=np.uint8)
+    if out is None:
+        out = np.empty(n, dtype=np.uint8)
+    elif out.shape != (n,) or out.dtype != np.uint8:
+        raise ValueError(f"decode_frame: out must be a 1-D uint8 array of {n} bytes")
+    dest = out.reshape(plane_len, nplanes)
     for k in range(nplanes):
         method, size = _PLANE.unpack_from(mv, _HEAD.size + k * _PLANE.size)
         body = mv[pos:pos + size]
@@ -137,7 +144,7 @@ def decode_frame(frame: bytes | memoryview, expected_length: int) -> np.ndarray:
             plane = np.frombuffer(raw, dtype=np.uint8)
         else:
             raise CorruptChunkError(f"unknown plane method {method}")
-        out[:, k] = plane
+        dest[:, k] = plane
     if pos != len(mv):
         raise CorruptChunkError("chunk frame has trailing bytes")
-    return out.reshape(-1)
+    return out

@@ -14,10 +14,11 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import StepNotFoundError
+from .errors import CorruptChunkError, DeltaCkptError, StepNotFoundError
+from .frame import decode_frame
 from .manifest import ChunkRef, Manifest, manifest_name
-from .store.packs import (_ENTRY_HEAD, _OpenPack, ChunkStore, decode_index, encode_index,
-                          index_name, pack_name)
+from .store.packs import (_ENTRY_HEAD, _OpenPack, ChunkStore, chunk_id, decode_index,
+                          encode_index, index_name, is_pack_id, pack_name, read_pack_entries)
 
 if TYPE_CHECKING:
     from .repository import Repository
@@ -140,11 +141,15 @@ def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5) -> None
         if not fname.endswith(".idx"):
             continue
         pid = fname[:-4]
+        if not is_pack_id(pid):
+            continue  # not a name gc wrote: never turned into a pack file name
         indexed.add(pid)
         try:
-            _, entries = decode_index(backend.read(index_name(pid)), index_name(pid))
+            named, entries = decode_index(backend.read(index_name(pid)), index_name(pid))
         except Exception:  # a damaged index is verify's business, never gc's to delete
             continue
+        if named != pid:
+            continue  # an index copied under another pack's name: damaged, left for verify
         size = backend.size(pack_name(pid)) if backend.exists(pack_name(pid)) else 0
         live_entries = [e for e in entries if e[0] in live]
         live_bytes = sum(e[2] + _ENTRY_HEAD.size for e in live_entries)
@@ -165,11 +170,23 @@ def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5) -> None
     for sub in backend.list_dirs("packs") if hasattr(backend, "list_dirs") else []:
         for fname in backend.list(f"packs/{sub}"):
             pid = fname.removesuffix(".pack")
-            if fname.endswith(".pack") and pid not in indexed and not _journaled(repo, pid):
+            if fname.endswith(".pack") and is_pack_id(pid) and sub == pid[:2] \
+                    and pid not in indexed and not _journaled(repo, pid) \
+                    and not _only_copy(repo, pid, live):
                 report.deleted_packs += 1
                 report.freed_bytes += backend.size(pack_name(pid))
                 if not report.dry_run:
                     backend.delete(pack_name(pid))
+
+
+def _only_copy(repo: Repository, pid: str, live: set[bytes]) -> bool:
+    """Whether a pack without an index holds a live chunk no index has: its index was lost
+    (damage, not a crash), and ``deltackpt.repair`` can rebuild it; never delete it."""
+    try:
+        entries, _ = read_pack_entries(repo.backend, pid)
+    except (OSError, DeltaCkptError):
+        return True
+    return any(cid in live and not repo.store.has(cid) for cid, _, _ in entries)
 
 
 def _journaled(repo: Repository, pid: str) -> bool:
@@ -185,8 +202,12 @@ def _repack(repo: Repository, old: str, entries: list[tuple[bytes, int, int, int
     pack = _OpenPack(new, backend.create_stream(pack_name(new)))
     try:
         for cid, off, length, plen in entries:
-            store.get(cid)  # decode and check: never copy a damaged frame
             frame = backend.read_range(pack_name(old), off, length)
+            if len(frame) != length or chunk_id(decode_frame(frame, plen)) != cid:
+                # never copy a damaged frame (check this very frame: with duplicate ids,
+                # store.get could check another copy)
+                raise CorruptChunkError(f"chunk {cid.hex()} in pack {old} does not match its "
+                                        "id", cause="corrupt chunk")
             pack.write(_ENTRY_HEAD.pack(cid, length))
             pos = pack.stream.tell()
             pack.write(frame)

@@ -12,6 +12,7 @@ from typing import Any
 
 from . import checksum
 from .codecs import get_codec
+from .codecs._floats import is_float
 from .codecs.base import Codec
 from .dtypes import ElementType, element_type
 from .errors import CodecError, CorruptFileError, FormatVersionError, UnsupportedValueError
@@ -19,6 +20,8 @@ from .errors import CodecError, CorruptFileError, FormatVersionError, Unsupporte
 MANIFEST_FORMAT = "deltackpt.manifest"
 MANIFEST_VERSION = 1
 MAX_STEP = 2**63 - 1
+MAX_NDIM = 64        # numpy's limit; torch tensors are refused beyond it too
+_STATS = ("logical_bytes", "stored_bytes", "new_chunks", "reused_chunks")
 _NAME = re.compile(r"([0-9]{20})\.json")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -29,7 +32,7 @@ def manifest_name(step: int) -> str:
 
 def parse_manifest_name(fname: str) -> int | None:
     m = _NAME.fullmatch(fname)
-    return int(m.group(1)) if m else None
+    return int(m.group(1)) if m and int(m.group(1)) <= MAX_STEP else None
 
 
 @dataclass
@@ -166,7 +169,7 @@ def _ints(x: Any) -> list[int]:
 def _parse(doc: dict[str, Any], step: int | None) -> Manifest:
     if doc.get("format") != MANIFEST_FORMAT:
         raise ValueError("not a deltackpt manifest")
-    if doc.get("version") != MANIFEST_VERSION:
+    if type(doc.get("version")) is not int or doc["version"] != MANIFEST_VERSION:
         raise FormatVersionError(f"manifest version {doc.get('version')!r} is not supported "
                                  f"(this deltackpt reads version {MANIFEST_VERSION})", step=step)
     mstep = _int(doc["step"])
@@ -188,6 +191,9 @@ def _parse(doc: dict[str, Any], step: int | None) -> Manifest:
         if etype.name != t["dtype"]:
             raise ValueError(f"dtype {t['dtype']!r} is not in canonical form {etype.name!r}")
         shape = _ints(t["shape"])
+        if len(shape) > MAX_NDIM:
+            raise ValueError(f"tensor {t['path']!r}: {len(shape)} dimensions (at most "
+                             f"{MAX_NDIM})")
         nbytes = _int(t["nbytes"])
         if nbytes != math.prod(shape) * etype.itemsize:
             raise ValueError(f"tensor {t['path']!r}: nbytes does not match shape and dtype")
@@ -199,6 +205,9 @@ def _parse(doc: dict[str, Any], step: int | None) -> Manifest:
             if not isinstance(c, list) or len(c) != 5:
                 raise ValueError("chunk record is not [id, codec, ref, digest, depth]")
             ci = _int(c[1], 0, len(codecs) - 1)
+            if not codecs[ci].lossless and not is_float(etype):
+                raise ValueError(f"tensor {t['path']!r}: lossy codec {codecs[ci].codec_id!r} "
+                                 f"on {etype.name} (lossy codecs take float types only)")
             ref = None if c[2] is None else _int(c[2])
             if (ref is None) == codecs[ci].uses_reference:
                 raise ValueError(f"tensor {t['path']!r}: codec {codecs[ci].codec_id!r} "
@@ -237,6 +246,9 @@ def _parse(doc: dict[str, Any], step: int | None) -> Manifest:
     stats = doc["stats"]
     if not isinstance(meta, dict) or not isinstance(stats, dict):
         raise TypeError("meta and stats must be objects")
+    for k in _STATS:  # read by history()/du: non-negative integers when present
+        if k in stats:
+            _int(stats[k])
     parent = doc["parent"]
     packs, txn, when = doc["packs"], doc["txn"], doc["time"]
     if not isinstance(packs, list) or not all(isinstance(p, str) for p in packs):

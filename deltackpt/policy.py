@@ -67,6 +67,14 @@ class Policy:
     resume: str = "rebuild"
     #: bytes of rebuilt chunks kept to speed up loads and verification of neighbouring steps
     cache_bytes: int = 256 * MiB
+    #: fsync every file and directory change (the default). False, like torch.save and DCP's
+    #: ``sync_files=False``: a killed process still leaves every committed step intact (writes
+    #: are atomic renames), but a power loss or kernel crash may lose the latest steps or leave
+    #: them torn (then load and verify fail loudly on their digests; never silently wrong)
+    fsync: bool = True
+    #: reusable host buffers for ``save(blocking=False)``, each the size of the state; a save
+    #: that finds them all busy waits for one (back-pressure)
+    async_buffers: int = 2
     #: lossy tiers: the first rule matching a tensor's path picks its codec at inexact steps
     rules: tuple[Rule, ...] = field(default=())
     #: with rules, every Nth save after a keyframe is also bit-exact (resumable); 0: only
@@ -91,6 +99,8 @@ class Policy:
             raise ValueError("delta_gain must be in (0, 1]")
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
+        if self.async_buffers < 1:
+            raise ValueError("async_buffers must be >= 1")
         if self.exact_every < 0:
             raise ValueError("exact_every must be >= 0")
         rules = tuple(r if isinstance(r, Rule) else Rule(**r) if isinstance(r, dict)

@@ -13,8 +13,10 @@ from collections.abc import Callable
 import numpy as np
 import xxhash
 
-from .errors import (BrokenChainError, DeltaCkptError, DigestMismatchError, IntegrityError,
-                     StepNotFoundError)
+from .errors import (BrokenChainError, CorruptChunkError, DeltaCkptError, DigestMismatchError,
+                     IntegrityError, StepNotFoundError)
+from .codecs.base import Codec
+from .dtypes import ElementType
 from .manifest import Manifest, TensorEntry
 from .store.packs import ChunkStore
 
@@ -74,7 +76,7 @@ class Reconstructor:
         except StepNotFoundError:
             raise BrokenChainError(f"chunk {i} is a delta against step {ref}, which is missing",
                                    step=step, path=entry.path, cause="broken chain") from None
-        except IntegrityError as exc:
+        except DeltaCkptError as exc:  # damaged, or a version this reader does not know
             raise BrokenChainError(f"chunk {i} is a delta against step {ref}, whose manifest "
                                    f"is damaged: {exc}", step=step, path=entry.path,
                                    cause="broken chain") from None
@@ -86,20 +88,21 @@ class Reconstructor:
                                    cause="broken chain")
         return base
 
-    def chunk(self, step: int, entry: TensorEntry, i: int) -> np.ndarray:
-        """The raw bytes of chunk ``i`` of ``entry`` at ``step`` (read-only array)."""
+    def _chain(self, step: int, entry: TensorEntry,
+               i: int) -> tuple[list[tuple[int, TensorEntry]], np.ndarray | None]:
+        """The links to decode for chunk ``i``, latest first, down to its self-contained base
+        or to the first link found in the cache (returned with its cached value)."""
         chain: list[tuple[int, TensorEntry]] = []
         s, e = step, entry
         seen: set[int] = set()
-        value = None
         while True:
             value = self.cache.get((s, e.path, i))
             if value is not None:
-                break
+                return chain, value
             chain.append((s, e))
             rec = e.chunks[i]
             if rec.ref is None:
-                break
+                return chain, None
             if rec.ref in seen or len(chain) > MAX_CHAIN:
                 raise BrokenChainError(f"chunk {i}: delta chain loops through step {rec.ref}",
                                        step=step, path=entry.path, cause="broken chain")
@@ -111,24 +114,72 @@ class Reconstructor:
                                        f"whose chunk has depth {e.chunks[i].depth}", step=s,
                                        path=entry.path, cause="broken chain")
             s = rec.ref
-        for s, e in reversed(chain):
-            rec = e.chunks[i]
-            lo, hi = e.chunk_span(i)
-            codec = e.codecs[rec.codec]
+
+    def _decode_link(self, s: int, e: TensorEntry, i: int, ref: np.ndarray | None,
+                     out: np.ndarray | None) -> np.ndarray:
+        """Decode one link of a chain onto ``ref`` (into ``out`` when given, which may be
+        ``ref`` itself) and check it against the digest recorded at save time."""
+        rec = e.chunks[i]
+        lo, hi = e.chunk_span(i)
+        codec = e.codecs[rec.codec]
+        try:
+            bound = payload_bound(codec, hi - lo, e.etype)
+            if out is None:
+                value = codec.decode_inplace(self.store.get(rec.id, bound), ref, e.etype,
+                                             hi - lo)
+            elif ref is None and codec.codec_id == "raw":
+                value = self.store.get(rec.id, bound, out=out)  # frames decode straight in
+            else:
+                codec.decode_into(self.store.get(rec.id, bound), ref, out, e.etype)
+                value = out
+        except DeltaCkptError as exc:
+            raise type(exc)(f"chunk {i}: {exc}", step=s, path=e.path,
+                            cause=exc.cause) from None
+        if value.size != hi - lo or xxhash.xxh3_128(value).digest() != rec.digest:
+            raise DigestMismatchError(
+                f"chunk {i} rebuilt with codec {codec.codec_id!r} does not match the digest "
+                "taken at save time", step=s, path=e.path, cause="digest mismatch")
+        return value
+
+    def precheck(self, step: int, entry: TensorEntry) -> None:
+        """Before the output is allocated: every chunk the entry names directly is indexed and
+        its payload fits its span (a manifest declaring a huge tensor over small chunks fails
+        here, before any allocation or read)."""
+        for i, rec in enumerate(entry.chunks):
+            lo, hi = entry.chunk_span(i)
+            codec = entry.codecs[rec.codec]
             try:
-                payload = self.store.get(rec.id)
-                value = codec.decode(payload, value, e.etype, hi - lo)
+                loc = self.store.locate(rec.id)
             except DeltaCkptError as exc:
-                raise type(exc)(f"chunk {i}: {exc}", step=s, path=e.path,
+                raise type(exc)(f"chunk {i}: {exc}", step=step, path=entry.path,
                                 cause=exc.cause) from None
-            if xxhash.xxh3_128(value).digest() != rec.digest:
-                raise DigestMismatchError(
-                    f"chunk {i} rebuilt with codec {codec.codec_id!r} does not match the digest "
-                    "taken at save time", step=s, path=e.path, cause="digest mismatch")
+            bound = payload_bound(codec, hi - lo, entry.etype)
+            if bound is not None and loc.payload_length > bound \
+                    or loc.payload_length < codec.min_payload(hi - lo, entry.etype):
+                raise CorruptChunkError(
+                    f"chunk {i}: its payload is {loc.payload_length} bytes, which codec "
+                    f"{codec.codec_id!r} cannot decode into a {hi - lo}-byte chunk", step=step,
+                    path=entry.path, cause="corrupt chunk")
+
+    def chunk(self, step: int, entry: TensorEntry, i: int) -> np.ndarray:
+        """The raw bytes of chunk ``i`` of ``entry`` at ``step`` (read-only array); every link
+        rebuilt is cached."""
+        chain, value = self._chain(step, entry, i)
+        for s, e in reversed(chain):
+            value = self._decode_link(s, e, i, value, None)
             value.flags.writeable = False
             self.cache.put((s, e.path, i), value)
         assert value is not None
         return value
+
+    def chunk_into(self, step: int, entry: TensorEntry, i: int, out: np.ndarray) -> None:
+        """Rebuild chunk ``i`` straight into ``out`` (its 1-D uint8 slice of the output),
+        applying each delta in place: no intermediate copies, nothing added to the cache."""
+        chain, value = self._chain(step, entry, i)
+        if value is not None:
+            out[...] = value
+        for s, e in reversed(chain):
+            value = self._decode_link(s, e, i, value if value is None else out, out)
 
     def check(self, step: int, entry: TensorEntry, data: np.ndarray) -> None:
         """Raise DigestMismatchError unless ``data`` hashes to the tensor's save-time digest."""
@@ -151,3 +202,8 @@ class Reconstructor:
         if h.digest() != entry.digest:
             raise DigestMismatchError("rebuilt tensor does not match the digest taken at save "
                                       "time", step=step, path=entry.path, cause="digest mismatch")
+
+
+def payload_bound(codec: Codec, span: int, etype: ElementType) -> int | None:
+    """The most payload bytes ``codec`` can decode into a chunk of ``span`` bytes."""
+    return codec.max_payload(span, etype)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import checksum
-from .dtypes import TORCH_DTYPES, element_type
+from .dtypes import TORCH_DTYPES, element_type, storage_dtype
 from .errors import (CorruptFileError, DeltaCkptError, FormatVersionError, IntegrityError,
                      ReadOnlyError,
                      RepositoryNotFoundError, StepExistsError, StepNotFoundError,
@@ -39,7 +39,8 @@ from .retention import Retention, StepView, parse_time, plan
 from .verify import VerifyReport
 from .verify import verify as verify_repo
 from .tree import Leaf
-from .writer import RefState, RefTensor, StepEncoder, bounded_map, snapshot
+from .staging import StagingPool, stage
+from .writer import SMALL_CHUNK, RefState, RefTensor, StepEncoder, bounded_map
 
 REPO_FORMAT = "deltackpt"
 REPO_VERSION = 1
@@ -47,6 +48,9 @@ CONFIG_NAME = "deltackpt.json"
 LOCK_NAME = "lock"
 
 _RAW = {"id": "raw"}
+
+
+_LOAD_ATTEMPTS = 5  # a load that meets concurrent repacks/rebases retries up to this often
 
 
 def _now() -> str:
@@ -106,13 +110,14 @@ class Repository:
         self.policy = Policy.from_kwargs(policy, policy_kwargs)
         #: applied by :meth:`gc`, and after every save when set
         self.retention = retention
-        self.backend = backend or LocalBackend(self.path)
+        self.backend = backend or LocalBackend(self.path, fsync=self.policy.fsync)
         self._lock = None
         self._closed = False
         self._manifests: dict[int, Manifest] = {}
         self._ref: RefState | None = None
         self._ref_loaded = False
         self._journal: tuple[str, int, list[str]] | None = None
+        self._manifest_size = 0
         if not self.backend.exists(CONFIG_NAME):
             if mode == "r":
                 raise RepositoryNotFoundError(f"{self.path!r} is not a deltackpt repository "
@@ -132,6 +137,7 @@ class Repository:
                                     on_new_pack=self._journal_pack)
             self._pool = ThreadPoolExecutor(self.policy.workers, thread_name_prefix="deltackpt")
             self._background = ThreadPoolExecutor(1, thread_name_prefix="deltackpt-save")
+            self._staging = StagingPool(self.policy.async_buffers)
             self._futures: list[Future[SaveInfo]] = []
             self._queued: set[int] = set()
             self.cache = ChunkCache(self.policy.cache_bytes)
@@ -145,7 +151,7 @@ class Repository:
         doc = checksum.load(self.backend.read(CONFIG_NAME), CONFIG_NAME)
         if doc.get("format") != REPO_FORMAT:
             raise CorruptFileError(f"{CONFIG_NAME}: not a deltackpt repository config")
-        if doc.get("version") != REPO_VERSION:
+        if type(doc.get("version")) is not int or doc["version"] != REPO_VERSION:
             raise FormatVersionError(
                 f"repository format version {doc.get('version')!r} is not supported by this "
                 f"deltackpt (reads version {REPO_VERSION}); upgrade deltackpt")
@@ -168,6 +174,7 @@ class Repository:
             self._background.shutdown(wait=True)
             self._pool.shutdown(wait=True)
         self.cache.clear()
+        self._staging.clear()
         self._ref = None
         self._release()
 
@@ -194,12 +201,16 @@ class Repository:
     # -- recovery and journal ------------------------------------------------------------------
     def _recover(self) -> None:
         """Undo saves that crashed before their commit point (writer only)."""
+        from .store.packs import is_pack_id
+
         for fname in self.backend.list("txn"):
             name = f"txn/{fname}"
             try:
                 doc = checksum.load(self.backend.read(name), name)
                 step, packs, txn = doc["step"], list(doc["packs"]), doc["txn"]
                 kind = doc.get("kind", "save")
+                if not all(is_pack_id(p) for p in packs):  # never a path out of packs/
+                    raise ValueError("journal names something that is not a pack id")
             except (DeltaCkptError, KeyError, TypeError, ValueError):
                 self.backend.delete(name)  # unreadable: its packs stay until garbage collection
                 continue
@@ -270,16 +281,40 @@ class Repository:
         return isinstance(step, int) and self.backend.exists(manifest_name(step))
 
     def manifest(self, step: int) -> Manifest:
-        """The parsed, checksum-verified manifest of ``step``."""
+        """The parsed, checksum-verified manifest of ``step``.
+
+        A cached manifest is revalidated on every call where the backend can fingerprint files
+        cheaply (local: one ``stat``), so a step that another process deleted, rebased or saved
+        again under the same number is never served from a stale parse.
+        """
+        name = manifest_name(step)
+        fingerprint = getattr(self.backend, "fingerprint", None)
         m = self._manifests.get(step)
         if m is not None:
-            return m
-        try:
-            data = self.backend.read(manifest_name(step))
-        except FileNotFoundError:
-            raise StepNotFoundError(f"step {step} is not in repository {self.path!r} "
-                                    f"(steps: {_summarize(self.steps())})", step=step) from None
+            if fingerprint is None:
+                return m
+            now = fingerprint(name)
+            known = getattr(m, "fingerprint", None)  # None: committed by this writer
+            if now is not None and known in (None, now):
+                m.fingerprint = now  # type: ignore[attr-defined]
+                return m
+            self._manifests.pop(step, None)  # replaced or removed by another process
+            if getattr(self, "cache", None) is not None:
+                self.cache.clear()           # chunks rebuilt from the old manifest
+        for _ in range(3):  # a file replaced between stat and read: read again
+            before = fingerprint(name) if fingerprint is not None else None
+            try:
+                data = self.backend.read(name)
+            except FileNotFoundError:
+                raise StepNotFoundError(f"step {step} is not in repository {self.path!r} "
+                                        f"(steps: {_summarize(self.steps())})",
+                                        step=step) from None
+            after = fingerprint(name) if fingerprint is not None else None
+            if before == after:
+                break
         m = Manifest.from_bytes(data, step)
+        if after is not None:
+            m.fingerprint = after  # type: ignore[attr-defined]
         self._manifests[step] = m
         return m
 
@@ -303,13 +338,22 @@ class Repository:
         tensors (default CPU).
         """
         self._raise_pending()
-        try:
-            return self._load(step, select, map_location)
-        except IntegrityError:
-            # another process may have rebased or repacked since we cached manifests and
-            # indexes: look again from disk once; real damage fails the same way again
-            self.refresh()
-            return self._load(step, select, map_location)
+        for attempt in range(_LOAD_ATTEMPTS):
+            listing = self._listing()
+            try:
+                return self._load(step, select, map_location)
+            except IntegrityError:
+                # another process may have rebased or repacked since we cached manifests and
+                # indexes: look again from disk while the repository keeps changing; real
+                # damage fails the same way again on an unchanged repository
+                if attempt + 1 == _LOAD_ATTEMPTS or (attempt and self._listing() == listing):
+                    raise
+                self.refresh()
+        raise AssertionError("unreachable")
+
+    def _listing(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The committed steps and pack indexes: what a concurrent writer changes."""
+        return tuple(self.backend.list("steps")), tuple(self.backend.list("index"))
 
     def refresh(self) -> None:
         """Drop cached manifests, chunks and indexes (another writer may have changed them)."""
@@ -334,7 +378,13 @@ class Repository:
             if m.tensors[i].dropped:
                 values[i] = None
             else:
-                values[i], bufs[i] = self._allocate(m.tensors[i])
+                self.reconstructor.precheck(step, m.tensors[i])
+                try:
+                    values[i], bufs[i] = self._allocate(m.tensors[i])
+                except (MemoryError, RuntimeError, ValueError) as exc:
+                    raise DeltaCkptError(f"cannot allocate {m.tensors[i].nbytes} bytes for this "
+                                         f"tensor: {exc}", step=step, path=m.tensors[i].path,
+                                         cause="allocation failed") from None
         wanted = [i for i in wanted if i in bufs]
         jobs = [(i, c) for i in wanted for c in range(len(m.tensors[i].chunks))]
 
@@ -342,12 +392,16 @@ class Repository:
             i, c = job
             entry = m.tensors[i]
             lo, hi = entry.chunk_span(c)
-            bufs[i][lo:hi] = self.reconstructor.chunk(step, entry, c)
+            self.reconstructor.chunk_into(step, entry, c, bufs[i][lo:hi])
 
-        for _ in bounded_map(self._pool, fill, jobs, 4 * self.policy.workers):
+        def small(job: tuple[int, int]) -> bool:  # not worth a hand-off to a worker
+            return m.tensors[job[0]].chunk_bytes < SMALL_CHUNK or bufs[job[0]].size < SMALL_CHUNK
+
+        for _ in bounded_map(self._pool, fill, jobs, 4 * self.policy.workers, small):
             pass
         for _ in bounded_map(self._pool, lambda i: self.reconstructor.check(
-                step, m.tensors[i], bufs[i]), wanted, 4 * self.policy.workers):
+                step, m.tensors[i], bufs[i]), wanted, 4 * self.policy.workers,
+                lambda i: bufs[i].size < 16 * SMALL_CHUNK):
             pass
         for i in wanted:
             values[i] = self._finish(values[i], m.tensors[i], map_location)  # type: ignore
@@ -357,7 +411,7 @@ class Repository:
     def _allocate(entry: TensorEntry) -> tuple[torch.Tensor | np.ndarray, np.ndarray]:
         """An uninitialised output value for ``entry`` and a flat uint8 view of its bytes."""
         if entry.kind == "numpy":
-            arr = np.empty(entry.shape, dtype=np.dtype(element_type("numpy", entry.dtype).name))
+            arr = np.empty(entry.shape, dtype=storage_dtype(element_type("numpy", entry.dtype)))
             return arr, arr.reshape(-1).view(np.uint8)
         et = element_type(entry.kind, entry.dtype)
         t = torch.empty(entry.shape, dtype=TORCH_DTYPES[et.name])
@@ -368,7 +422,7 @@ class Repository:
     def _finish(value: torch.Tensor | np.ndarray, entry: TensorEntry,
                 map_location: str | torch.device | None) -> torch.Tensor | np.ndarray:
         if isinstance(value, np.ndarray):
-            return value
+            return value if value.dtype.str == entry.dtype else value.astype(entry.dtype)
         if map_location is not None:
             value = value.to(map_location)
         if entry.parameter:
@@ -389,8 +443,9 @@ class Repository:
         return out
 
     def disk_usage(self) -> dict[str, int]:
-        """Bytes on disk by file kind, and in total."""
-        usage = {"packs": 0, "index": 0, "steps": 0, "other": 0}
+        """Bytes on disk by file kind, and in total (``dcp``: the rank sub-repositories of a
+        torch.distributed.checkpoint repository, see :mod:`deltackpt.dcp`)."""
+        usage = {"packs": 0, "index": 0, "steps": 0, "dcp": 0, "other": 0}
         root = self.path
         for dirpath, _dirs, files in os.walk(root):
             rel = os.path.relpath(dirpath, root).split(os.sep)[0]
@@ -421,9 +476,15 @@ class Repository:
         self._check_open(write=True)
         self.wait_until_finished()
         report = GCReport()
-        delete_steps(self, sorted(set(steps)), report)
-        sweep(self, report, repack_below=0.0)
-        self._after_delete(report)
+        try:
+            delete_steps(self, sorted(set(steps)), report)
+            sweep(self, report, repack_below=0.0)
+        except OSError as exc:
+            exc.add_note(f"deltackpt: delete{tuple(sorted(set(steps)))} stopped part way; "
+                         "every step still listed loads as before: run it again to finish")
+            raise
+        finally:  # also after a failure: the writer's reference may name touched steps
+            self._after_delete(report)
         return report
 
     def gc(self, retention: Retention | None = None, *, dry_run: bool = False,
@@ -438,12 +499,28 @@ class Repository:
         report = GCReport(dry_run=dry_run)
         policy = retention or self.retention
         if policy is not None:
-            views = [StepView(r.step, parse_time(r.time), r.meta) for r in self.history()]
+            views = []
+            for r in self.history():
+                try:
+                    when = parse_time(r.time)
+                    if when.tzinfo is None:
+                        raise ValueError("no time zone")
+                except (TypeError, ValueError) as exc:
+                    raise CorruptFileError(f"manifest time {r.time!r} is not an ISO 8601 UTC "
+                                           f"time ({exc})", step=r.step) from None
+                views.append(StepView(r.step, when, r.meta))
             _kept, doomed = plan(policy, views)
-            delete_steps(self, doomed, report)
-        sweep(self, report, repack_below=repack_below)
-        if not dry_run:
-            self._after_delete(report)
+        try:
+            if policy is not None:
+                delete_steps(self, doomed, report)
+            sweep(self, report, repack_below=repack_below)
+        except OSError as exc:
+            exc.add_note("deltackpt: gc stopped part way; every step still listed loads as "
+                         "before: run gc again to finish")
+            raise
+        finally:  # also after a failure: the writer's reference may name touched steps
+            if not dry_run:
+                self._after_delete(report)
         return report
 
     def _after_delete(self, report: GCReport) -> None:
@@ -459,12 +536,15 @@ class Repository:
         self._check_open()
         return verify_repo(self, step)
 
-    def export(self, step: int | None, path: str | os.PathLike[str]) -> None:
-        """Write ``step`` as ``.safetensors`` (tensors by path) or ``.pt`` (torch.save)."""
-        from .export import export_state
+    def export(self, step: int | None, path: str | os.PathLike[str], fmt: str = "auto", *,
+               overwrite: bool = False) -> str:
+        """Write ``step`` (default: the latest) as a ``.safetensors`` or ``.pt`` file, or a
+        checkpoint folder (``fmt``: ``auto``, ``pt``, ``safetensors``, ``hf-folder``); a step
+        imported from a file or folder goes back to that form. Returns the path written."""
+        from .export import export_step
 
-        step = self._resolve_step(step)
-        export_state(self.load(step), os.fspath(path), step)
+        self._check_open()
+        return export_step(self, self._resolve_step(step), path, fmt, overwrite=overwrite)
 
     # -- writing -------------------------------------------------------------------------------
     def save(self, step: int, state: Any, meta: dict[str, Any] | None = None, *,
@@ -491,9 +571,15 @@ class Repository:
         tree, leaves = flatten(state)
         if blocking:
             return self._save(step, tree, leaves, meta, t0)
-        leaves = [Leaf(lf.index, lf.path, snapshot(lf.value)) for lf in leaves]
+        leaves, buf = stage(leaves, self._staging)
         self._queued.add(step)
-        fut = self._background.submit(self._save, step, tree, leaves, meta, t0)
+        try:
+            fut = self._background.submit(self._save, step, tree, leaves, meta, t0)
+        except BaseException:
+            self._queued.discard(step)
+            self._staging.release(buf)
+            raise
+        fut.add_done_callback(lambda _: self._staging.release(buf))
         self._futures.append(fut)
         return fut
 
@@ -539,7 +625,11 @@ class Repository:
                        "new_chunks": enc.new_chunks, "reused_chunks": enc.reused_chunks},
                 txn=txn, packs=[]), enc.written_bytes
 
-        m = self._commit(step, build)
+        try:
+            m = self._commit(step, build)
+        except BaseException:
+            self._ref, self._ref_loaded = None, False  # the encoder may have overwritten it
+            raise
         enc = enc_box[0]
         if enc.reference:
             self._ref = RefState(step, m.keyframe, m.delta_index, enc.reference)
@@ -567,18 +657,26 @@ class Repository:
             m.packs, m.txn = packs, txn
             stored = base_stored + written + sum(self.backend.size(index_name(p))
                                                  for p in packs)
-            data = b""
+            size = self._manifest_size  # a guess: manifests of a run have similar sizes
             for _ in range(4):  # the manifest counts its own size: iterate to a fixed point
-                m.stats["stored_bytes"] = stored + len(data)
+                m.stats["stored_bytes"] = stored + size
                 data = m.to_bytes()
-                if m.stats["stored_bytes"] == stored + len(data):
+                if len(data) == size:
                     break
+                size = len(data)
+            self._manifest_size = len(data)
             self._manifests.pop(step, None)
             self.backend.write_atomic(manifest_name(step), data)   # the commit point
-        except BaseException:
+        except BaseException as exc:
             self._journal = None
             if self._committed(step, txn):
+                if isinstance(exc, OSError):
+                    exc.add_note(f"deltackpt: step {step} is committed; only the cleanup after "
+                                 "its commit point failed")
                 raise  # failed after the rename: committed after all; the journal says so
+            if isinstance(exc, OSError):
+                exc.add_note(f"deltackpt: step {step} was not saved; earlier steps are intact "
+                             "(its partial files are removed now, or by the next writer)")
             self.store.abort()
             for pid in packs:  # flushed but never committed
                 self.store.forget_pack(pid)

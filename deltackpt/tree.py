@@ -184,13 +184,16 @@ class _Flattener:
         return ["odict", pairs, None if meta is None else self.encode(meta, join(
             path, "<_metadata>"), depth + 1)]
 
-    def encode_key(self, k: Any, path: str) -> Node:
+    def encode_key(self, k: Any, path: str, depth: int = 0) -> Node:
         if isinstance(k, (torch.Tensor, np.ndarray, torch.Generator)) \
                 or type(k) in (dict, OrderedDict, list):
             raise UnsupportedValueError(f"unsupported dict key type {type(k).__name__}",
                                         path=path)
+        if depth > MAX_DEPTH:
+            raise UnsupportedValueError(f"dict key nested deeper than {MAX_DEPTH} tuples",
+                                        path=path)
         if type(k) is tuple:
-            return ["tuple", [self.encode_key(x, path) for x in k]]
+            return ["tuple", [self.encode_key(x, path, depth + 1) for x in k]]
         return self.encode(k, path, MAX_DEPTH)
 
 
@@ -271,7 +274,10 @@ class _Unflattener:
         if tag == "device":
             return torch.device(_str(node[1]))
         if tag == "size":
-            return torch.Size([_int(x) for x in node[1]])
+            dims = [_int(x) for x in _list(node[1])]
+            if any(not -2**63 <= d < 2**63 for d in dims):
+                raise ValueError("torch.Size dimension does not fit in 64 bits")
+            return torch.Size(dims)
         if tag == "generator":
             device = torch.device(_str(node[1]))
             state = self.leaf(_index(node[2]))
@@ -307,9 +313,11 @@ class _Unflattener:
             return out
         raise ValueError(f"unknown node tag {tag!r}")
 
-    def decode_key(self, node: Any, path: str) -> Any:
+    def decode_key(self, node: Any, path: str, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise ValueError(f"dict key nested deeper than {MAX_DEPTH} tuples")
         if isinstance(node, list) and node and node[0] == "tuple":
-            return tuple(self.decode_key(x, path) for x in _list(node[1]))
+            return tuple(self.decode_key(x, path, depth + 1) for x in _list(node[1]))
         if isinstance(node, list) and node and node[0] in ("tensor", "ndarray", "list", "dict",
                                                            "odict", "generator"):
             raise ValueError(f"{node[0]!r} cannot be a dict key")

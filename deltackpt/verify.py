@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import DeltaCkptError, IntegrityError, StepNotFoundError
+from .errors import DeltaCkptError, StepNotFoundError
 from .errors import CorruptFileError
 from .store.packs import scan_pack
 from .tree import leaf_indices
@@ -63,55 +63,106 @@ def verify(repo: Repository, step: int | None = None) -> VerifyReport:
     else:
         steps = [step]
     repo.cache.clear()
+    seen = _listing(repo)
     for s in steps:
-        report.steps.append(s)
+        sub = VerifyReport()
         try:
-            m = repo.manifest(s)
+            _verify_step(repo, s, sub)
+            if sub.problems and _listing(repo) != seen:
+                # a writer deleted, rebased or repacked since we read manifests and indexes:
+                # look again from disk, once (real damage fails the same way again)
+                seen = _listing(repo)
+                repo.refresh()
+                sub = VerifyReport()
+                _verify_step(repo, s, sub)
         except StepNotFoundError:
-            raise
-        except DeltaCkptError as exc:
-            report.add(exc, step=s)
-            continue
-        if not m.exact:
-            report.lossy_steps[s] = m.max_rel_error
-        try:
-            wanted = leaf_indices(m.tree)
-            if wanted and max(wanted) >= len(m.tensors):
-                raise CorruptFileError("state tree refers to a tensor the manifest lacks",
-                                       step=s)
-        except DeltaCkptError as exc:
-            report.add(exc, step=s)
-        for entry in m.tensors:
-            if entry.dropped:
-                continue
-            report.tensors += 1
-            try:
-                repo.reconstructor.tensor_digest(s, entry)
-                report.bytes += entry.nbytes
-            except IntegrityError as exc:
-                # the error names the step of the damaged link; say which step it breaks too
-                if exc.step is not None and exc.step != s:
-                    report.problems.append(Problem(s, entry.path, exc.cause,
-                                                   f"[step {s}, tensor {entry.path!r}] "
-                                                   f"depends on a damaged entry: {exc}"))
-                else:
-                    report.add(exc, step=s, path=entry.path)
-            except DeltaCkptError as exc:
-                report.add(exc, step=s, path=entry.path)
+            if step is not None:
+                raise
+            continue  # deleted by a writer while we verified: not damage
+        report.steps.append(s)
+        report.tensors += sub.tensors
+        report.bytes += sub.bytes
+        report.problems += sub.problems
+        report.lossy_steps.update(sub.lossy_steps)
     repo.cache.clear()
     return report
 
 
+def _listing(repo: Repository) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Index and step file names: every delete, sweep and repack changes them."""
+    return tuple(repo.backend.list("index")), tuple(repo.backend.list("steps"))
+
+
+def _verify_step(repo: Repository, s: int, report: VerifyReport) -> None:
+    """Check one step into ``report``; raises StepNotFoundError if it is not (or no longer)
+    committed."""
+    try:
+        m = repo.manifest(s)
+    except StepNotFoundError:
+        raise
+    except DeltaCkptError as exc:
+        report.add(exc, step=s)
+        return
+    if not m.exact:
+        report.lossy_steps[s] = m.max_rel_error
+    try:
+        wanted = leaf_indices(m.tree)
+        if wanted and max(wanted) >= len(m.tensors):
+            raise CorruptFileError("state tree refers to a tensor the manifest lacks",
+                                   step=s)
+        for i in _generator_leaves(m.tree):
+            e = m.tensors[i]
+            if e.kind != "torch" or e.dtype != "uint8" or len(e.shape) != 1:
+                raise CorruptFileError(f"state tree: a torch.Generator's state is tensor "
+                                       f"{e.path!r}, which is not a 1-D uint8 tensor", step=s)
+    except DeltaCkptError as exc:
+        report.add(exc, step=s)
+    for entry in m.tensors:
+        if entry.dropped:
+            continue
+        report.tensors += 1
+        try:
+            repo.reconstructor.tensor_digest(s, entry)
+            report.bytes += entry.nbytes
+        except DeltaCkptError as exc:
+            # the error names the step of the damaged link; say which step it breaks too
+            if exc.step is not None and exc.step != s:
+                report.problems.append(Problem(s, entry.path, exc.cause,
+                                               f"[step {s}, tensor {entry.path!r}] "
+                                               f"depends on a damaged entry: {exc}"))
+            else:
+                report.add(exc, step=s, path=entry.path)
+
+
+def _generator_leaves(tree: object) -> list[int]:
+    """Leaf indices of the tree's ``generator`` nodes (the tree is already known to decode)."""
+    found, stack = [], [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            if len(node) == 3 and node[0] == "generator" and type(node[2]) is int:
+                found.append(node[2])
+            stack.extend(node)
+    return found
+
+
 def _verify_store(repo: Repository, report: VerifyReport) -> None:
-    from .store.packs import decode_index, index_name
+    from .store.packs import decode_index, index_name, is_pack_id
 
     backend = repo.backend
     for fname in backend.list("index"):
         if not fname.endswith(".idx"):
             continue
         pid = fname[:-4]
+        if not is_pack_id(pid):
+            report.problems.append(Problem(None, None, "stray file",
+                                           f"index/{fname}: not named after a pack id (32 "
+                                           "lowercase hex digits); never read: move it away"))
+            continue
         try:
             named, entries = decode_index(backend.read(index_name(pid)), index_name(pid))
+        except FileNotFoundError:
+            continue  # deleted since it was listed (a writer's gc)
         except DeltaCkptError as exc:
             report.add(exc)
             continue
@@ -119,5 +170,8 @@ def _verify_store(repo: Repository, report: VerifyReport) -> None:
             report.problems.append(Problem(None, None, "corrupt index",
                                            f"{index_name(pid)} names pack {named}"))
             continue
-        for msg in scan_pack(backend, pid, entries):
+        problems = scan_pack(backend, pid, entries)
+        if problems and not backend.exists(index_name(pid)):
+            continue  # the pack went with its index meanwhile (a writer's gc)
+        for msg in problems:
             report.problems.append(Problem(None, None, "corrupt pack", msg))

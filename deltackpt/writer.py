@@ -21,7 +21,7 @@ import xxhash
 from .codecs import NotApplicable, get_codec
 from .codecs._floats import is_float, to_float
 from .codecs.base import Codec
-from .dtypes import ElementType, numpy_type, torch_type
+from .dtypes import ElementType, numpy_type, storage_dtype, torch_type
 from .frame import encode_frame
 from .manifest import ChunkRef, TensorEntry
 from .policy import DROP, LOSSLESS, Policy
@@ -53,7 +53,7 @@ def raw_bytes(value: torch.Tensor | np.ndarray) -> tuple[np.ndarray, ElementType
     """A 1-D uint8 view (a copy for non-contiguous or non-CPU values) of ``value``'s bytes."""
     if isinstance(value, torch.Tensor):
         et = torch_type(value.dtype)
-        t = value.detach()
+        t = value.detach() if value.requires_grad else value
         if t.device.type != "cpu":
             t = t.cpu()
         if t.is_conj():
@@ -71,38 +71,29 @@ def raw_bytes(value: torch.Tensor | np.ndarray) -> tuple[np.ndarray, ElementType
             flat = flat.as_strided((1,), (1,))
         return flat.view(torch.uint8).numpy(), et
     et = numpy_type(value.dtype)
-    arr = np.ascontiguousarray(value, dtype=np.dtype(et.name))
+    arr = np.ascontiguousarray(value, dtype=storage_dtype(et))
     return arr.reshape(-1).view(np.uint8), et
 
 
-def snapshot(value: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-    """A private copy of ``value`` on the CPU, so training may go on changing the original.
-
-    CUDA tensors are copied into pinned host memory; the copy is complete when this returns.
-    """
-    if isinstance(value, np.ndarray):
-        return np.array(value, copy=True)
-    t = value.detach()
-    if t.device.type != "cpu":
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
-        host.copy_(t, non_blocking=True)
-        torch.cuda.synchronize(t.device)
-        t = host
-    data, _ = raw_bytes(t)  # resolves conj/neg views and odd strides into plain bytes
-    out = (torch.from_numpy(data.copy()).view(t.dtype).reshape(t.shape) if t.numel()
-           else torch.empty(t.shape, dtype=t.dtype))
-    if isinstance(value, torch.nn.Parameter):
-        return torch.nn.Parameter(out, requires_grad=value.requires_grad)
-    return out.requires_grad_(value.requires_grad) if value.requires_grad else out
-
-
 def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any],
-                window: int) -> Iterator[Any]:
-    """``map`` over a pool with at most ``window`` tasks in flight; results in input order."""
+                window: int, inline: Callable[[Any], bool] | None = None) -> Iterator[Any]:
+    """``map`` over a pool with at most ``window`` tasks in flight; results in input order.
+
+    Items for which ``inline(item)`` is true run in the calling thread: for tiny tasks the
+    hand-off to a worker costs more than the task.
+    """
     pending: list[Future[Any]] = []
     try:
         for item in items:
-            pending.append(pool.submit(fn, item))
+            if inline is not None and inline(item):
+                done: Future[Any] = Future()
+                try:
+                    done.set_result(fn(item))
+                except BaseException as exc:  # noqa: BLE001 - re-raised in order by result()
+                    done.set_exception(exc)
+                pending.append(done)
+            else:
+                pending.append(pool.submit(fn, item))
             if len(pending) >= window:
                 yield pending.pop(0).result()
         while pending:
@@ -111,6 +102,13 @@ def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Itera
         for fut in pending:
             fut.cancel()
         wait(pending)
+
+
+SMALL_CHUNK = 64 * 1024  # chunks below this are encoded in the calling thread
+
+
+def _is_small(job: tuple[_Tensor, int]) -> bool:
+    return min(job[0].chunk_bytes, job[0].data.size) < SMALL_CHUNK
 
 
 @dataclass
@@ -124,6 +122,9 @@ class _Tensor:
     lossy: list[Codec] = field(default_factory=list)  # rule codecs for changed chunks
     dropped: bool = False
     recon: np.ndarray | None = None      # the reconstruction, when any chunk is lossy
+    #: where this step's value goes as the next reference, chunk by chunk as chunks finish:
+    #: the old reference's own buffer when the layout is unchanged (no second copy of the state)
+    ref_out: np.ndarray | None = None
     chunks: list[ChunkRef] = field(default_factory=list)
     error: list[tuple[float, float, float, int]] = field(default_factory=list)
 
@@ -167,6 +168,8 @@ class StepEncoder:
         self.ref = ref
         self.delta: Codec = get_codec(policy.codec)
         self.codecs: list[dict[str, Any]] = [RAW_CONFIG]
+        #: whether this step becomes the next reference (kept in memory)
+        self.keep_copy = policy.reference == "previous" or self.keyframe
 
     def _codec_index(self, cfg: dict[str, Any]) -> int:
         if cfg not in self.codecs:
@@ -223,10 +226,24 @@ class StepEncoder:
                     -(-data.size // chunk_bytes), lossy, dropped)
         if lossy:
             t.recon = np.empty_like(data)
+        elif self.keep_copy and not dropped:
+            t.ref_out = base.data if base is not None and base.data.size == data.size \
+                and base.data.flags.writeable else np.empty_like(data)
         return t
 
     def _chunk(self, job: tuple[_Tensor, int]) -> tuple[ChunkRef | tuple[Any, ...], int]:
         """Runs in a worker. Returns (record or record template, bytes written)."""
+        result = self._encode_chunk(job)
+        t, i = job
+        if t.ref_out is not None:
+            # only after the chunk is encoded: ref_out may be the buffer its delta was taken from
+            lo, hi = i * t.chunk_bytes, min(t.data.size, (i + 1) * t.chunk_bytes)
+            if not (t.base is not None and t.ref_out is t.base.data and result[1] == 0
+                    and not isinstance(result[0], ChunkRef) and result[0][0] == "copy"):
+                t.ref_out[lo:hi] = t.data[lo:hi]
+        return result
+
+    def _encode_chunk(self, job: tuple[_Tensor, int]) -> tuple[ChunkRef | tuple[Any, ...], int]:
         t, i = job
         pol, store = self.policy, self.store
         lo, hi = i * t.chunk_bytes, min(t.data.size, (i + 1) * t.chunk_bytes)
@@ -286,7 +303,9 @@ class StepEncoder:
         return ChunkRef(pid, self._codec_index(codec.get_config()), t.base.step, digest, depth)
 
     def encode(self, leaves: list[Leaf]) -> EncodedStep:
-        keep_copy = self.policy.reference == "previous" or self.keyframe
+        """Encode and store every chunk. On error the old reference may be half overwritten:
+        the caller must drop it (:class:`Repository` rebuilds it from disk)."""
+        keep_copy = self.keep_copy
         tensors: list[_Tensor] = []
 
         def jobs() -> Iterator[tuple[_Tensor, int]]:
@@ -298,7 +317,7 @@ class StepEncoder:
 
         new = reused = written_total = cur = 0
         for (rec, written) in bounded_map(self.pool, self._chunk, jobs(),
-                                          4 * self.policy.workers):
+                                          4 * self.policy.workers, _is_small):
             written_total += written
             if written:
                 new += 1
@@ -339,7 +358,8 @@ class StepEncoder:
                 if t.base is not None and keep_copy:
                     reference[entry.path] = t.base  # keep deltas against the last stored value
             elif keep_copy:
-                data = t.recon if t.recon is not None else np.array(t.data, copy=True)
+                data = t.recon if t.recon is not None else t.ref_out
+                assert data is not None
                 reference[entry.path] = RefTensor(entry, data, self.step)
         codecs = [get_codec(c) for c in self.codecs]
         for e in entries:

@@ -74,3 +74,83 @@ def test_close_waits_for_background_saves(tmp_path):
     with deltackpt.open(tmp_path / "r", mode="r") as ro:
         assert ro.steps() == [0, 1, 2]
         assert_bitexact(ro.load(2), _state(2))
+
+
+def _mixed_state(seed: int) -> dict:
+    import numpy as np
+    g = torch.Generator().manual_seed(seed)
+    return {"p": torch.nn.Parameter(torch.randn(64, 8, generator=g)),
+            "g": torch.randn(16, generator=g).requires_grad_(True),
+            "f8": torch.randn(33, generator=g).to(torch.float8_e4m3fn),
+            "b": torch.rand(17, generator=g) > 0.5,
+            "e": torch.empty(0, 3), "z": torch.tensor(seed),
+            "np": np.arange(seed, seed + 7, dtype=">i4"), "view": torch.arange(40.0)[::3]}
+
+
+def test_async_staging_buffers_are_reused_and_bitexact(tmp_path):
+    with deltackpt.open(tmp_path / "r", async_buffers=1) as repo:
+        pool = repo._staging
+        expected = []
+        first = None
+        for s in range(4):
+            st = _mixed_state(s)
+            expected.append(copy.deepcopy(st))
+            repo.save(s, st, blocking=False)
+            with torch.no_grad():
+                st["p"].add_(1.0)
+            repo.wait()
+            assert len(pool._free) == 1 and pool._busy == 0  # released after the save
+            buf = pool._free[0]
+            first = first or buf
+            assert buf is first  # reused, never reallocated for a state of the same size
+        for s, exp in enumerate(expected):
+            assert_bitexact(repo.load(s), exp)
+
+
+def test_async_back_pressure_waits_for_a_free_buffer(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    with deltackpt.open(tmp_path / "r", async_buffers=1) as repo:
+        gate = threading.Event()
+        real = repo._save_now
+
+        def slow(*args, **kwargs):
+            gate.wait(10)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(repo, "_save_now", slow)
+        repo.save(0, _state(0), blocking=False)
+        done = threading.Event()
+
+        def second():
+            repo.save(1, _state(1), blocking=False)
+            done.set()
+
+        th = threading.Thread(target=second)
+        th.start()
+        time.sleep(0.3)
+        assert not done.is_set()  # the only staging buffer is still read by save 0
+        gate.set()
+        th.join(10)
+        assert done.is_set()
+        repo.wait()
+        assert repo.steps() == [0, 1]
+
+
+def test_async_failure_releases_its_buffer(tmp_path, monkeypatch):
+    with deltackpt.open(tmp_path / "r", async_buffers=1) as repo:
+        def failing(*args, **kwargs):
+            raise OSError(5, "Input/output error")
+
+        real = repo._save_now
+        monkeypatch.setattr(repo, "_save_now", failing)
+        fut = repo.save(0, _state(0), blocking=False)
+        with pytest.raises(OSError):
+            fut.result()
+        monkeypatch.setattr(repo, "_save_now", real)
+        with pytest.raises(OSError):
+            repo.wait()
+        repo.save(1, _state(1), blocking=False)  # would wait forever if the buffer leaked
+        repo.wait()
+        assert repo.steps() == [1]

@@ -249,9 +249,9 @@ def check_record_depths(reader: deltackpt.Repository) -> None:
     gets = [0]
     real_get = reader.store.get
 
-    def counting_get(cid: bytes) -> Any:
+    def counting_get(cid: bytes, *args: Any, **kwargs: Any) -> Any:
         gets[0] += 1
-        return real_get(cid)
+        return real_get(cid, *args, **kwargs)
 
     reader.store.get = counting_get  # type: ignore[method-assign]
     try:
@@ -512,13 +512,13 @@ def test_partial_load_returns_selected_subtrees_and_reads_only_them(
     expected = want(state)
     with deltackpt.open(tmp_path / "r", mode="r") as reader:
         read: set[str] = set()
-        original = reader.reconstructor.chunk
+        original = reader.reconstructor.chunk_into
 
-        def spy(step: int, entry: Any, i: int) -> Any:
+        def spy(step: int, entry: Any, i: int, out: Any) -> Any:
             read.add(entry.path)
-            return original(step, entry, i)
+            return original(step, entry, i, out)
 
-        monkeypatch.setattr(reader.reconstructor, "chunk", spy)
+        monkeypatch.setattr(reader.reconstructor, "chunk_into", spy)
         out = reader.load(0, select=select)
         assert_bitexact(expected, out)
         out1 = reader.load(1, select=select)

@@ -122,3 +122,36 @@ def test_benchmark_quick_runs():
     finally:
         sys.path.pop(0)
     assert bench_foundation.main(["--quick", "--steps", "20"]) == 0
+
+
+def test_log_and_du_point_to_dcp_rank_subrepositories(tmp_path, capsys):
+    root = tmp_path / "r"
+    with deltackpt.open(root) as repo:
+        repo.save(0, {"dcp": {"format": "stand-in"}})
+    with deltackpt.open(root / "dcp" / "rank-00000") as sub:
+        sub.save(0, {"tensors": {"w@0": torch.randn(1000)}})
+    with deltackpt.open(root, mode="r") as repo:
+        disk = repo.disk_usage()
+    assert disk["dcp"] > 4000 and disk["other"] < disk["dcp"]
+    assert main(["du", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "rank sub-repositories" in out and "dcp/rank-00000" in out
+    assert main(["log", str(root)]) == 0
+    assert "dcp/rank-00000" in capsys.readouterr().out
+
+
+def test_verify_proposes_and_carries_out_a_repair(tmp_path, capsys):
+    root = tmp_path / "r"
+    with deltackpt.open(root) as repo:
+        for s in range(3):
+            repo.save(s, _state(s))
+    idx = sorted((root / "index").iterdir())
+    idx[0].unlink()  # the pack is intact: its index can be rebuilt from it
+    assert main(["verify", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "--repair" in out
+    assert main(["verify", str(root), "--repair"]) == 0
+    assert "repaired; OK" in capsys.readouterr().out
+    with deltackpt.open(root, mode="r") as ro:
+        for s in range(3):
+            assert_bitexact(ro.load(s), _state(s))

@@ -1189,21 +1189,22 @@ def test_reader_that_parsed_manifests_before_a_rebase_still_loads(tmp_path):
             r.load(2)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a reader caches parsed manifests (and rebuilt "
-                   "chunks) for its lifetime: after another process deletes a step the reader "
-                   "had loaded, it keeps loading it (no StepNotFoundError) and, once the step "
-                   "number is saved again, returns the OLD state for it")
 def test_reader_that_loaded_a_step_sees_its_deletion_and_resave(tmp_path):
+    """Fixed: a reader revalidates a cached manifest on every use (one stat), so it sees
+    another process delete a step it had loaded, and the new state once it is saved again."""
     path = str(tmp_path / "r")
     _build_small(path, range(4), keyframe_every=4)
     with deltackpt.open(path, "r") as r, deltackpt.open(path, "a", chunk_bytes=1024) as w:
         assert_bitexact(r.load(2), _small_state(2))
         w.delete(2)
         w.gc(repack_below=1.0)
+        with pytest.raises(StepNotFoundError):
+            r.load(2)
         resaved = {"model": {"w": torch.zeros(7)}, "step": -2}
         w.save(2, resaved)
         value = r.load(2)
         assert_bitexact(value, resaved)
+        assert_bitexact(r.load(3), _small_state(3))
 
 
 # ==================================================================================== CLI

@@ -49,6 +49,35 @@ class Codec(ABC):
                nbytes: int) -> np.ndarray:
         """Return the chunk's ``nbytes`` raw bytes as a 1-D uint8 array."""
 
+    def max_payload(self, nbytes: int, etype: ElementType) -> int | None:
+        """The most payload bytes that can decode into a chunk of ``nbytes`` (None: no bound).
+
+        Readers refuse an index entry declaring more before reading or decompressing anything,
+        so a hostile repository cannot make them inflate a small chunk into gigabytes.
+        """
+        return None
+
+    def min_payload(self, nbytes: int, etype: ElementType) -> int:
+        """The fewest payload bytes that can decode into a chunk of ``nbytes``."""
+        return 0
+
+    def decode_inplace(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+                       nbytes: int) -> np.ndarray:
+        """:meth:`decode`, free to overwrite (and return) ``payload``'s memory.
+
+        The reader owns each payload it decodes; codecs whose inverse is elementwise override
+        this to spare an allocation and a pass over memory per chain link.
+        """
+        return self.decode(payload, ref, etype, nbytes)
+
+    def decode_into(self, payload: np.ndarray, ref: np.ndarray | None, out: np.ndarray,
+                    etype: ElementType) -> None:
+        """Write the decoded chunk into ``out``, which may be the very array ``ref`` is (the
+        reader applies a chain of deltas in place); may overwrite ``payload``."""
+        if ref is not None and np.shares_memory(ref, out):
+            ref = ref.copy()
+        out[...] = self.decode_inplace(payload, ref, etype, out.size)
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Codec) and self.get_config() == other.get_config()
 

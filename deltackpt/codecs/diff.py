@@ -22,17 +22,46 @@ class Diff(Codec):
                etype: ElementType) -> tuple[np.ndarray, int]:
         ref = check_reference(self, data.size, ref)
         u = uint_of_width(etype.word)
-        s = (data.view(u) - ref.view(u)).view(u.str.replace("u", "i"))
-        bits = 8 * etype.word
-        z = (s << 1) ^ (s >> (bits - 1))
-        return z.view(np.uint8), etype.word
+        d = np.subtract(data.view(u), ref.view(u))
+        s = d.view(u.str.replace("u", "i"))
+        sign = s >> (8 * etype.word - 1)    # arithmetic: all ones where negative
+        s <<= 1
+        s ^= sign
+        return d.view(np.uint8), etype.word
 
     def decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
                nbytes: int) -> np.ndarray:
         if payload.size != nbytes or nbytes % etype.word:
             raise CorruptChunkError(f"diff payload has {payload.size} bytes, expected {nbytes}")
+        return self.decode_inplace(payload.copy(), ref, etype, nbytes)
+
+    def decode_inplace(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+                       nbytes: int) -> np.ndarray:
+        z, u, ref = self._unzigzag(payload, ref, etype, nbytes)
+        z += ref.view(u)
+        return payload
+
+    def decode_into(self, payload: np.ndarray, ref: np.ndarray | None, out: np.ndarray,
+                    etype: ElementType) -> None:
+        z, u, ref = self._unzigzag(payload, ref, etype, out.size)
+        np.add(ref.view(u), z, out=out.view(u))  # elementwise: ``out`` may be ``ref``
+
+    def _unzigzag(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+                  nbytes: int) -> tuple[np.ndarray, np.dtype, np.ndarray]:
+        """Check sizes and turn ``payload`` into the signed differences, in place."""
+        if payload.size != nbytes or nbytes % etype.word:
+            raise CorruptChunkError(f"diff payload has {payload.size} bytes, expected {nbytes}")
         ref = check_reference(self, nbytes, ref)
         u = uint_of_width(etype.word)
         z = payload.view(u)
-        s = (z >> u.type(1)) ^ (u.type(0) - (z & u.type(1)))
-        return (ref.view(u) + s).view(np.uint8)
+        sign = (z << u.type(8 * etype.word - 1)).view(u.str.replace("u", "i"))
+        sign >>= 8 * etype.word - 1          # arithmetic: all ones where z is odd
+        z >>= u.type(1)
+        z ^= sign.view(u)
+        return z, u, ref
+
+    def max_payload(self, nbytes: int, etype: ElementType) -> int | None:
+        return nbytes  # elementwise: the payload is exactly the chunk's size
+
+    def min_payload(self, nbytes: int, etype: ElementType) -> int:
+        return nbytes

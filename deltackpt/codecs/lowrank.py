@@ -21,7 +21,7 @@ from ..dtypes import ElementType
 from ..errors import CodecError, CorruptChunkError
 from ._floats import from_float, to_float
 from .base import Codec, NotApplicable, check_reference, register_codec
-from .quant import Quant
+from .quant import Quant, quant_payload_bound
 
 
 @register_codec
@@ -130,3 +130,9 @@ class LowRank(Codec):
                 raise CorruptChunkError("lowrank payload has trailing bytes")
             return base
         return self._residual.decode(payload[end:], base, etype, nbytes)
+
+    def max_payload(self, nbytes: int, etype: ElementType) -> int | None:
+        n = nbytes // max(1, etype.itemsize)
+        cols = max(1, self.cols or 1)
+        rows = -(-n // cols)
+        return 4 + 4 * min(rows, cols) * (rows + cols) + quant_payload_bound(n)

@@ -158,3 +158,11 @@ class Quant(Codec):
     def supports(self, etype: ElementType) -> bool:
         from ._floats import is_float
         return is_float(etype)
+
+    def max_payload(self, nbytes: int, etype: ElementType) -> int | None:
+        return quant_payload_bound(nbytes // max(1, etype.itemsize))
+
+
+def quant_payload_bound(n: int) -> int:
+    """Scales (block >= 1), codes (<= 8 bits) and the zero mask of ``n`` elements, at most."""
+    return 4 * n + n + -(-n // 8)

@@ -21,3 +21,9 @@ class Raw(Codec):
         if payload.size != nbytes:
             raise CorruptChunkError(f"raw payload has {payload.size} bytes, expected {nbytes}")
         return payload
+
+    def max_payload(self, nbytes: int, etype: ElementType) -> int | None:
+        return nbytes  # elementwise: the payload is exactly the chunk's size
+
+    def min_payload(self, nbytes: int, etype: ElementType) -> int:
+        return nbytes

@@ -72,3 +72,7 @@ class Sparse(Codec):
         out = out.copy()
         out[idx] ^= payload[4 + 4 * count:].reshape(count, bb)
         return out.reshape(-1)[:nbytes]
+
+    def max_payload(self, nbytes: int, etype: ElementType) -> int | None:
+        bb = self.block * etype.itemsize
+        return 4 + -(-nbytes // bb) * (4 + bb)  # count, then (index, block) per block

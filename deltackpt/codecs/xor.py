@@ -8,10 +8,11 @@ from ..errors import CorruptChunkError
 from .base import Codec, check_reference, register_codec
 
 
-def _xor(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _xor(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     if a.size % 8 == 0:  # 8-byte lanes are several times faster than bytes
-        return np.bitwise_xor(a.view(np.uint64), b.view(np.uint64)).view(np.uint8)
-    return np.bitwise_xor(a, b)
+        return np.bitwise_xor(a.view(np.uint64), b.view(np.uint64),
+                              out=None if out is None else out.view(np.uint64)).view(np.uint8)
+    return np.bitwise_xor(a, b, out=out)
 
 
 @register_codec
@@ -28,3 +29,21 @@ class Xor(Codec):
         if payload.size != nbytes:
             raise CorruptChunkError(f"xor payload has {payload.size} bytes, expected {nbytes}")
         return _xor(payload, check_reference(self, nbytes, ref))
+
+    def decode_inplace(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+                       nbytes: int) -> np.ndarray:
+        if payload.size != nbytes:
+            raise CorruptChunkError(f"xor payload has {payload.size} bytes, expected {nbytes}")
+        return _xor(payload, check_reference(self, nbytes, ref), out=payload)
+
+    def decode_into(self, payload: np.ndarray, ref: np.ndarray | None, out: np.ndarray,
+                    etype: ElementType) -> None:
+        if payload.size != out.size:
+            raise CorruptChunkError(f"xor payload has {payload.size} bytes, expected {out.size}")
+        _xor(payload, check_reference(self, out.size, ref), out=out)  # elementwise: may alias
+
+    def max_payload(self, nbytes: int, etype: ElementType) -> int | None:
+        return nbytes  # elementwise: the payload is exactly the chunk's size
+
+    def min_payload(self, nbytes: int, etype: ElementType) -> int:
+        return nbytes

@@ -8,6 +8,7 @@ its id. Byte grammars: spec/FORMAT.md, "Pack file" and "Index file".
 from __future__ import annotations
 
 import os
+import re
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -31,6 +32,15 @@ _PACK_TAIL = struct.Struct("<8s16s")        # end magic, xxh3-128 of every byte 
 _INDEX_HEAD = struct.Struct("<8sII16s")     # magic, version, count, pack id
 _INDEX_ENTRY = struct.Struct("<16sQQQ")     # chunk id, frame offset, frame length, payload length
 MAX_CHUNK_BYTES = 1 << 31                   # readers refuse larger declared payloads
+MAX_PACK_END = 1 << 60                      # frames past this offset are refused (pread's off_t)
+_PACK_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def is_pack_id(pid: object) -> bool:
+    """Whether ``pid`` has the form of a pack id (32 lowercase hex digits): the only names a
+    reader or writer turns into file names, so no journal or directory entry can name a file
+    outside ``packs/`` and ``index/``."""
+    return isinstance(pid, str) and _PACK_ID.fullmatch(pid) is not None
 
 
 def chunk_id(payload: np.ndarray | bytes | memoryview) -> bytes:
@@ -79,7 +89,7 @@ def decode_index(data: bytes, name: str = "index") -> tuple[str, list[tuple[byte
                for i in range(count)]
     for cid, off, length, plen in entries:
         if off < _PACK_HEAD.size + _ENTRY_HEAD.size or plen > MAX_CHUNK_BYTES \
-                or length > plen + 64 + 9 * 255 + (plen >> 4):
+                or length > plen + 64 + 9 * 255 + (plen >> 4) or off + length > MAX_PACK_END:
             raise CorruptFileError(f"{name}: implausible entry for chunk {cid.hex()}")
     return pid.hex(), entries
 
@@ -134,8 +144,8 @@ class ChunkStore:
             if not fname.endswith(".idx"):
                 continue
             pid = fname[:-4]
-            if pid in self._loaded or pid in self.bad_indexes:
-                continue
+            if pid in self._loaded or pid in self.bad_indexes or not is_pack_id(pid):
+                continue  # (verify reports index files whose name is not a pack id)
             try:
                 self.load_index(pid)
             except (CorruptFileError, FormatVersionError) as exc:
@@ -191,9 +201,20 @@ class ChunkStore:
         return sorted(self._loaded)
 
     # -- read ----------------------------------------------------------------------------------
-    def get(self, cid: bytes) -> np.ndarray:
-        """The payload of chunk ``cid``, verified against its id."""
+    def get(self, cid: bytes, max_length: int | None = None, *,
+            out: np.ndarray | None = None) -> np.ndarray:
+        """The payload of chunk ``cid``, verified against its id.
+
+        ``max_length``: the most payload bytes the caller can use; an index entry declaring
+        more is refused before any byte is read or decompressed (decompression bombs).
+        ``out``: decode into this 1-D uint8 array (its length must equal the payload's) and
+        return it; on any error its contents are undefined.
+        """
         loc = self.locate(cid)
+        if max_length is not None and loc.payload_length > max_length:
+            raise CorruptChunkError(f"chunk {cid.hex()} in pack {loc.pack}: the index declares "
+                                    f"a {loc.payload_length}-byte payload where at most "
+                                    f"{max_length} can be used", cause="corrupt chunk")
         try:
             frame = self.backend.read_range(pack_name(loc.pack), loc.offset, loc.length)
         except FileNotFoundError:
@@ -213,7 +234,10 @@ class ChunkStore:
             raise MissingChunkError(f"pack {loc.pack} is truncated at chunk {cid.hex()}",
                                     cause="truncated pack")
         try:
-            payload = decode_frame(frame, loc.payload_length)
+            if out is not None and out.size != loc.payload_length:
+                raise CorruptChunkError(f"payload is {loc.payload_length} bytes, the chunk "
+                                        f"{out.size}")
+            payload = decode_frame(frame, loc.payload_length, out)
         except CorruptChunkError as exc:
             raise CorruptChunkError(f"chunk {cid.hex()} in pack {loc.pack}: {exc}",
                                     cause="corrupt chunk") from None
@@ -303,6 +327,8 @@ def scan_pack(backend: Backend, pid: str,
         head = backend.read_range(name, 0, _PACK_HEAD.size)
     except FileNotFoundError:
         return [f"pack {pid} is missing"]
+    except CorruptFileError as exc:  # e.g. not a regular file
+        return [f"pack {pid}: {exc}"]
     problems = []
     if len(head) != _PACK_HEAD.size or _PACK_HEAD.unpack(head) != (PACK_MAGIC, PACK_VERSION, 0):
         problems.append(f"pack {pid}: bad header")
@@ -330,3 +356,39 @@ def scan_pack(backend: Backend, pid: str,
     if tail != _PACK_TAIL.pack(PACK_END_MAGIC, h.digest()):
         problems.append(f"pack {pid}: trailer digest mismatch (bytes changed on disk)")
     return problems
+
+
+def read_pack_entries(backend: Backend, pid: str) -> tuple[list[tuple[bytes, int, int]], bool]:
+    """Walk a pack's entry headers without its index: ``([(chunk id, frame offset, frame
+    length), ...], complete)``, in file order, stopping at the first header that does not fit;
+    ``complete`` when they tile the file up to a trailer whose digest matches. Frames are not
+    decoded. (For gc and repair, when an index is missing or damaged.)"""
+    name = pack_name(pid)
+    size = backend.size(name)
+    if backend.read_range(name, 0, _PACK_HEAD.size) != _PACK_HEAD.pack(PACK_MAGIC,
+                                                                        PACK_VERSION, 0):
+        return [], False
+    out: list[tuple[bytes, int, int]] = []
+    pos = _PACK_HEAD.size
+    while pos + _ENTRY_HEAD.size + _PACK_TAIL.size <= size:
+        head = backend.read_range(name, pos, _ENTRY_HEAD.size)
+        if len(head) != _ENTRY_HEAD.size:
+            return out, False
+        cid, length = _ENTRY_HEAD.unpack(head)
+        end = pos + _ENTRY_HEAD.size + length
+        if end + _PACK_TAIL.size > size:
+            return out, False
+        out.append((cid, pos + _ENTRY_HEAD.size, length))
+        pos = end
+    if pos + _PACK_TAIL.size != size:
+        return out, False
+    h = xxhash.xxh3_128()
+    done = 0
+    while done < pos:
+        block = backend.read_range(name, done, min(8 << 20, pos - done))
+        if not block:
+            return out, False
+        h.update(block)
+        done += len(block)
+    return out, backend.read_range(name, pos, _PACK_TAIL.size) == _PACK_TAIL.pack(
+        PACK_END_MAGIC, h.digest())
