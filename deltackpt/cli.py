@@ -170,6 +170,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
         report = repo.delete(*args.steps)
     print(f"deleted steps {report.deleted_steps}; rebased {report.rebased_steps or 'none'}; "
           f"freed {human(report.freed_bytes)}, rebasing wrote {human(report.rebase_bytes)}")
+    if report.absent_steps:
+        print(f"warning: steps {report.absent_steps} were not in the repository (already "
+              "deleted?); nothing to do for them", file=sys.stderr)
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import CorruptChunkError, DeltaCkptError, StepNotFoundError
 from .frame import decode_frame
 from .manifest import ChunkRef, Manifest, manifest_name
-from .store.packs import (_ENTRY_HEAD, _OpenPack, ChunkStore, chunk_id, decode_index,
+from .store.packs import (_ENTRY_HEAD, _PACK_HEAD, _PACK_TAIL, _OpenPack, ChunkStore, chunk_id, decode_index,
                           encode_index, index_name, is_pack_id, pack_name, read_pack_entries)
 
 if TYPE_CHECKING:
@@ -29,6 +29,8 @@ class GCReport:
     """What a delete/gc did (or, with ``dry_run``, would do)."""
 
     deleted_steps: list[int] = field(default_factory=list)
+    #: steps asked for that were not there (deleted before, e.g. by a delete that crashed)
+    absent_steps: list[int] = field(default_factory=list)
     rebased_steps: list[int] = field(default_factory=list)
     deleted_packs: int = 0
     repacked_packs: int = 0
@@ -45,10 +47,15 @@ def _refs(m: Manifest) -> set[int]:
 
 
 def delete_steps(repo: Repository, steps: list[int], report: GCReport) -> None:
-    """Rebase dependents of ``steps``, then remove the steps' manifests."""
+    """Rebase dependents of ``steps``, then remove the steps' manifests. Steps already absent
+    are listed in ``report.absent_steps`` and skipped, so rerunning a delete that was
+    interrupted finishes it."""
+    present = set(repo.steps())
+    report.absent_steps.extend(s for s in steps if s not in present)
+    steps = [s for s in steps if s in present]
     doomed = set(steps)
     for s in steps:
-        repo.manifest(s)  # StepNotFoundError for an unknown step, before touching anything
+        repo.manifest(s)  # a damaged manifest raises here, before anything is touched
     kept = [s for s in repo.steps() if s not in doomed]
     for d in kept:  # ascending: a rebased step never depends on a later one
         m = repo.manifest(d)
@@ -152,7 +159,9 @@ def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5) -> None
             continue  # an index copied under another pack's name: damaged, left for verify
         size = backend.size(pack_name(pid)) if backend.exists(pack_name(pid)) else 0
         live_entries = [e for e in entries if e[0] in live]
-        live_bytes = sum(e[2] + _ENTRY_HEAD.size for e in live_entries)
+        # a pack's header and trailer are overhead every pack has, not garbage
+        live_bytes = sum(e[2] + _ENTRY_HEAD.size for e in live_entries) \
+            + _PACK_HEAD.size + _PACK_TAIL.size
         if not live_entries:
             report.deleted_packs += 1
             report.freed_bytes += size + backend.size(index_name(pid))
@@ -196,7 +205,7 @@ def _journaled(repo: Repository, pid: str) -> bool:
 def _repack(repo: Repository, old: str, entries: list[tuple[bytes, int, int, int]]) -> None:
     store: ChunkStore = repo.store
     backend = repo.backend
-    txn = repo._begin(None)
+    txn = repo._begin(None, replaces=[old])
     new = os.urandom(16).hex()
     repo._journal_pack(new)
     pack = _OpenPack(new, backend.create_stream(pack_name(new)))

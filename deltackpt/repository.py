@@ -116,7 +116,7 @@ class Repository:
         self._manifests: dict[int, Manifest] = {}
         self._ref: RefState | None = None
         self._ref_loaded = False
-        self._journal: tuple[str, int, list[str]] | None = None
+        self._journal: tuple[str, int | None, list[str], list[str]] | None = None
         self._manifest_size = 0
         if not self.backend.exists(CONFIG_NAME):
             if mode == "r":
@@ -209,15 +209,22 @@ class Repository:
                 doc = checksum.load(self.backend.read(name), name)
                 step, packs, txn = doc["step"], list(doc["packs"]), doc["txn"]
                 kind = doc.get("kind", "save")
-                if not all(is_pack_id(p) for p in packs):  # never a path out of packs/
+                replaces = list(doc.get("replaces", []))
+                if not all(is_pack_id(p) for p in packs + replaces):  # never a path out of packs/
                     raise ValueError("journal names something that is not a pack id")
             except (DeltaCkptError, KeyError, TypeError, ValueError):
                 self.backend.delete(name)  # unreadable: its packs stay until garbage collection
                 continue
             if kind == "repack":  # a repacked pack is a complete copy once its index exists
+                complete = bool(packs)
                 for pid in packs:
                     if not self.backend.exists(index_name(pid)):
                         self.backend.delete(pack_name(pid))
+                        complete = False
+                if complete:  # finish it: the old pack's live chunks are all in the copy
+                    for old in replaces:
+                        self.backend.delete(index_name(old))
+                        self.backend.delete(pack_name(old))
                 self.backend.delete(name)
                 continue
             committed = False
@@ -237,15 +244,18 @@ class Repository:
 
     def _write_journal(self) -> None:
         assert self._journal is not None
-        txn, step, packs = self._journal
-        self.backend.write_atomic(f"txn/{txn}.json", checksum.dump(
-            {"txn": txn, "step": step, "packs": packs,
-             "kind": "save" if step is not None else "repack"}))
+        txn, step, packs, replaces = self._journal
+        doc: dict[str, Any] = {"txn": txn, "step": step, "packs": packs,
+                               "kind": "save" if step is not None else "repack"}
+        if replaces:
+            doc["replaces"] = replaces
+        self.backend.write_atomic(f"txn/{txn}.json", checksum.dump(doc))
 
-    def _begin(self, step: int | None) -> str:
-        """Journal a transaction: a save or rebase of ``step``, or a repack (step None)."""
+    def _begin(self, step: int | None, replaces: Sequence[str] = ()) -> str:
+        """Journal a transaction: a save or rebase of ``step``, or a repack (step None) of the
+        packs ``replaces`` (recovery finishes a repack whose copy is complete)."""
         txn = os.urandom(16).hex()
-        self._journal = (txn, step, [])
+        self._journal = (txn, step, [], list(replaces))
         self._write_journal()
         return txn
 
@@ -471,7 +481,8 @@ class Repository:
     def delete(self, *steps: int) -> GCReport:
         """Delete steps; steps that depend on them are rebased first, so they stay loadable.
 
-        Frees nothing by itself beyond what :meth:`gc` then sweeps (done here too).
+        Steps that are not there are skipped and listed in the report's ``absent_steps``, so
+        rerunning a delete that was interrupted finishes it. Sweeps unreferenced packs too.
         """
         self._check_open(write=True)
         self.wait_until_finished()
