@@ -21,6 +21,19 @@ from .manifest import Manifest, TensorEntry
 from .store.packs import ChunkStore
 
 MAX_CHAIN = 100_000
+_local = threading.local()
+_SCRATCH_MAX = 64 << 20  # larger payloads get a buffer of their own, not kept
+
+
+def _scratch(cid: bytes, store: ChunkStore) -> np.ndarray:
+    """A reusable per-thread buffer exactly as long as chunk ``cid``'s payload."""
+    n = store.locate(cid).payload_length
+    if n > _SCRATCH_MAX:
+        return np.empty(n, np.uint8)
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _local.buf = np.empty(max(n, 1 << 20), np.uint8)
+    return buf[:n]
 
 
 class ChunkCache:
@@ -130,7 +143,10 @@ class Reconstructor:
             elif ref is None and codec.codec_id == "raw":
                 value = self.store.get(rec.id, bound, out=out)  # frames decode straight in
             else:
-                codec.decode_into(self.store.get(rec.id, bound), ref, out, e.etype)
+                # the payload goes into a per-thread scratch buffer, reused chunk after chunk
+                # (a fresh array per link costs a page fault per 4 KiB)
+                payload = self.store.get(rec.id, bound, out=_scratch(rec.id, self.store))
+                codec.decode_into(payload, ref, out, e.etype)
                 value = out
         except DeltaCkptError as exc:
             raise type(exc)(f"chunk {i}: {exc}", step=s, path=e.path,

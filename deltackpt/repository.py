@@ -6,11 +6,13 @@ journal. A crash anywhere leaves earlier steps untouched; the next writer remove
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -51,6 +53,23 @@ _RAW = {"id": "raw"}
 
 
 _LOAD_ATTEMPTS = 5  # a load that meets concurrent repacks/rebases retries up to this often
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector (process-wide) for the duration.
+
+    Parsing manifests and state trees creates tens of thousands of short-lived, acyclic
+    objects; in a process that has imported torch (~10^5 tracked objects) they trigger full
+    collections that cost ~100 ms each, more than rebuilding a small state takes.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _now() -> str:
@@ -348,6 +367,11 @@ class Repository:
         tensors (default CPU).
         """
         self._raise_pending()
+        with gc_paused():
+            return self._load_retrying(step, select, map_location)
+
+    def _load_retrying(self, step: int | None, select: str | Sequence[str] | None,
+                       map_location: str | torch.device | None) -> Any:
         for attempt in range(_LOAD_ATTEMPTS):
             listing = self._listing()
             try:
