@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import CorruptChunkError, DeltaCkptError, StepNotFoundError
 from .frame import decode_frame
-from .manifest import ChunkRef, Manifest, manifest_name
+from .manifest import ChunkRef, Manifest, TensorEntry, manifest_name
 from .store.packs import (_ENTRY_HEAD, _PACK_HEAD, _PACK_TAIL, _OpenPack, ChunkStore, chunk_id, decode_index,
                           encode_index, index_name, is_pack_id, pack_name, read_pack_entries)
 
@@ -73,6 +73,26 @@ def delete_steps(repo: Repository, steps: list[int], report: GCReport) -> None:
             repo.cache.clear()
 
 
+def with_records(m: Manifest, tensors: list[TensorEntry], codecs: list[dict[str, Any]],
+                 txn: str) -> Manifest:
+    """``m`` with new chunk records (a rebase or a repair) in a new transaction; everything
+    the step restores (tree, digests, meta, time) stays as it was."""
+    from .codecs import get_codec
+
+    self_contained = all(c.ref is None for t in tensors for c in t.chunks)
+    new = Manifest(step=m.step, time=m.time,
+                   kind="keyframe" if self_contained else m.kind,
+                   keyframe=m.step if self_contained else m.keyframe,
+                   parent=None if self_contained else m.parent,
+                   delta_index=0 if self_contained else m.delta_index, meta=m.meta,
+                   codecs=codecs, tree=m.tree, tensors=tensors, stats=dict(m.stats),
+                   txn=txn, packs=[])
+    objs = [get_codec(c) for c in codecs]
+    for t in new.tensors:
+        t.codecs = objs
+    return new
+
+
 def _rebase(repo: Repository, m: Manifest, doomed: set[int]) -> int:
     """Commit a new manifest of ``m.step`` whose chunks no longer reference ``doomed`` steps."""
     rec = repo.reconstructor
@@ -97,19 +117,7 @@ def _rebase(repo: Repository, m: Manifest, doomed: set[int]) -> int:
                     c = ChunkRef(cid, raw_index, None, c.digest, 1)
                 chunks.append(c)
             tensors.append(t.__class__(**{**t.__dict__, "chunks": chunks}))
-        self_contained = all(c.ref is None for t in tensors for c in t.chunks)
-        new = Manifest(step=m.step, time=m.time,
-                       kind="keyframe" if self_contained else m.kind,
-                       keyframe=m.step if self_contained else m.keyframe,
-                       parent=None if self_contained else m.parent,
-                       delta_index=0 if self_contained else m.delta_index, meta=m.meta,
-                       codecs=codecs, tree=m.tree, tensors=tensors, stats=dict(m.stats),
-                       txn=txn, packs=[])
-        from .codecs import get_codec
-        objs = [get_codec(c) for c in codecs]
-        for t in new.tensors:
-            t.codecs = objs
-        return new, written
+        return with_records(m, tensors, codecs, txn), written
 
     new = repo._commit(m.step, build, base_stored=old_stored)
     return int(new.stats["stored_bytes"]) - old_stored

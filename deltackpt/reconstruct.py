@@ -14,7 +14,7 @@ import numpy as np
 import xxhash
 
 from .errors import (BrokenChainError, CorruptChunkError, DeltaCkptError, DigestMismatchError,
-                     IntegrityError, StepNotFoundError)
+                     StepNotFoundError)
 from .codecs.base import Codec
 from .dtypes import ElementType
 from .manifest import Manifest, TensorEntry

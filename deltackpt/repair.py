@@ -402,7 +402,7 @@ def _tensors(repo: Repository, step: int) -> list[TensorEntry]:
 
 def _repoint(repo: Repository, step: int, actions: list[Action]) -> None:
     """Commit a new manifest of ``step`` whose named records are raw records of their source."""
-    from .codecs import get_codec
+    from .gc import with_records
 
     m = repo.manifest(step)
     fix = {(a.path, a.chunk): a.source for a in actions}
@@ -427,17 +427,6 @@ def _repoint(repo: Repository, step: int, actions: list[Action]) -> None:
             chunks = [ChunkRef(fix[(t.path, i)], raw, None, c.digest, 1)  # type: ignore[arg-type]
                       if (t.path, i) in fix else c for i, c in enumerate(t.chunks)]
             tensors.append(t.__class__(**{**t.__dict__, "chunks": chunks}))
-        self_contained = all(c.ref is None for t in tensors for c in t.chunks)
-        new = Manifest(step=m.step, time=m.time,
-                       kind="keyframe" if self_contained else m.kind,
-                       keyframe=m.step if self_contained else m.keyframe,
-                       parent=None if self_contained else m.parent,
-                       delta_index=0 if self_contained else m.delta_index, meta=m.meta,
-                       codecs=codecs, tree=m.tree, tensors=tensors, stats=dict(m.stats),
-                       txn=txn, packs=[])
-        objs = [get_codec(c) for c in codecs]
-        for t in new.tensors:
-            t.codecs = objs
-        return new, written
+        return with_records(m, tensors, codecs, txn), written
 
     repo._commit(step, build, base_stored=int(m.stats.get("stored_bytes", 0)))

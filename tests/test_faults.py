@@ -783,8 +783,6 @@ def test_delete_every_file(dmg_base, tmp_path):
 def test_damaged_delta_repaired_from_an_identical_raw_chunk(dmg_base, tmp_path):
     """Step 30's delta frames damaged: step 40 stores the same bytes raw, so the plan
     re-points step 30's records at them and step 30 loads bit-exactly again."""
-    from deltackpt import repair
-
     root = _copy(dmg_base, str(tmp_path / "r"))
     with deltackpt.open(root, "r") as r:
         m = r.manifest(30)

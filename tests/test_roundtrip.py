@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 import deltackpt
 from deltackpt.dtypes import TORCH_DTYPES
-from deltackpt.errors import CorruptFileError, DeltaCkptError, UnsupportedValueError
+from deltackpt.errors import DeltaCkptError, UnsupportedValueError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # ComplexHalf "experimental"
 
