@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _durable import KILLED, hook_durable_ops, run_forked
 from _util import assert_bitexact
 
 import deltackpt
@@ -53,7 +54,6 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 POLICY: dict[str, Any] = dict(chunk_bytes=1024, max_pack_bytes=800, keyframe_every=4,
                               workers=1)
 BASE_STEPS = list(range(6))        # keyframes 0 and 4; 1-3 and 5 deltas
-KILLED = 77
 FIGURES: Counter[str] = Counter()  # printed by test_summary
 
 
@@ -162,43 +162,13 @@ OPS: dict[str, tuple[Callable[[deltackpt.Repository], None], set[int], set[int]]
 
 
 # ============================================================ 1. kill points: counted, each tried
-def _durable_log(root: str, log: list[str], die: Callable[[list[str]], bool] | None = None,
-                 note: str | None = None) -> None:
-    """Record (and optionally die before) each durable operation: a file commit (data written
-    and fsynced to tmp/, not yet renamed into place) or the unlink of an existing file."""
-    commit, delete = local._LocalStream.commit, local.LocalBackend.delete
-
-    def hit(label: str, stream: Any = None) -> None:
-        log.append(label)
-        if die is not None and die(log):
-            if stream is not None:
-                stream._f.flush()
-                os.fsync(stream._f.fileno())
-            if note:
-                with open(note, "w") as f:
-                    f.write(label)
-            os._exit(KILLED)
-
-    def p_commit(self):  # type: ignore[no-untyped-def]
-        hit("write " + os.path.relpath(self._final, root), self)
-        commit(self)
-
-    def p_delete(self, name):  # type: ignore[no-untyped-def]
-        if os.path.exists(self._path(name)):
-            hit("delete " + name)
-        delete(self, name)
-
-    local._LocalStream.commit = p_commit  # type: ignore[method-assign]
-    local.LocalBackend.delete = p_delete  # type: ignore[method-assign]
-
-
 def _enumerate(base: str, work: str, name: str) -> list[str]:
     root = _copy(base, work)
     commit, delete = local._LocalStream.commit, local.LocalBackend.delete
     log: list[str] = []
     try:
         with deltackpt.open(root, "a", **POLICY) as w:
-            _durable_log(os.path.abspath(root), log)
+            hook_durable_ops(os.path.abspath(root), log)
             OPS[name][0](w)
     finally:
         local._LocalStream.commit, local.LocalBackend.delete = commit, delete
@@ -229,29 +199,19 @@ def test_kill_points_enumerated(base, tmp_path):
 def _kill_server(base: str, work: str, name: str, first: int | str, last: int | str) -> None:
     """Helper process: for k = first..last, copy ``base``, fork a child that runs operation
     ``name`` and dies before its k-th durable operation; stop at the first k it completes."""
-    import traceback
-
     os.fsync = lambda fd: None   # a killed process loses nothing the kernel has; fsync is slow
     for k in range(int(first), int(last) + 1):
         dst = os.path.join(work, f"k{k:04d}")
         shutil.copytree(base, dst)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            code = 0
-            try:
-                w = deltackpt.open(dst, "a", **POLICY)
-                _durable_log(os.path.abspath(dst), [], lambda log: len(log) == k,
+
+        def child(dst: str = dst, k: int = k) -> None:
+            w = deltackpt.open(dst, "a", **POLICY)
+            hook_durable_ops(os.path.abspath(dst), [], lambda log: len(log) == k,
                              os.path.join(work, f"k{k:04d}.op"))
-                OPS[name][0](w)
-                w.close()
-            except BaseException:  # noqa: BLE001 - reported through the exit status
-                traceback.print_exc()
-                code = 2
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
+            OPS[name][0](w)
+            w.close()
+
+        code = run_forked(child)
         print(json.dumps({"k": k, "code": code}), flush=True)
         if code != KILLED:
             return

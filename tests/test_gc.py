@@ -50,6 +50,7 @@ from deltackpt.policy import Rule
 from deltackpt.retention import (AnyOf, KeepBest, KeepEvery, KeepLast, KeepNewerThan, KeepSteps,
                                  Retention, StepView, plan)
 
+from _durable import KILLED, hook_durable_ops, run_forked
 from _util import assert_bitexact
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -470,7 +471,6 @@ def test_state_machine_heavy():
 
 
 # ========================================================================= crash injection
-KILLED = 77
 CRASH_POLICY: dict[str, Any] = {"chunk_bytes": 1024, "max_pack_bytes": 3000,
                                 "keyframe_every": 4, "workers": 1, "exact_every": 0,
                                 "rules": (Rule("model/q", {"id": "quant", "bits": 8}),)}
@@ -516,41 +516,10 @@ CRASH_OPS: dict[str, tuple[Any, set[int]]] = {   # op, steps it deletes
 }
 
 
-def _install_crash_hooks(root: str, die: Any, log: list[str], note: str) -> None:
-    """Die before a durable operation, chosen by ``die(log)`` (the operations so far, the
-    current one last): a file commit (data written and fsynced to tmp/, not yet renamed into
-    place) or the unlink of an existing file."""
-    from deltackpt.store import local
-
-    commit, delete = local._LocalStream.commit, local.LocalBackend.delete
-
-    def hit(label: str, stream: Any = None) -> None:
-        log.append(label)
-        if die(log):
-            if stream is not None:
-                stream._f.flush()
-                os.fsync(stream._f.fileno())
-            with open(note, "w") as f:
-                f.write(label)
-            os._exit(KILLED)
-
-    def p_commit(self):  # type: ignore[no-untyped-def]
-        hit("write " + os.path.relpath(self._final, root), self)
-        commit(self)
-
-    def p_delete(self, name):  # type: ignore[no-untyped-def]
-        if os.path.exists(self._path(name)):
-            hit("delete " + name)
-        delete(self, name)
-
-    local._LocalStream.commit = p_commit
-    local.LocalBackend.delete = p_delete
-
-
 def _crash_child(path: str, op: str, die: Any, note: str, work: str) -> None:
     repo = deltackpt.open(path, "a", **CRASH_POLICY)
     log: list[str] = []
-    _install_crash_hooks(os.path.abspath(path), die, log, note)
+    hook_durable_ops(os.path.abspath(path), log, die, note)
     CRASH_OPS[op][0](repo)
     repo.close()
     with open(os.path.join(work, "ops.json"), "w") as f:
@@ -568,8 +537,6 @@ def _crash_server(base: str, work: str, op: str, spec_json: str) -> None:
     operation; stop at the first k the operation completes without reaching. ``{"label":
     prefix, "nth": n}``: one child, dying before the n-th operation whose label starts with
     ``prefix``. Prints one JSON line per child."""
-    import traceback
-
     spec = json.loads(spec_json)
     os.fsync = _no_fsync
     if "k" in spec:
@@ -583,19 +550,8 @@ def _crash_server(base: str, work: str, op: str, spec_json: str) -> None:
     for name, die_fn in runs:
         dst = os.path.join(work, name)
         shutil.copytree(base, dst)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            code = 0
-            try:
-                _crash_child(dst, op, die_fn, os.path.join(work, f"{name}.op"), work)
-            except BaseException:  # noqa: BLE001 - reported through the exit status
-                traceback.print_exc()
-                code = 2
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
+        code = run_forked(lambda: _crash_child(dst, op, die_fn,  # noqa: B023 - runs at once
+                                               os.path.join(work, f"{name}.op"), work))
         print(json.dumps({"name": name, "code": code}), flush=True)
         if code != KILLED:
             return
