@@ -267,6 +267,8 @@ class Method:
     lossless = True
     tensors_only = False
     note = ""
+    #: whether a save (plus the fsync the suite adds for file methods) survives power loss
+    durable = True
 
     def setup(self, root: str) -> None:
         self.dir = os.path.join(root, self.key)
@@ -423,6 +425,7 @@ class DeltaMethod(Method):
         self.name = name
         self.policy = policy
         self.options = options
+        self.durable = options.get("fsync", True)
         self.blocking = blocking
         self.lossless = policy in (None, "lossless")
         self.repo: Any = None
@@ -761,6 +764,7 @@ class MethodResult:
     tensors_only: bool
     note: str
     error: str | None = None
+    durable: bool = True
     steps: list[int] = field(default_factory=list)
     disk_after: list[int] = field(default_factory=list)    # total bytes after each save
     save_s: list[float] = field(default_factory=list)
@@ -793,7 +797,8 @@ def run_workload(wl: Workload, root: str, repeat: int) -> dict[str, Any]:
             m = factory()
             m.setup(wroot)
             methods.append(m)
-            results.append(MethodResult(name, m.lossless, m.tensors_only, m.note))
+            results.append(MethodResult(name, m.lossless, m.tensors_only, m.note,
+                                        durable=m.durable))
         except Exception as exc:  # noqa: BLE001 - e.g. zipnn missing: record, go on
             log(f"  {name}: unavailable: {_err(exc)}")
             methods.append(None)
@@ -920,7 +925,7 @@ def summarize(w: dict[str, Any]) -> list[dict[str, Any]]:
         s = med(m["save_s"])
         row.update(save_s=s, save_ratio=s / base_save if s and base_save else None)
         durable = med([a + b for a, b in zip(m["save_s"], m["fsync_s"])]) if m["fsync_s"] \
-            else None if m["name"].endswith("no-fsync") else s  # deltackpt fsyncs inside save
+            else s if m.get("durable", True) else None  # deltackpt fsyncs inside its save
         row.update(durable_s=durable, durable_ratio=durable / base_durable
                    if durable and base_durable else None)
         st = med(m["stall_s"])

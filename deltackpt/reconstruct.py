@@ -15,8 +15,6 @@ import xxhash
 
 from .errors import (BrokenChainError, CorruptChunkError, DeltaCkptError, DigestMismatchError,
                      StepNotFoundError)
-from .codecs.base import Codec
-from .dtypes import ElementType
 from .manifest import Manifest, TensorEntry
 from .store.packs import ChunkStore
 
@@ -25,9 +23,8 @@ _local = threading.local()
 _SCRATCH_MAX = 64 << 20  # larger payloads get a buffer of their own, not kept
 
 
-def _scratch(cid: bytes, store: ChunkStore) -> np.ndarray:
-    """A reusable per-thread buffer exactly as long as chunk ``cid``'s payload."""
-    n = store.locate(cid).payload_length
+def _scratch(n: int) -> np.ndarray:
+    """A reusable per-thread buffer of ``n`` bytes."""
     if n > _SCRATCH_MAX:
         return np.empty(n, np.uint8)
     buf = getattr(_local, "buf", None)
@@ -136,7 +133,7 @@ class Reconstructor:
         lo, hi = e.chunk_span(i)
         codec = e.codecs[rec.codec]
         try:
-            bound = payload_bound(codec, hi - lo, e.etype)
+            bound = codec.max_payload(hi - lo, e.etype)
             if out is None:
                 value = codec.decode_inplace(self.store.get(rec.id, bound), ref, e.etype,
                                              hi - lo)
@@ -145,7 +142,8 @@ class Reconstructor:
             else:
                 # the payload goes into a per-thread scratch buffer, reused chunk after chunk
                 # (a fresh array per link costs a page fault per 4 KiB)
-                payload = self.store.get(rec.id, bound, out=_scratch(rec.id, self.store))
+                scratch = _scratch(self.store.locate(rec.id).payload_length)
+                payload = self.store.get(rec.id, bound, out=scratch)
                 codec.decode_into(payload, ref, out, e.etype)
                 value = out
         except DeltaCkptError as exc:
@@ -169,7 +167,7 @@ class Reconstructor:
             except DeltaCkptError as exc:
                 raise type(exc)(f"chunk {i}: {exc}", step=step, path=entry.path,
                                 cause=exc.cause) from None
-            bound = payload_bound(codec, hi - lo, entry.etype)
+            bound = codec.max_payload(hi - lo, entry.etype)
             if bound is not None and loc.payload_length > bound \
                     or loc.payload_length < codec.min_payload(hi - lo, entry.etype):
                 raise CorruptChunkError(
@@ -219,7 +217,3 @@ class Reconstructor:
             raise DigestMismatchError("rebuilt tensor does not match the digest taken at save "
                                       "time", step=step, path=entry.path, cause="digest mismatch")
 
-
-def payload_bound(codec: Codec, span: int, etype: ElementType) -> int | None:
-    """The most payload bytes ``codec`` can decode into a chunk of ``span`` bytes."""
-    return codec.max_payload(span, etype)

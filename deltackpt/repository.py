@@ -42,7 +42,8 @@ from .verify import VerifyReport
 from .verify import verify as verify_repo
 from .tree import Leaf
 from .staging import StagingPool, stage
-from .writer import SMALL_CHUNK, RefState, RefTensor, StepEncoder, bounded_map
+from .writer import (SMALL_CHUNK, RefState, RefTensor, StepEncoder, bounded_map,
+                     is_small_chunk)
 
 REPO_FORMAT = "deltackpt"
 REPO_VERSION = 1
@@ -372,16 +373,18 @@ class Repository:
 
     def _load_retrying(self, step: int | None, select: str | Sequence[str] | None,
                        map_location: str | torch.device | None) -> Any:
+        last = None
         for attempt in range(_LOAD_ATTEMPTS):
-            listing = self._listing()
             try:
                 return self._load(step, select, map_location)
             except IntegrityError:
                 # another process may have rebased or repacked since we cached manifests and
                 # indexes: look again from disk while the repository keeps changing; real
                 # damage fails the same way again on an unchanged repository
-                if attempt + 1 == _LOAD_ATTEMPTS or (attempt and self._listing() == listing):
+                listing = self._listing()
+                if attempt + 1 == _LOAD_ATTEMPTS or listing == last:
                     raise
+                last = listing
                 self.refresh()
         raise AssertionError("unreachable")
 
@@ -429,7 +432,7 @@ class Repository:
             self.reconstructor.chunk_into(step, entry, c, bufs[i][lo:hi])
 
         def small(job: tuple[int, int]) -> bool:  # not worth a hand-off to a worker
-            return m.tensors[job[0]].chunk_bytes < SMALL_CHUNK or bufs[job[0]].size < SMALL_CHUNK
+            return is_small_chunk(m.tensors[job[0]].chunk_bytes, bufs[job[0]].size)
 
         for _ in bounded_map(self._pool, fill, jobs, 4 * self.policy.workers, small):
             pass

@@ -117,7 +117,7 @@ def _copy(value: torch.Tensor | np.ndarray, buf: Staging,
         np.copyto(dst, data)
         return dst.view(value.dtype).reshape(value.shape)
     t = value.detach() if value.requires_grad else value
-    n = t.numel() * t.element_size()
+    n = _nbytes(t)
     dst_bytes = buf.tensor[off:off + n]
     if n and t.dtype in _PLAIN and t.is_contiguous() and not t.is_conj() and not t.is_neg():
         out = dst_bytes.view(t.dtype).view(t.shape)

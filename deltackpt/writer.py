@@ -107,8 +107,13 @@ def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Itera
 SMALL_CHUNK = 64 * 1024  # chunks below this are encoded in the calling thread
 
 
+def is_small_chunk(chunk_bytes: int, nbytes: int) -> bool:
+    """Whether a tensor's chunks are too small to be worth a hand-off to a worker thread."""
+    return min(chunk_bytes, nbytes) < SMALL_CHUNK
+
+
 def _is_small(job: tuple[_Tensor, int]) -> bool:
-    return min(job[0].chunk_bytes, job[0].data.size) < SMALL_CHUNK
+    return is_small_chunk(job[0].chunk_bytes, job[0].data.size)
 
 
 @dataclass
@@ -127,6 +132,10 @@ class _Tensor:
     ref_out: np.ndarray | None = None
     chunks: list[ChunkRef] = field(default_factory=list)
     error: list[tuple[float, float, float, int]] = field(default_factory=list)
+
+    def span(self, i: int) -> tuple[int, int]:
+        """Byte range of chunk ``i``."""
+        return i * self.chunk_bytes, min(self.data.size, (i + 1) * self.chunk_bytes)
 
 
 @dataclass
@@ -235,18 +244,19 @@ class StepEncoder:
         """Runs in a worker. Returns (record or record template, bytes written)."""
         result = self._encode_chunk(job)
         t, i = job
-        if t.ref_out is not None:
-            # only after the chunk is encoded: ref_out may be the buffer its delta was taken from
-            lo, hi = i * t.chunk_bytes, min(t.data.size, (i + 1) * t.chunk_bytes)
-            if not (t.base is not None and t.ref_out is t.base.data and result[1] == 0
-                    and not isinstance(result[0], ChunkRef) and result[0][0] == "copy"):
-                t.ref_out[lo:hi] = t.data[lo:hi]
+        # only after the chunk is encoded: ref_out may be the buffer its delta was taken from;
+        # a chunk reused unchanged from that very buffer already holds these bytes
+        unchanged = not isinstance(result[0], ChunkRef) and result[0][0] == "copy"
+        in_place = t.base is not None and t.ref_out is t.base.data
+        if t.ref_out is not None and not (unchanged and in_place):
+            lo, hi = t.span(i)
+            t.ref_out[lo:hi] = t.data[lo:hi]
         return result
 
     def _encode_chunk(self, job: tuple[_Tensor, int]) -> tuple[ChunkRef | tuple[Any, ...], int]:
         t, i = job
         pol, store = self.policy, self.store
-        lo, hi = i * t.chunk_bytes, min(t.data.size, (i + 1) * t.chunk_bytes)
+        lo, hi = t.span(i)
         chunk = t.data[lo:hi]
         prev = t.base.entry.chunks[i] if t.base is not None else None
         if t.lossy and t.recon is not None:
