@@ -6,6 +6,8 @@ words), which is the unit of byte-plane grouping and of integer deltas.
 """
 from __future__ import annotations
 
+import functools
+
 import sys
 from dataclasses import dataclass
 
@@ -79,6 +81,13 @@ def storage_dtype(et: ElementType) -> np.dtype:
 
 def element_type(kind: str, name: str) -> ElementType:
     """Parse an element type read from a manifest; refuses anything outside the allow-list."""
+    if type(kind) is str and type(name) is str:
+        return _element_type(kind, name)
+    raise UnsupportedValueError(f"element type must be named by strings, got {kind!r}, {name!r}")
+
+
+@functools.lru_cache(maxsize=256)
+def _element_type(kind: str, name: str) -> ElementType:
     if kind == "torch":
         if name not in TORCH_DTYPES:
             raise UnsupportedValueError(f"unknown torch dtype {name!r} (written by a newer torch?)")

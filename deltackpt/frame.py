@@ -92,13 +92,12 @@ def frame_length(frame: bytes | memoryview) -> int:
     return _HEAD.unpack_from(frame, 0)[3]
 
 
-def decode_frame(frame: bytes | memoryview, expected_length: int,
-                 out: np.ndarray | None = None) -> np.ndarray:
-    """Invert :func:`encode_frame`; refuses frames whose header disagrees with ``expected_length``.
+def frame_planes(frame: bytes | memoryview,
+                 expected_length: int) -> tuple[int, list[tuple[int, memoryview]]]:
+    """Validate a frame's header and plane table; return ``(plane length, [(method, body)])``.
 
     ``expected_length`` comes from the pack index, so a hostile frame cannot make the reader
-    allocate more than the index already declared. ``out`` (a contiguous 1-D uint8 array of
-    that length) receives the payload instead of a new array.
+    allocate more than the index already declared.
     """
     mv = memoryview(frame)
     if len(mv) < _HEAD.size:
@@ -116,11 +115,7 @@ def decode_frame(frame: bytes | memoryview, expected_length: int,
     pos = _HEAD.size + nplanes * _PLANE.size
     if len(mv) < pos:
         raise CorruptChunkError("chunk frame truncated in its plane table")
-    if out is None:
-        out = np.empty(n, dtype=np.uint8)
-    elif out.shape != (n,) or out.dtype != np.uint8:
-        raise ValueError(f"decode_frame: out must be a 1-D uint8 array of {n} bytes")
-    dest = out.reshape(plane_len, nplanes)
+    planes = []
     for k in range(nplanes):
         method, size = _PLANE.unpack_from(mv, _HEAD.size + k * _PLANE.size)
         body = mv[pos:pos + size]
@@ -130,21 +125,46 @@ def decode_frame(frame: bytes | memoryview, expected_length: int,
         if method == METHOD_STORED:
             if size != plane_len:
                 raise CorruptChunkError("stored plane has the wrong length")
-            plane = np.frombuffer(body, dtype=np.uint8)
-        elif method == METHOD_ZSTD:
-            try:
-                if zstandard.frame_content_size(body) != plane_len:
-                    raise CorruptChunkError("zstd plane declares the wrong length")
-                raw = _decompressor().decompress(body, max_output_size=plane_len,
-                                                 allow_extra_data=False)
-            except zstandard.ZstdError as exc:
-                raise CorruptChunkError(f"zstd plane does not decode: {exc}") from exc
-            if len(raw) != plane_len:
-                raise CorruptChunkError("zstd plane decodes to the wrong length")
-            plane = np.frombuffer(raw, dtype=np.uint8)
-        else:
+        elif method != METHOD_ZSTD:
             raise CorruptChunkError(f"unknown plane method {method}")
-        dest[:, k] = plane
+        planes.append((method, body))
     if pos != len(mv):
         raise CorruptChunkError("chunk frame has trailing bytes")
+    return plane_len, planes
+
+
+def decode_plane(method: int, body: memoryview, plane_len: int) -> np.ndarray:
+    """One plane's bytes (a read-only view of ``body`` when it was stored as-is)."""
+    if method == METHOD_STORED:
+        return np.frombuffer(body, dtype=np.uint8)
+    try:
+        if zstandard.frame_content_size(body) != plane_len:
+            raise CorruptChunkError("zstd plane declares the wrong length")
+        raw = _decompressor().decompress(body, max_output_size=plane_len,
+                                         allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise CorruptChunkError(f"zstd plane does not decode: {exc}") from exc
+    if len(raw) != plane_len:
+        raise CorruptChunkError("zstd plane decodes to the wrong length")
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+def decode_frame(frame: bytes | memoryview, expected_length: int,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """Invert :func:`encode_frame`; refuses frames whose header disagrees with ``expected_length``
+    (see :func:`frame_planes`). ``out`` (a contiguous 1-D uint8 array of that length) receives
+    the payload instead of a new array.
+    """
+    plane_len, planes = frame_planes(frame, expected_length)
+    if out is None:
+        out = np.empty(expected_length, dtype=np.uint8)
+    elif out.shape != (expected_length,) or out.dtype != np.uint8:
+        raise ValueError(f"decode_frame: out must be a 1-D uint8 array of {expected_length} "
+                         "bytes")
+    if len(planes) == 1:
+        out[...] = decode_plane(*planes[0], plane_len)
+        return out
+    dest = out.reshape(plane_len, len(planes))
+    for k, (method, body) in enumerate(planes):
+        dest[:, k] = decode_plane(method, body, plane_len)
     return out

@@ -163,7 +163,10 @@ def _hex16(x: Any) -> bytes:
 def _ints(x: Any) -> list[int]:
     if not isinstance(x, list):
         raise TypeError("expected a list of integers")
-    return [_int(v) for v in x]
+    for v in x:
+        if type(v) is not int or not 0 <= v <= MAX_STEP:
+            _int(v)  # raises, naming the value
+    return x
 
 
 def _parse(doc: dict[str, Any], step: int | None) -> Manifest:

@@ -424,19 +424,29 @@ class Repository:
                                          cause="allocation failed") from None
         wanted = [i for i in wanted if i in bufs]
         jobs = [(i, c) for i in wanted for c in range(len(m.tensors[i].chunks))]
+        pinned: dict[int, Manifest] = {step: m}
+
+        def manifest(s: int) -> Manifest:
+            """Each manifest a chain passes through, revalidated once per load, not per link."""
+            got = pinned.get(s)
+            if got is None:
+                got = pinned[s] = self.manifest(s)
+            return got
+
+        rebuild = Reconstructor(self.store, manifest, self.cache)
 
         def fill(job: tuple[int, int]) -> None:
             i, c = job
             entry = m.tensors[i]
             lo, hi = entry.chunk_span(c)
-            self.reconstructor.chunk_into(step, entry, c, bufs[i][lo:hi])
+            rebuild.chunk_into(step, entry, c, bufs[i][lo:hi])
 
         def small(job: tuple[int, int]) -> bool:  # not worth a hand-off to a worker
             return is_small_chunk(m.tensors[job[0]].chunk_bytes, bufs[job[0]].size)
 
         for _ in bounded_map(self._pool, fill, jobs, 4 * self.policy.workers, small):
             pass
-        for _ in bounded_map(self._pool, lambda i: self.reconstructor.check(
+        for _ in bounded_map(self._pool, lambda i: rebuild.check(
                 step, m.tensors[i], bufs[i]), wanted, 4 * self.policy.workers,
                 lambda i: bufs[i].size < 16 * SMALL_CHUNK):
             pass

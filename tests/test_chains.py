@@ -32,6 +32,7 @@ from deltackpt.errors import (
     StepNotFoundError,
 )
 from deltackpt.manifest import manifest_name
+from deltackpt.reconstruct import Reconstructor
 from deltackpt.store.packs import pack_name
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -512,13 +513,13 @@ def test_partial_load_returns_selected_subtrees_and_reads_only_them(
     expected = want(state)
     with deltackpt.open(tmp_path / "r", mode="r") as reader:
         read: set[str] = set()
-        original = reader.reconstructor.chunk_into
+        original = Reconstructor.chunk_into  # each load rebuilds through its own instance
 
-        def spy(step: int, entry: Any, i: int, out: Any) -> Any:
+        def spy(self: Reconstructor, step: int, entry: Any, i: int, out: Any) -> Any:
             read.add(entry.path)
-            return original(step, entry, i, out)
+            return original(self, step, entry, i, out)
 
-        monkeypatch.setattr(reader.reconstructor, "chunk_into", spy)
+        monkeypatch.setattr(Reconstructor, "chunk_into", spy)
         out = reader.load(0, select=select)
         assert_bitexact(expected, out)
         out1 = reader.load(1, select=select)

@@ -201,14 +201,11 @@ class ChunkStore:
         return sorted(self._loaded)
 
     # -- read ----------------------------------------------------------------------------------
-    def get(self, cid: bytes, max_length: int | None = None, *,
-            out: np.ndarray | None = None) -> np.ndarray:
-        """The payload of chunk ``cid``, verified against its id.
+    def read_frame(self, cid: bytes, max_length: int | None = None) -> tuple[bytes, Location]:
+        """The stored frame of chunk ``cid`` and its location, *not* yet checked against the id
+        (:meth:`get` decodes and checks it; a caller using this must check what it builds).
 
-        ``max_length``: the most payload bytes the caller can use; an index entry declaring
-        more is refused before any byte is read or decompressed (decompression bombs).
-        ``out``: decode into this 1-D uint8 array (its length must equal the payload's) and
-        return it; on any error its contents are undefined.
+        ``max_length``: see :meth:`get`.
         """
         loc = self.locate(cid)
         if max_length is not None and loc.payload_length > max_length:
@@ -233,6 +230,18 @@ class ChunkStore:
         if len(frame) != loc.length:
             raise MissingChunkError(f"pack {loc.pack} is truncated at chunk {cid.hex()}",
                                     cause="truncated pack")
+        return frame, loc
+
+    def get(self, cid: bytes, max_length: int | None = None, *,
+            out: np.ndarray | None = None) -> np.ndarray:
+        """The payload of chunk ``cid``, verified against its id.
+
+        ``max_length``: the most payload bytes the caller can use; an index entry declaring
+        more is refused before any byte is read or decompressed (decompression bombs).
+        ``out``: decode into this 1-D uint8 array (its length must equal the payload's) and
+        return it; on any error its contents are undefined.
+        """
+        frame, loc = self.read_frame(cid, max_length)
         try:
             if out is not None and out.size != loc.payload_length:
                 raise CorruptChunkError(f"payload is {loc.payload_length} bytes, the chunk "
