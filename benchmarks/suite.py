@@ -505,7 +505,7 @@ def make_methods() -> list[tuple[str, Callable[[], Method]]]:
             ("deltackpt", lambda: DeltaMethod("deltackpt")),
             ("deltackpt async", lambda: DeltaMethod("deltackpt async", blocking=False)),
             ("deltackpt fast-load", lambda: DeltaMethod("deltackpt fast-load",
-                                                        reference="keyframe")),
+                                                        keyframe_every=4)),
             ("deltackpt no-fsync", lambda: DeltaMethod("deltackpt no-fsync", fsync=False)),
             ("deltackpt balanced", lambda: DeltaMethod("deltackpt balanced", "balanced")),
             ("deltackpt archive", lambda: DeltaMethod("deltackpt archive", "archive"))]

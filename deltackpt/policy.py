@@ -46,9 +46,11 @@ class Rule:
 
 @dataclass(frozen=True)
 class Policy:
-    #: codec for chunks that changed since the reference: "diff" (integer difference, zigzag)
-    #: or "xor"; any registered lossless reference codec id works
-    codec: str = "diff"
+    #: codec for chunks that changed since the reference: "xor" (a reader replays a chain of
+    #: XOR deltas plane by plane, so deep chains load fastest) or "diff" (integer difference,
+    #: zigzag: a few % smaller on slowly drifting floats, each link replayed in full); any
+    #: registered lossless reference codec id works
+    codec: str = "xor"
     #: what deltas are taken against: "previous" (the last save) or "keyframe" (the last
     #: keyframe: rebuilds replay at most 2 entries, deltas are a little larger)
     reference: str = "previous"

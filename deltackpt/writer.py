@@ -344,10 +344,10 @@ class StepEncoder:
             value = t.leaf.value
             is_torch = isinstance(value, torch.Tensor)
             shape = list(value.shape)
-            stored = t.recon if t.recon is not None else t.data
             lossy_info = None
             source = xxhash.xxh3_128(t.data).digest()
-            if t.recon is not None and xxhash.xxh3_128(t.recon).digest() != source:
+            digest = source if t.recon is None else xxhash.xxh3_128(t.recon).digest()
+            if digest != source:
                 max_abs = max(e[0] for e in t.error)
                 n = max(1, sum(e[3] for e in t.error))
                 peak = max(e[2] for e in t.error)
@@ -358,7 +358,7 @@ class StepEncoder:
             entry = TensorEntry(
                 path=t.leaf.path, kind=t.etype.kind, dtype=t.etype.name, shape=shape,
                 nbytes=t.data.size, chunk_bytes=t.chunk_bytes,
-                digest=xxhash.xxh3_128(stored).digest(), chunks=t.chunks, global_shape=shape,
+                digest=digest, chunks=t.chunks, global_shape=shape,
                 offset=[0] * len(shape), device=str(value.device) if is_torch else "cpu",
                 requires_grad=bool(is_torch and value.requires_grad),
                 parameter=isinstance(value, torch.nn.Parameter), lossy=lossy_info,
