@@ -621,13 +621,19 @@ class Repository:
             return self._save(step, tree, leaves, meta, t0)
         leaves, buf = stage(leaves, self._staging)
         self._queued.add(step)
+
+        def run() -> SaveInfo:
+            try:
+                return self._save(step, tree, leaves, meta, t0)
+            finally:  # before the future is done: a wait() then the next save finds it free
+                self._staging.release(buf)
+
         try:
-            fut = self._background.submit(self._save, step, tree, leaves, meta, t0)
+            fut = self._background.submit(run)
         except BaseException:
             self._queued.discard(step)
             self._staging.release(buf)
             raise
-        fut.add_done_callback(lambda _: self._staging.release(buf))
         self._futures.append(fut)
         return fut
 
