@@ -50,6 +50,7 @@ class ElementType:
         return np.dtype(self.name).kind in "fc"
 
 
+@functools.lru_cache(maxsize=None)  # torch.dtype values are a small, fixed set
 def torch_type(dtype: torch.dtype) -> ElementType:
     if dtype in _QUANTIZED:
         raise UnsupportedValueError(

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checksum
+from . import checksum, hugepages
 from .dtypes import TORCH_DTYPES, element_type, storage_dtype
 from .errors import (CorruptFileError, DeltaCkptError, FormatVersionError, IntegrityError,
                      ReadOnlyError,
@@ -459,11 +459,14 @@ class Repository:
         """An uninitialised output value for ``entry`` and a flat uint8 view of its bytes."""
         if entry.kind == "numpy":
             arr = np.empty(entry.shape, dtype=storage_dtype(element_type("numpy", entry.dtype)))
-            return arr, arr.reshape(-1).view(np.uint8)
-        et = element_type(entry.kind, entry.dtype)
-        t = torch.empty(entry.shape, dtype=TORCH_DTYPES[et.name])
-        return t, (t.reshape(-1).view(torch.uint8).numpy() if entry.nbytes
-                   else np.empty(0, np.uint8))
+            value, flat = arr, arr.reshape(-1).view(np.uint8)
+        else:
+            et = element_type(entry.kind, entry.dtype)
+            value = torch.empty(entry.shape, dtype=TORCH_DTYPES[et.name])
+            flat = (value.reshape(-1).view(torch.uint8).numpy() if entry.nbytes
+                    else np.empty(0, np.uint8))
+        hugepages.advise(flat)
+        return value, flat
 
     @staticmethod
     def _finish(value: torch.Tensor | np.ndarray, entry: TensorEntry,

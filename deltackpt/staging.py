@@ -9,6 +9,7 @@ caller waits for one (back-pressure rather than unbounded memory).
 """
 from __future__ import annotations
 
+import ctypes
 import threading
 from dataclasses import dataclass
 
@@ -99,8 +100,25 @@ def stage(leaves: list[Leaf], pool: StagingPool) -> tuple[list[Leaf], Staging]:
         total += -(-_nbytes(lf.value) // _ALIGN) * _ALIGN
     buf = pool.acquire(total)
     try:
-        out = [Leaf(lf.index, lf.path, _copy(lf.value, buf, off))
-               for lf, off in zip(leaves, offsets)]
+        region = buf.tensor[:total]
+        base = region.data_ptr()
+        typed: dict[torch.dtype, torch.Tensor] = {}  # the region viewed as each dtype
+        out = []
+        for lf, off in zip(leaves, offsets):
+            v = lf.value
+            # the common case (plain contiguous CPU tensors) in as few torch calls as possible:
+            # for a small state the per-tensor overhead, not the bytes, is most of the stall
+            if type(v) is torch.Tensor and v.device.type == "cpu" and v.dtype in _PLAIN \
+                    and not v.requires_grad and v.is_contiguous() and not v.is_conj() \
+                    and not v.is_neg() and v.numel():
+                ctypes.memmove(base + off, v.data_ptr(), v.numel() * v.element_size())
+                tv = typed.get(v.dtype)
+                if tv is None:
+                    tv = typed[v.dtype] = region.view(v.dtype)
+                out.append(Leaf(lf.index, lf.path,
+                                tv.as_strided(v.shape, v.stride(), off // v.element_size())))
+            else:
+                out.append(Leaf(lf.index, lf.path, _copy(v, buf, off)))
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # device-to-pinned copies were issued non_blocking
     except BaseException:

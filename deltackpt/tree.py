@@ -91,8 +91,9 @@ class _Flattener:
                                             "call .to_dense() first", path=path)
             if value.is_meta:
                 raise UnsupportedValueError("meta tensors hold no data", path=path)
-            ident: Any = ("t", value.device.type, value.device.index, value.untyped_storage()
-                          .data_ptr(), value.storage_offset(), value.dtype, tuple(value.shape),
+            # same memory, dtype, geometry and flags: the same value (data_ptr includes the
+            # storage offset; a Size is a tuple)
+            ident: Any = ("t", value.device, value.data_ptr(), value.dtype, value.shape,
                           value.stride(), type(value), value.requires_grad, value.is_conj(),
                           value.is_neg()) \
                 if value.numel() else ("id", id(value))
@@ -111,6 +112,11 @@ class _Flattener:
             raise UnsupportedValueError(f"state is nested deeper than {MAX_DEPTH} levels",
                                         path=path)
         t = type(v)
+        if t is dict or t is list:  # the common containers first: isinstance on torch is slow
+            return self._tracked(v, t, path, depth)
+        if t is str:
+            _utf8(v, path)
+            return ["str", v]
         if isinstance(v, torch.Tensor):
             if t not in (torch.Tensor, torch.nn.Parameter):
                 raise UnsupportedValueError(
@@ -152,13 +158,7 @@ class _Flattener:
             state = v.get_state()
             return ["generator", str(v.device), self._leaf(state, join(path, "<generator>"))]
         if t in (dict, OrderedDict, list, tuple):
-            if id(v) in self._active:
-                raise UnsupportedValueError("state contains a reference cycle", path=path)
-            self._active.add(id(v))
-            try:
-                return self._container(v, t, path, depth)
-            finally:
-                self._active.discard(id(v))
+            return self._tracked(v, t, path, depth)
         hint = ""
         if isinstance(v, tuple) and hasattr(v, "_asdict"):
             hint = " (a namedtuple: store v._asdict() or tuple(v))"
@@ -169,6 +169,15 @@ class _Flattener:
         raise UnsupportedValueError(
             f"cannot store a {t.__module__}.{t.__qualname__}{hint}; deltackpt stores tensors, "
             "numpy arrays, dict/list/tuple and plain values only, never pickle", path=path)
+
+    def _tracked(self, v: Any, t: type, path: str, depth: int) -> Node:
+        if id(v) in self._active:
+            raise UnsupportedValueError("state contains a reference cycle", path=path)
+        self._active.add(id(v))
+        try:
+            return self._container(v, t, path, depth)
+        finally:
+            self._active.discard(id(v))
 
     def _container(self, v: Any, t: type, path: str, depth: int) -> Node:
         if t is list or t is tuple:
@@ -185,6 +194,8 @@ class _Flattener:
             path, "<_metadata>"), depth + 1)]
 
     def encode_key(self, k: Any, path: str, depth: int = 0) -> Node:
+        if type(k) is str or type(k) is int:
+            return self.encode(k, path, MAX_DEPTH)
         if isinstance(k, (torch.Tensor, np.ndarray, torch.Generator)) \
                 or type(k) in (dict, OrderedDict, list):
             raise UnsupportedValueError(f"unsupported dict key type {type(k).__name__}",

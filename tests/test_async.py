@@ -156,3 +156,37 @@ def test_async_failure_releases_its_buffer(tmp_path, monkeypatch):
         repo.save(1, _state(1), blocking=False)  # would wait forever if the buffer leaked
         repo.wait()
         assert repo.steps() == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16,
+                                   torch.complex64, torch.complex128, torch.int64, torch.int32,
+                                   torch.int16, torch.int8, torch.uint8, torch.bool])
+def test_staged_copies_are_exact_and_detached_from_the_originals(dtype):
+    """The staging fast path (raw memmove + a typed view of the buffer) keeps dtype, shape,
+    strides and bytes, and later in-place changes to the originals do not reach the copy."""
+    from deltackpt.staging import StagingPool, stage
+    from deltackpt.tree import flatten
+
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(6, 5, 4, generator=g, dtype=torch.float64) * 100
+    values = {"3d": base.to(dtype), "0d": base[0, 0, 0].to(dtype), "1": base[:1, :1].to(dtype),
+              "empty": base[:0].to(dtype), "tied": None, "odd": base.reshape(-1)[:7].to(dtype)}
+    values["tied"] = values["3d"]
+    state = {"a": values, "b": list(values.values())}
+    expected = copy.deepcopy(state)
+    _, leaves = flatten(state)
+    pool = StagingPool(1)
+    staged, buf = stage(leaves, pool)
+    for v in values.values():
+        if v.numel():
+            v.reshape(-1).view(torch.uint8).bitwise_not_()  # training moves on
+    try:
+        by_index = {lf.index: lf.value for lf in staged}
+        _, originals = flatten(expected)
+        assert len(originals) == len(staged)
+        for lf in originals:
+            got = by_index[lf.index]
+            assert_bitexact(got, lf.value)
+            assert got.stride() == lf.value.stride() or got.numel() <= 1
+    finally:
+        pool.release(buf)
