@@ -14,6 +14,7 @@ import numpy as np
 import zstandard
 
 from .errors import CorruptChunkError
+from .scratch import scratch
 
 FRAME_VERSION = 1
 METHOD_STORED = 0
@@ -67,7 +68,7 @@ def encode_frame(payload: np.ndarray, word: int, level: int) -> bytes:
         planes = [payload]
     else:
         words = payload.reshape(-1, word)
-        grouped = np.empty((word, words.shape[0]), dtype=np.uint8)
+        grouped = scratch(n, "frame").reshape(word, words.shape[0])  # the join below copies
         for k in range(word):  # strided column copies beat a transposing copy several times
             grouped[k] = words[:, k]
         planes = list(grouped)

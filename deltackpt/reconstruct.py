@@ -17,21 +17,10 @@ from .errors import (BrokenChainError, CorruptChunkError, DeltaCkptError, Digest
                      StepNotFoundError)
 from .frame import decode_plane, frame_planes
 from .manifest import Manifest, TensorEntry
+from .scratch import scratch as buffer
 from .store.packs import ChunkStore
 
 MAX_CHAIN = 100_000
-_local = threading.local()
-_SCRATCH_MAX = 64 << 20  # larger payloads get a buffer of their own, not kept
-
-
-def _scratch(n: int) -> np.ndarray:
-    """A reusable per-thread buffer of ``n`` bytes."""
-    if n > _SCRATCH_MAX:
-        return np.empty(n, np.uint8)
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.size < n:
-        buf = _local.buf = np.empty(max(n, 1 << 20), np.uint8)
-    return buf[:n]
 
 
 class ChunkCache:
@@ -143,7 +132,7 @@ class Reconstructor:
             else:
                 # the payload goes into a per-thread scratch buffer, reused chunk after chunk
                 # (a fresh array per link costs a page fault per 4 KiB)
-                scratch = _scratch(self.store.locate(rec.id).payload_length)
+                scratch = buffer(self.store.locate(rec.id).payload_length, "payload")
                 payload = self.store.get(rec.id, bound, out=scratch)
                 codec.decode_into(payload, ref, out, e.etype)
                 value = out
@@ -221,7 +210,7 @@ class Reconstructor:
                     return False
                 plane_len, planes = frame_planes(frame, n)
                 if acc is None:
-                    acc = _scratch(n).reshape(len(planes), plane_len)
+                    acc = buffer(n, "planes").reshape(len(planes), plane_len)
                     for k, (method, body) in enumerate(planes):
                         acc[k] = decode_plane(method, body, plane_len)
                     continue

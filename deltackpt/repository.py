@@ -42,8 +42,7 @@ from .verify import VerifyReport
 from .verify import verify as verify_repo
 from .tree import Leaf
 from .staging import StagingPool, stage
-from .writer import (SMALL_CHUNK, RefState, RefTensor, StepEncoder, bounded_map,
-                     is_small_chunk)
+from .writer import RefState, RefTensor, StepEncoder, bounded_map, chunk_size
 
 REPO_FORMAT = "deltackpt"
 REPO_VERSION = 1
@@ -441,14 +440,12 @@ class Repository:
             lo, hi = entry.chunk_span(c)
             rebuild.chunk_into(step, entry, c, bufs[i][lo:hi])
 
-        def small(job: tuple[int, int]) -> bool:  # not worth a hand-off to a worker
-            return is_small_chunk(m.tensors[job[0]].chunk_bytes, bufs[job[0]].size)
-
-        for _ in bounded_map(self._pool, fill, jobs, 4 * self.policy.workers, small):
+        for _ in bounded_map(self._pool, fill, jobs, 4 * self.policy.workers,
+                             lambda job: chunk_size(m.tensors[job[0]].chunk_bytes,
+                                                    bufs[job[0]].size)):
             pass
-        for _ in bounded_map(self._pool, lambda i: rebuild.check(
-                step, m.tensors[i], bufs[i]), wanted, 4 * self.policy.workers,
-                lambda i: bufs[i].size < 16 * SMALL_CHUNK):
+        for _ in bounded_map(self._pool, lambda i: rebuild.check(step, m.tensors[i], bufs[i]),
+                             wanted, 4 * self.policy.workers, lambda i: bufs[i].size):
             pass
         for i in wanted:
             values[i] = self._finish(values[i], m.tensors[i], map_location)  # type: ignore

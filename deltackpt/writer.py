@@ -25,6 +25,7 @@ from .dtypes import ElementType, numpy_type, storage_dtype, torch_type
 from .frame import encode_frame
 from .manifest import ChunkRef, TensorEntry
 from .policy import DROP, LOSSLESS, Policy
+from .scratch import scratch
 from .store.packs import ChunkStore
 from .tree import Leaf
 
@@ -75,45 +76,64 @@ def raw_bytes(value: torch.Tensor | np.ndarray) -> tuple[np.ndarray, ElementType
     return arr.reshape(-1).view(np.uint8), et
 
 
+SMALL_CHUNK = 64 * 1024  # items below this are handed to a worker in batches, not one by one
+BATCH_BYTES = 4 * SMALL_CHUNK
+
+
+def _tasks(items: Iterable[Any], size: Callable[[Any], int] | None) -> Iterator[list[Any]]:
+    """Group consecutive small items (``size`` below SMALL_CHUNK) into one task, up to
+    BATCH_BYTES (or 256 items) each; a large item is a task of its own."""
+    batch: list[Any] = []
+    total = 0
+    for item in items:
+        n = SMALL_CHUNK if size is None else size(item)
+        if n >= SMALL_CHUNK:
+            if batch:
+                yield batch
+                batch, total = [], 0
+            yield [item]
+            continue
+        batch.append(item)
+        total += n
+        if total >= BATCH_BYTES or len(batch) >= 256:
+            yield batch
+            batch, total = [], 0
+    if batch:
+        yield batch
+
+
 def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any],
-                window: int, inline: Callable[[Any], bool] | None = None) -> Iterator[Any]:
+                window: int, size: Callable[[Any], int] | None = None) -> Iterator[Any]:
     """``map`` over a pool with at most ``window`` tasks in flight; results in input order.
 
-    Items for which ``inline(item)`` is true run in the calling thread: for tiny tasks the
-    hand-off to a worker costs more than the task.
+    Small items (by ``size``, in bytes) go to a worker in batches: a hand-off per tiny item
+    costs more than the item, and doing them in the calling thread instead makes it compete
+    with the workers for the GIL while it should be feeding them.
     """
-    pending: list[Future[Any]] = []
+    def run(batch: list[Any]) -> list[Any]:
+        return [fn(item) for item in batch]
+
+    pending: list[Future[list[Any]]] = []
     try:
-        for item in items:
-            if inline is not None and inline(item):
-                done: Future[Any] = Future()
-                try:
-                    done.set_result(fn(item))
-                except BaseException as exc:  # noqa: BLE001 - re-raised in order by result()
-                    done.set_exception(exc)
-                pending.append(done)
-            else:
-                pending.append(pool.submit(fn, item))
+        for batch in _tasks(items, size):
+            pending.append(pool.submit(run, batch))
             if len(pending) >= window:
-                yield pending.pop(0).result()
+                yield from pending.pop(0).result()
         while pending:
-            yield pending.pop(0).result()
+            yield from pending.pop(0).result()
     finally:  # on error, no task may outlive the call (it could write after an abort)
         for fut in pending:
             fut.cancel()
         wait(pending)
 
 
-SMALL_CHUNK = 64 * 1024  # chunks below this are encoded in the calling thread
+def chunk_size(chunk_bytes: int, nbytes: int) -> int:
+    """The bytes of a tensor's (first) chunk: the work one chunk job does."""
+    return min(chunk_bytes, nbytes)
 
 
-def is_small_chunk(chunk_bytes: int, nbytes: int) -> bool:
-    """Whether a tensor's chunks are too small to be worth a hand-off to a worker thread."""
-    return min(chunk_bytes, nbytes) < SMALL_CHUNK
-
-
-def _is_small(job: tuple[_Tensor, int]) -> bool:
-    return is_small_chunk(job[0].chunk_bytes, job[0].data.size)
+def _job_size(job: tuple[_Tensor, int]) -> int:
+    return chunk_size(job[0].chunk_bytes, job[0].data.size)
 
 
 @dataclass
@@ -288,7 +308,8 @@ class StepEncoder:
             cid, written = store.put(chunk, t.etype.word, pol.zstd_level, cid=digest)
             return ChunkRef(cid, 0, None, digest, 1), written
         assert t.base is not None
-        payload, word = self.delta.encode(chunk, t.base.data[lo:hi], t.etype)
+        payload, word = self.delta.encode_into(chunk, t.base.data[lo:hi], t.etype,
+                                               scratch(chunk.size, "delta"))
         pid = xxhash.xxh3_128(payload).digest()
         delta_rec = ("delta", pid, prev.depth + 1, digest, self.delta)
         if store.has(pid):
@@ -318,16 +339,13 @@ class StepEncoder:
         keep_copy = self.keep_copy
         tensors: list[_Tensor] = []
 
-        def jobs() -> Iterator[tuple[_Tensor, int]]:
-            for leaf in leaves:
-                t = self._prepare(leaf)
-                tensors.append(t)
-                for i in range(t.n_chunks):
-                    yield t, i
-
+        # all torch calls first, before any worker runs: each releases and retakes the GIL,
+        # which interleaved with busy workers costs far more than the call itself
+        tensors.extend(self._prepare(leaf) for leaf in leaves)
+        jobs = [(t, i) for t in tensors for i in range(t.n_chunks)]
         new = reused = written_total = cur = 0
-        for (rec, written) in bounded_map(self.pool, self._chunk, jobs(),
-                                          4 * self.policy.workers, _is_small):
+        for (rec, written) in bounded_map(self.pool, self._chunk, jobs,
+                                          4 * self.policy.workers, _job_size):
             written_total += written
             if written:
                 new += 1
@@ -345,7 +363,10 @@ class StepEncoder:
             is_torch = isinstance(value, torch.Tensor)
             shape = list(value.shape)
             lossy_info = None
-            source = xxhash.xxh3_128(t.data).digest()
+            if t.recon is None and len(t.chunks) == 1:
+                source = t.chunks[0].digest  # one chunk: the worker already hashed these bytes
+            else:
+                source = xxhash.xxh3_128(t.data).digest()
             digest = source if t.recon is None else xxhash.xxh3_128(t.recon).digest()
             if digest != source:
                 max_abs = max(e[0] for e in t.error)

@@ -44,6 +44,12 @@ class Codec(ABC):
                etype: ElementType) -> tuple[np.ndarray, int]:
         """Return ``(payload, word)``: a 1-D uint8 payload and its byte-plane width."""
 
+    def encode_into(self, data: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+                    out: np.ndarray) -> tuple[np.ndarray, int]:
+        """:meth:`encode`, free to build the payload in ``out`` (a scratch buffer of
+        ``data.size`` bytes the writer reuses chunk after chunk) and return a view of it."""
+        return self.encode(data, ref, etype)
+
     @abstractmethod
     def decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
                nbytes: int) -> np.ndarray:

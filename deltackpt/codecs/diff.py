@@ -20,9 +20,13 @@ class Diff(Codec):
 
     def encode(self, data: np.ndarray, ref: np.ndarray | None,
                etype: ElementType) -> tuple[np.ndarray, int]:
+        return self.encode_into(data, ref, etype, None)  # type: ignore[arg-type]
+
+    def encode_into(self, data: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+                    out: np.ndarray | None) -> tuple[np.ndarray, int]:
         ref = check_reference(self, data.size, ref)
         u = uint_of_width(etype.word)
-        d = np.subtract(data.view(u), ref.view(u))
+        d = np.subtract(data.view(u), ref.view(u), out=None if out is None else out.view(u))
         s = d.view(u.str.replace("u", "i"))
         sign = s >> (8 * etype.word - 1)    # arithmetic: all ones where negative
         s <<= 1

@@ -24,6 +24,10 @@ class Xor(Codec):
                etype: ElementType) -> tuple[np.ndarray, int]:
         return _xor(data, check_reference(self, data.size, ref)), etype.word
 
+    def encode_into(self, data: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+                    out: np.ndarray) -> tuple[np.ndarray, int]:
+        return _xor(data, check_reference(self, data.size, ref), out=out), etype.word
+
     def decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
                nbytes: int) -> np.ndarray:
         if payload.size != nbytes:
