@@ -432,6 +432,24 @@ class Repository:
                 got = pinned[s] = self.manifest(s)
             return got
 
+        # parse every manifest the chains pass through now, before the workers start: a parse
+        # is pure Python and would hold the GIL against them (a damaged or missing one is left
+        # for the chain walk, which names the step and tensor it breaks)
+        paths = [m.tensors[i].path for i in wanted]
+        todo = {r.ref for i in wanted for r in m.tensors[i].chunks if r.ref is not None}
+        tried = {step}
+        while todo:
+            s = todo.pop()
+            tried.add(s)
+            try:
+                ms = manifest(s)
+            except DeltaCkptError:
+                continue
+            for path in paths:
+                e = ms.tensor(path)
+                if e is not None:
+                    todo.update(r.ref for r in e.chunks if r.ref is not None)
+            todo -= tried
         rebuild = Reconstructor(self.store, manifest, self.cache)
 
         def fill(job: tuple[int, int]) -> None:
