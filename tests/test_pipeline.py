@@ -149,3 +149,50 @@ def test_fsync_policy(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, fsync: boo
     with deltackpt.open(tmp_path / "r", mode="r") as ro:
         assert ro.steps() == [0, 2]
         assert_bitexact(ro.load(2), _state(2))
+
+
+@given(sizes=st.lists(st.integers(0, 200_000), max_size=60), fail_at=st.none() | st.integers(0, 59))
+@settings(max_examples=40, deadline=None)
+def test_bounded_map_batches_small_items_keeps_order_and_errors(sizes: list[int],
+                                                                fail_at: int | None) -> None:
+    """Small items share a task, large ones get their own; results come back in input order;
+    the first failing item's error is raised and no task outlives the call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deltackpt.writer import BATCH_BYTES, SMALL_CHUNK, _tasks, bounded_map
+
+    items = list(enumerate(sizes))
+    tasks = list(_tasks(items, lambda it: it[1]))
+    assert [it for t in tasks for it in t] == items
+    for t in tasks:
+        assert len(t) == 1 or all(n < SMALL_CHUNK for _, n in t)
+        assert sum(n for _, n in t[:-1]) < BATCH_BYTES and len(t) <= 256
+    running: list[int] = []
+
+    def fn(it: tuple[int, int]) -> int:
+        running.append(it[0])
+        if it[0] == fail_at:
+            raise KeyError(it[0])
+        return it[0] * 2
+
+    with ThreadPoolExecutor(2) as pool:
+        if fail_at is not None and fail_at < len(items):
+            with pytest.raises(KeyError) as err:
+                list(bounded_map(pool, fn, items, 3, lambda it: it[1]))
+            assert err.value.args == (fail_at,)
+            seen = len(running)
+            pool.submit(lambda: None).result()
+            assert len(running) == seen  # nothing still running after the call returned
+        else:
+            assert list(bounded_map(pool, fn, items, 3, lambda it: it[1])) == \
+                [i * 2 for i, _ in items]
+
+
+def test_huge_page_advice_leaves_buffers_usable() -> None:
+    from deltackpt import hugepages
+
+    buf = np.empty(9 << 20, np.uint8)[3:]  # unaligned start, spans several 2 MiB pages
+    hugepages.advise(buf)
+    buf[:] = np.arange(buf.size, dtype=np.uint64).astype(np.uint8)
+    assert int(buf[12345]) == 12345 % 256
+    hugepages.advise(np.empty(10, np.uint8))  # below the threshold: a no-op
