@@ -41,7 +41,7 @@ from .retention import Retention, StepView, parse_time, plan
 from .verify import VerifyReport
 from .verify import verify as verify_repo
 from .tree import Leaf
-from .staging import StagingPool, stage
+from .staging import StagingPool, materialize, stage
 from .writer import RefState, RefTensor, StepEncoder, bounded_map, chunk_size
 
 REPO_FORMAT = "deltackpt"
@@ -642,7 +642,7 @@ class Repository:
 
         def run() -> SaveInfo:
             try:
-                return self._save(step, tree, leaves, meta, t0)
+                return self._save(step, tree, materialize(leaves, buf), meta, t0)
             finally:  # before the future is done: a wait() then the next save finds it free
                 self._staging.release(buf)
 

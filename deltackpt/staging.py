@@ -91,19 +91,18 @@ def _nbytes(value: torch.Tensor | np.ndarray) -> int:
 
 
 def stage(leaves: list[Leaf], pool: StagingPool) -> tuple[list[Leaf], Staging]:
-    """Copy every leaf value into one pooled buffer; returns leaves viewing that buffer (with
-    the originals' dtypes, shapes, Parameter-ness and requires_grad) and the buffer, which the
-    caller must :meth:`StagingPool.release` when it no longer reads them."""
+    """Copy every leaf value into one pooled buffer; returns the leaves, to be passed through
+    :func:`materialize` (which views the buffer with the originals' dtypes, shapes,
+    Parameter-ness and requires_grad), and the buffer, which the caller must
+    :meth:`StagingPool.release` when it no longer reads them."""
     offsets, total = [], 0
     for lf in leaves:
         offsets.append(total)
         total += -(-_nbytes(lf.value) // _ALIGN) * _ALIGN
     buf = pool.acquire(total)
     try:
-        region = buf.tensor[:total]
-        base = region.data_ptr()
-        typed: dict[torch.dtype, torch.Tensor] = {}  # the region viewed as each dtype
-        out = []
+        base = buf.tensor.data_ptr()
+        out: list[Leaf] = []
         for lf, off in zip(leaves, offsets):
             v = lf.value
             # the common case (plain contiguous CPU tensors) in as few torch calls as possible:
@@ -112,11 +111,8 @@ def stage(leaves: list[Leaf], pool: StagingPool) -> tuple[list[Leaf], Staging]:
                     and not v.requires_grad and v.is_contiguous() and not v.is_conj() \
                     and not v.is_neg() and v.numel():
                 ctypes.memmove(base + off, v.data_ptr(), v.numel() * v.element_size())
-                tv = typed.get(v.dtype)
-                if tv is None:
-                    tv = typed[v.dtype] = region.view(v.dtype)
-                out.append(Leaf(lf.index, lf.path,
-                                tv.as_strided(v.shape, v.stride(), off // v.element_size())))
+                # the view is made by materialize(), in the background, off the caller's clock
+                out.append(Leaf(lf.index, lf.path, _View(v.dtype, v.shape, v.stride(), off)))
             else:
                 out.append(Leaf(lf.index, lf.path, _copy(v, buf, off)))
         if torch.cuda.is_available():
@@ -125,6 +121,31 @@ def stage(leaves: list[Leaf], pool: StagingPool) -> tuple[list[Leaf], Staging]:
         pool.release(buf)
         raise
     return out, buf
+
+
+@dataclass(frozen=True)
+class _View:
+    """A staged tensor not yet viewed as a tensor: dtype, shape, strides, byte offset."""
+
+    dtype: torch.dtype
+    shape: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
+def materialize(leaves: list[Leaf], buf: Staging) -> list[Leaf]:
+    """The leaves :func:`stage` returned, each value a tensor (or array) viewing ``buf``."""
+    typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer viewed as each dtype
+    out = []
+    for lf in leaves:
+        v = lf.value
+        if isinstance(v, _View):
+            tv = typed.get(v.dtype)
+            if tv is None:  # buffers are allocated in whole 64-byte units: any dtype divides
+                tv = typed[v.dtype] = buf.tensor[:buf.nbytes // _ALIGN * _ALIGN].view(v.dtype)
+            v = tv.as_strided(v.shape, v.stride, v.offset // tv.element_size())
+        out.append(Leaf(lf.index, lf.path, v))
+    return out
 
 
 def _copy(value: torch.Tensor | np.ndarray, buf: Staging,
