@@ -2,7 +2,10 @@
 backend and optionally kill the process just before one."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -62,3 +65,37 @@ def run_forked(fn: Callable[[], None]) -> int:
         os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def check_each_kill(server: subprocess.Popen[str], work: str, label: str,
+                    check: Callable[[str, int, str], None]) -> int:
+    """The parent side of a kill server, which prints ``{"name": "kNNNN", "code": ...}`` for each
+    child it ran on a copy ``work/kNNNN`` dying before its k-th durable operation (named in
+    ``kNNNN.op``). Runs ``check(copy, k, operation)`` on each killed copy while the server goes
+    on, then removes the copy; returns the k of the first child that completed."""
+    completed = None
+    try:
+        assert server.stdout is not None
+        for line in server.stdout:
+            msg = json.loads(line)
+            k, code = int(msg["name"][1:]), msg["code"]
+            if code != KILLED:
+                assert code == 0, f"{label} failed without a kill (k={k}): " \
+                    f"{server.stderr.read()[-3000:] if server.stderr else ''}"
+                completed = k
+                break
+            path = os.path.join(work, f"k{k:04d}")
+            with open(path + ".op") as f:
+                point = f.read()
+            try:
+                check(path, k, point)
+            except Exception as exc:
+                raise AssertionError(f"{label}: killed before durable operation #{k} ({point}): "
+                                     f"{type(exc).__name__}: {exc}") from exc
+            shutil.rmtree(path)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.communicate(timeout=60)
+    assert completed is not None, f"{label}: the operation never completed"
+    return completed

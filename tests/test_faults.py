@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _durable import KILLED, hook_durable_ops, run_forked
+from _durable import KILLED, check_each_kill, hook_durable_ops, run_forked
 from _util import assert_bitexact
 
 import deltackpt
@@ -212,7 +212,7 @@ def _kill_server(base: str, work: str, name: str, first: int | str, last: int | 
             w.close()
 
         code = run_forked(child)
-        print(json.dumps({"k": k, "code": code}), flush=True)
+        print(json.dumps({"name": f"k{k:04d}", "code": code}), flush=True)
         if code != KILLED:
             return
 
@@ -248,31 +248,15 @@ def test_kill_before_every_durable_operation_of_a_save(base, tmp_path, name):
     work = str(tmp_path / "work")
     os.makedirs(work)
     server = _helper("_kill_server", base, work, name, 1, 200)
-    tried = 0
-    completed = None
-    try:
-        assert server.stdout is not None
-        for line in server.stdout:
-            k, code = json.loads(line)["k"], json.loads(line)["code"]
-            if code != KILLED:
-                assert code == 0, server.stderr.read()[-3000:] if server.stderr else code
-                completed = k
-                break
-            path = os.path.join(work, f"k{k:04d}")
-            with open(os.path.join(work, f"k{k:04d}.op")) as f:
-                point = f.read()
-            try:
-                _after_kill(path, name, point)
-            except Exception as exc:
-                raise AssertionError(f"{name}: killed before durable operation #{k} "
-                                     f"({point}): {type(exc).__name__}: {exc}") from exc
-            tried += 1
-            shutil.rmtree(path)
-    finally:
-        if server.poll() is None:
-            server.kill()
-        server.communicate(timeout=60)
-    assert completed is not None and tried == completed - 1
+    checked: list[int] = []
+
+    def check(path: str, k: int, point: str) -> None:
+        _after_kill(path, name, point)
+        checked.append(k)
+
+    completed = check_each_kill(server, work, name, check)
+    tried = len(checked)
+    assert tried == completed - 1
     assert tried >= MIN_POINTS[name]
     FIGURES[f"kill points tried: {name}"] = tried
     print(f"\n{name}: killed before each of {tried} durable operations (+1 complete run)")

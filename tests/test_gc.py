@@ -50,7 +50,7 @@ from deltackpt.policy import Rule
 from deltackpt.retention import (AnyOf, KeepBest, KeepEvery, KeepLast, KeepNewerThan, KeepSteps,
                                  Retention, StepView, plan)
 
-from _durable import KILLED, hook_durable_ops, run_forked
+from _durable import KILLED, check_each_kill, hook_durable_ops, run_forked
 from _util import assert_bitexact
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -695,30 +695,11 @@ def test_crash_at_every_durable_operation(crash_bases, tmp_path, monkeypatch, op
     os.makedirs(work)
     server = _start_crash_server(base, work, op, {"k": [1, 400]})
     finals: dict[int, int] = {}
-    completed = None
-    try:
-        assert server.stdout is not None
-        for line in server.stdout:    # check each kill while the server runs the next ones
-            k, status = int(json.loads(line)["name"][1:]), json.loads(line)["code"]
-            if status != KILLED:
-                assert status == 0, f"{op} failed without a kill (k={k}): " \
-                    f"{server.stderr.read()[-3000:] if server.stderr else ''}"
-                completed = k
-                break
-            path = os.path.join(work, f"k{k:04d}")
-            with open(os.path.join(work, f"k{k:04d}.op")) as f:
-                point = f.read()
-            try:
-                finals[k] = _check_killed(path, op, k, expected, kept, before)
-            except Exception as exc:
-                raise AssertionError(f"{op}: killed before durable operation #{k} ({point}): "
-                                     f"{type(exc).__name__}: {exc}") from exc
-            shutil.rmtree(path)
-    finally:
-        if server.poll() is None:
-            server.kill()
-        server.communicate(timeout=60)
-    assert completed is not None, "the operation never completed"
+
+    def check(path: str, k: int, point: str) -> None:
+        finals[k] = _check_killed(path, op, k, expected, kept, before)
+
+    completed = check_each_kill(server, work, op, check)
     n_points = completed - 1
     with open(os.path.join(work, "ops.json")) as f:
         ops = json.load(f)
