@@ -84,6 +84,12 @@ class StagingPool:
             self._free.clear()
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """Whether ``t``'s bytes are its values as laid out: a dtype torch copies natively,
+    contiguous, no lazy conjugate or negative bit."""
+    return t.dtype in _PLAIN and t.is_contiguous() and not t.is_conj() and not t.is_neg()
+
+
 def _nbytes(value: torch.Tensor | np.ndarray) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
@@ -107,9 +113,8 @@ def stage(leaves: list[Leaf], pool: StagingPool) -> tuple[list[Leaf], Staging]:
             v = lf.value
             # the common case (plain contiguous CPU tensors) in as few torch calls as possible:
             # for a small state the per-tensor overhead, not the bytes, is most of the stall
-            if type(v) is torch.Tensor and v.device.type == "cpu" and v.dtype in _PLAIN \
-                    and not v.requires_grad and v.is_contiguous() and not v.is_conj() \
-                    and not v.is_neg() and v.numel():
+            if type(v) is torch.Tensor and v.device.type == "cpu" and not v.requires_grad \
+                    and v.numel() and _plain(v):
                 ctypes.memmove(base + off, v.data_ptr(), v.numel() * v.element_size())
                 # the view is made by materialize(), in the background, off the caller's clock
                 out.append(Leaf(lf.index, lf.path, _View(v.dtype, v.shape, v.stride(), off)))
@@ -158,7 +163,7 @@ def _copy(value: torch.Tensor | np.ndarray, buf: Staging,
     t = value.detach() if value.requires_grad else value
     n = _nbytes(t)
     dst_bytes = buf.tensor[off:off + n]
-    if n and t.dtype in _PLAIN and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+    if n and _plain(t):
         out = dst_bytes.view(t.dtype).view(t.shape)
         out.copy_(t, non_blocking=t.device.type != "cpu")
     else:
