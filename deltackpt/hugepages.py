@@ -1,10 +1,10 @@
 """Ask Linux to back large, freshly allocated output buffers with transparent huge pages.
 
 A load writes every byte of tensors it has just allocated; with 4 KiB pages that is one page
-fault per 4 KiB, which on virtual machines costs more than decoding the bytes (measured: a
-37 MiB buffer filled in 32 ms with 4 KiB pages, 7 ms with huge pages). Where the kernel's THP
-mode is ``madvise``, ``madvise(MADV_HUGEPAGE)`` on the buffer's 2 MiB-aligned interior lets it
-fault in 2 MiB at a time. Advisory only: any failure (other OS, no libc, THP off) is ignored.
+fault per 4 KiB, which on virtual machines can cost more than decoding the bytes. Where the
+kernel's THP mode is ``madvise``, ``madvise(MADV_HUGEPAGE)`` on the buffer's 2 MiB-aligned
+interior lets it fault in 2 MiB at a time. Advisory only: any failure (other OS, no libc,
+THP off) is ignored.
 """
 from __future__ import annotations
 
