@@ -14,6 +14,7 @@ import numpy as np
 import zstandard
 
 from .errors import CorruptChunkError
+from .planes import merge, split
 from .scratch import scratch
 
 FRAME_VERSION = 1
@@ -67,11 +68,7 @@ def encode_frame(payload: np.ndarray, word: int, level: int) -> bytes:
     if word == 1:
         planes = [payload]
     else:
-        words = payload.reshape(-1, word)
-        grouped = scratch(n, "frame").reshape(word, words.shape[0])  # the join below copies
-        for k in range(word):  # strided column copies beat a transposing copy several times
-            grouped[k] = words[:, k]
-        planes = list(grouped)
+        planes = list(split(payload, word, scratch(n, "frame")))  # the join below copies
     descs, bodies = [], []
     for plane in planes:
         view = memoryview(plane).cast("B")
@@ -165,7 +162,5 @@ def decode_frame(frame: bytes | memoryview, expected_length: int,
     if len(planes) == 1:
         out[...] = decode_plane(*planes[0], plane_len)
         return out
-    dest = out.reshape(plane_len, len(planes))
-    for k, (method, body) in enumerate(planes):
-        dest[:, k] = decode_plane(method, body, plane_len)
-    return out
+    return merge([decode_plane(method, body, plane_len) for method, body in planes],
+                 len(planes), out)

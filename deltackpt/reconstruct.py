@@ -17,6 +17,7 @@ from .errors import (BrokenChainError, CorruptChunkError, DeltaCkptError, Digest
                      StepNotFoundError)
 from .frame import decode_plane, frame_planes
 from .manifest import Manifest, TensorEntry
+from .planes import merge
 from .scratch import scratch as buffer
 from .store.packs import ChunkStore
 
@@ -226,9 +227,7 @@ class Reconstructor:
         if acc.shape[0] == 1:
             out[...] = acc[0]
         else:
-            dest = out.reshape(-1, acc.shape[0])
-            for k in range(acc.shape[0]):
-                dest[:, k] = acc[k]
+            merge(list(acc), acc.shape[0], out)
         return xxhash.xxh3_128(out).digest() == chain[0][1].chunks[i].digest
 
     def check(self, step: int, entry: TensorEntry, data: np.ndarray) -> None:

@@ -25,3 +25,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["native", "numpy"])
+def plane_backend(request: pytest.FixtureRequest) -> str:
+    """Runs a test once with the compiled byte-plane kernels and once with numpy's."""
+    from deltackpt import planes
+    if request.param == "native" and not planes.native_available():
+        pytest.skip("deltackpt._planes was not built (no C compiler at install)")
+    old = planes.set_native(request.param == "native")
+    yield request.param
+    planes.set_native(old)

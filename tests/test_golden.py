@@ -186,6 +186,7 @@ def golden_repo():
 
 
 @pytest.mark.parametrize("step", make_golden().STEPS)
+@pytest.mark.usefixtures("plane_backend")
 def test_golden_step_loads_bitexact(golden_repo, step):
     loaded = golden_repo.load(step)
     assert_bitexact(loaded, expected_state(step))
@@ -321,6 +322,7 @@ def test_no_fixture_for_an_unregistered_codec():
 
 
 @pytest.mark.parametrize("cid", CODEC_IDS)
+@pytest.mark.usefixtures("plane_backend")
 def test_codec_fixture_decodes(cid):
     doc = _codec_doc(cid)
     for n, case in enumerate(doc["cases"]):

@@ -20,7 +20,8 @@ from deltackpt.errors import IntegrityError
 from deltackpt.reconstruct import Reconstructor
 from deltackpt.store.packs import pack_name
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.usefixtures("plane_backend")]
 
 # word 1 (one plane), word 2, 4, 8, complex (two words per element); odd element counts make
 # planes whose length is not a multiple of 8 (byte lanes instead of 8-byte lanes)
