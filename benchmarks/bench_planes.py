@@ -108,11 +108,11 @@ def whole(quick: bool, root: str) -> dict[str, Any]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI-sized run")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not planes.native_available():
         print("deltackpt._planes is not built (or DELTACKPT_NATIVE=0): nothing to compare")
         return 2

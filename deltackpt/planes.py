@@ -28,6 +28,11 @@ def native_available() -> bool:
 _use_native = native_available()
 
 
+def native_in_use() -> bool:
+    """Whether :func:`split` and :func:`merge` currently run the compiled kernels."""
+    return _use_native
+
+
 def set_native(enabled: bool) -> bool:
     """Switch the native kernels on or off (tests compare both paths); returns the old state."""
     global _use_native

@@ -115,3 +115,18 @@ def test_native_built_where_required() -> None:
     if os.environ.get("DELTACKPT_REQUIRE_NATIVE") != "1":
         pytest.skip("only checked where DELTACKPT_REQUIRE_NATIVE=1 (.ci/run sets it)")
     assert planes.native_available(), "the C extension deltackpt._planes was not built"
+
+
+def test_bench_planes_quick_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The benchmark behind the README's kernel figures still runs (and checks its round trip)."""
+    if not planes.native_available():
+        pytest.skip("deltackpt._planes was not built")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        import bench_planes
+    finally:
+        sys.path.pop(0)
+    assert bench_planes.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "| split | 4 |" in out and "| load |" in out
+    assert planes.native_in_use(), "the benchmark left the kernels switched off"
