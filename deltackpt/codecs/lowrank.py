@@ -65,8 +65,11 @@ class LowRank(Codec):
     @staticmethod
     def _product(u: np.ndarray, vt: np.ndarray) -> np.ndarray:
         acc = np.zeros((u.shape[0], vt.shape[1]), np.float32)
-        for j in range(u.shape[1]):
-            acc += u[:, j:j + 1] * vt[j:j + 1, :]
+        # damaged or hostile factors may overflow to inf/nan: the rebuilt chunk's digest check
+        # reports that, so numpy's warning would only be noise
+        with np.errstate(over="ignore", invalid="ignore"):
+            for j in range(u.shape[1]):
+                acc += u[:, j:j + 1] * vt[j:j + 1, :]
         return acc
 
     def choose_rank(self, s: np.ndarray, rows: int, cols: int) -> int:
