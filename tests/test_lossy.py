@@ -334,3 +334,23 @@ def test_rule_with_fallback_list_tries_codecs_in_order(tmp_path):
         assert ids("b") == {"quant"}        # a vector: lowrank does not apply
         assert ids("n") == {"quant"}        # full-rank noise: lowrank declines, quant takes it
         assert repo.verify().ok and not repo.manifest(1).exact
+
+
+@pytest.mark.parametrize("domain", ["linear", "log"])
+def test_quant_payload_with_impossible_scales_is_corrupt(domain):
+    """Scales the encoder can never write (non-finite; in the log domain, a delta wider than
+    the dtype's bit patterns) are refused as corrupt instead of decoding to garbage."""
+    from deltackpt.dtypes import element_type
+    from deltackpt.errors import CorruptChunkError
+    codec = get_codec({"id": "quant", "bits": 8, "block": 4, "domain": domain})
+    et = element_type("torch", "float32")
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(torch.uint8).numpy().copy()
+    ref = torch.tensor([1.5, 2.5, 3.5, 4.5]).view(torch.uint8).numpy().copy()
+    payload, _ = codec.encode(x, ref, et)
+    assert codec.decode(payload, ref, et, x.size).size == x.size  # the intact payload decodes
+    for bad in (np.inf, np.nan) + ((3e38,) if domain == "log" else ()):
+        hostile = payload.copy()
+        hostile[:4] = np.array([bad], np.float32).view(np.uint8)
+        hostile[4:8] = 127  # the largest 8-bit code
+        with pytest.raises(CorruptChunkError):
+            codec.decode(hostile, ref, et, x.size)

@@ -101,6 +101,8 @@ class Quant(Codec):
     def _dequantize(self, payload: np.ndarray, n: int, dtype: type) -> np.ndarray:
         nb, qbytes, _ = self._payload_sizes(n)
         scale = payload[:4 * nb].copy().view(np.float32)
+        if not np.isfinite(scale).all():  # the encoder declines such blocks (NotApplicable)
+            raise CorruptChunkError("quant payload has a non-finite block scale")
         z = payload[4 * nb:4 * nb + qbytes]
         if self.bits == 4:
             z = np.stack([z & 15, z >> 4], axis=1).reshape(-1)[:n]
@@ -136,6 +138,13 @@ class Quant(Codec):
 
     def decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
                nbytes: int) -> np.ndarray:
+        # a damaged or hostile payload may overflow to inf/nan: the rebuilt chunk's digest check
+        # reports that (naming step and tensor), so numpy's warnings would only be noise
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._decode(payload, ref, etype, nbytes)
+
+    def _decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+                nbytes: int) -> np.ndarray:
         ref = check_reference(self, nbytes, ref)
         n = nbytes // etype.itemsize
         nb, qbytes, maskbytes = self._payload_sizes(n)
@@ -150,7 +159,10 @@ class Quant(Codec):
         rb = self._bits(ref, etype)
         inf = np.array([np.inf], np.float64 if etype.itemsize == 8 else np.float32)
         inf_bits = int(self._bits(from_float(inf, etype), etype)[0])
-        yb = rb + np.rint(self._dequantize(payload, n, np.float64)).astype(np.int64)
+        d = np.rint(self._dequantize(payload, n, np.float64))
+        if n and np.abs(d).max() >= 2.0 ** (8 * etype.word - 1):  # wider than any bit pattern
+            raise CorruptChunkError("quant payload decodes to a delta wider than the dtype")
+        yb = rb + d.astype(np.int64)
         yb = np.clip(yb, 1, inf_bits - 1)            # positive, finite
         yb = np.where(zero, 0, yb).astype(uint_of_width(etype.word))
         return yb.view(np.uint8)
