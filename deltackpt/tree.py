@@ -244,6 +244,9 @@ class _Unflattener:
                 or not isinstance(node[0], str):
             raise CorruptFileError(f"malformed state node at {path or '<root>'!r}")
         tag = node[0]
+        if len(node) != _ARITY.get(tag, len(node)):
+            raise CorruptFileError(f"malformed {tag!r} node at {path or '<root>'!r}: "
+                                   f"{len(node) - 1} fields, expected {_ARITY[tag] - 1}")
         try:
             return self._decode(tag, node, path, depth, whole)
         except (ValueError, TypeError, IndexError, KeyError, RuntimeError, struct.error) as exc:
@@ -328,11 +331,19 @@ class _Unflattener:
         if depth > MAX_DEPTH:
             raise ValueError(f"dict key nested deeper than {MAX_DEPTH} tuples")
         if isinstance(node, list) and node and node[0] == "tuple":
+            if len(node) != 2:
+                raise ValueError("a tuple key node has one field")
             return tuple(self.decode_key(x, path, depth + 1) for x in _list(node[1]))
         if isinstance(node, list) and node and node[0] in ("tensor", "ndarray", "list", "dict",
                                                            "odict", "generator"):
             raise ValueError(f"{node[0]!r} cannot be a dict key")
         return self.decode(node, path, MAX_DEPTH, True)
+
+
+#: node length (tag included) of every tag a reader knows: anything longer or shorter is corrupt
+_ARITY = {"none": 1, "tensor": 2, "ndarray": 2, "bool": 2, "int": 2, "float": 2, "str": 2,
+          "bytes": 2, "bytearray": 2, "complex": 3, "npscalar": 3, "dtype": 2, "device": 2,
+          "size": 2, "generator": 3, "list": 2, "tuple": 2, "dict": 2, "odict": 3}
 
 
 def _str(x: Any) -> str:
