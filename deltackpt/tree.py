@@ -331,7 +331,7 @@ class _Unflattener:
         if depth > MAX_DEPTH:
             raise ValueError(f"dict key nested deeper than {MAX_DEPTH} tuples")
         if isinstance(node, list) and node and node[0] == "tuple":
-            if len(node) != 2:
+            if len(node) != _ARITY["tuple"]:
                 raise ValueError("a tuple key node has one field")
             return tuple(self.decode_key(x, path, depth + 1) for x in _list(node[1]))
         if isinstance(node, list) and node and node[0] in ("tensor", "ndarray", "list", "dict",
