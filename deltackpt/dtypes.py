@@ -7,7 +7,6 @@ words), which is the unit of byte-plane grouping and of integer deltas.
 from __future__ import annotations
 
 import functools
-
 import sys
 from dataclasses import dataclass
 

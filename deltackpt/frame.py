@@ -159,8 +159,5 @@ def decode_frame(frame: bytes | memoryview, expected_length: int,
     elif out.shape != (expected_length,) or out.dtype != np.uint8:
         raise ValueError(f"decode_frame: out must be a 1-D uint8 array of {expected_length} "
                          "bytes")
-    if len(planes) == 1:
-        out[...] = decode_plane(*planes[0], plane_len)
-        return out
     return merge([decode_plane(method, body, plane_len) for method, body in planes],
                  len(planes), out)

@@ -60,7 +60,7 @@ def split(src: np.ndarray, word: int, out: np.ndarray) -> np.ndarray:
 
 def merge(planes: Sequence[Any], word: int, out: np.ndarray) -> np.ndarray:
     """Regroup ``word`` planes (each a bytes-like of ``len(out) // word`` bytes) into ``out``
-    (1-D contiguous uint8); returns ``out``."""
+    (1-D contiguous uint8); returns ``out``. With ``word == 1`` that is a plain copy."""
     if _use_native and word in _NATIVE_WORDS:
         _native.merge(planes, out, word)
         return out

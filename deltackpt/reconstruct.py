@@ -224,10 +224,7 @@ class Reconstructor:
             except DeltaCkptError:
                 return False
         assert acc is not None
-        if acc.shape[0] == 1:
-            out[...] = acc[0]
-        else:
-            merge(list(acc), acc.shape[0], out)
+        merge(list(acc), acc.shape[0], out)
         return xxhash.xxh3_128(out).digest() == chain[0][1].chunks[i].digest
 
     def check(self, step: int, entry: TensorEntry, data: np.ndarray) -> None:
