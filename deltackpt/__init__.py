@@ -12,7 +12,7 @@ from typing import Any
 
 from .codecs import Codec, get_codec, register_codec
 from .errors import (BrokenChainError, CodecError, CorruptChunkError, CorruptFileError,
-                     DeltaCkptError, DigestMismatchError, FormatVersionError, IntegrityError,
+                     DeltaCkptError, DeltaCkptWarning, SelectionError, DigestMismatchError, FormatVersionError, IntegrityError,
                      LockedError, MissingChunkError, ReadOnlyError, RepositoryNotFoundError,
                      StepExistsError, StepNotFoundError, UnsupportedValueError)
 from .policy import Policy
@@ -23,20 +23,22 @@ from .verify import Problem, VerifyReport
 __version__ = "0.1.0"
 
 
-def open(path: str | os.PathLike[str], mode: str = "a", policy: Policy | None = None,
-         **policy_kwargs: Any) -> Repository:  # noqa: A001 - mirrors builtins.open on purpose
+def open(path: str | os.PathLike[str], mode: str = "a", policy: Policy | str | None = None,
+         **kwargs: Any) -> Repository:  # noqa: A001 - mirrors builtins.open on purpose
     """Open (mode='a': create if missing, take the writer lock) or read (mode='r') a repository.
 
-    Keyword arguments are :class:`Policy` fields, e.g. ``keyframe_every=20, codec="xor"``.
+    Keyword arguments are :class:`Policy` fields, e.g. ``keyframe_every=20, codec="xor"``, and
+    ``retention=`` (the default policy of ``gc()``) with ``auto_gc=True`` to apply it after
+    every save.
     """
-    return Repository(path, mode, policy, **policy_kwargs)
+    return Repository(path, mode, policy, **kwargs)
 
 
 __all__ = [
     "BrokenChainError", "Codec", "CodecError", "CorruptChunkError", "CorruptFileError",
-    "DeltaCkptError", "DigestMismatchError", "FormatVersionError", "IntegrityError",
+    "DeltaCkptError", "DeltaCkptWarning", "DigestMismatchError", "FormatVersionError", "IntegrityError",
     "LockedError", "MissingChunkError", "Policy", "Problem", "ReadOnlyError", "Repository",
-    "RepositoryNotFoundError", "SaveInfo", "StepExistsError", "StepNotFoundError",
+    "RepositoryNotFoundError", "SaveInfo", "SelectionError", "StepExistsError", "StepNotFoundError",
     "UnsupportedValueError", "VerifyReport", "get_codec", "open", "register_codec",
     "rng_state", "set_rng_state",
 ]

@@ -23,6 +23,11 @@ class DeltaCkptError(Exception):
         super().__init__(prefix + message)
 
 
+class DeltaCkptWarning(UserWarning):
+    """Something the user should know that did not stop the operation (e.g. a save that
+    started a keyframe because the latest step is damaged)."""
+
+
 # --- repository and usage ---------------------------------------------------------------------
 class RepositoryNotFoundError(DeltaCkptError):
     """The path is not a deltackpt repository (and mode does not allow creating one)."""
@@ -42,6 +47,12 @@ class ReadOnlyError(DeltaCkptError):
 
 class StepNotFoundError(DeltaCkptError, KeyError):
     """The requested step is not committed in the repository (never saved, or deleted)."""
+
+    __str__ = Exception.__str__
+
+
+class SelectionError(DeltaCkptError, KeyError):
+    """``load(step, select=...)`` named a path that is not in the step's state."""
 
     __str__ = Exception.__str__
 

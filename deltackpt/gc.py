@@ -11,10 +11,12 @@ old index and pack are removed). Each stage is crash-safe on its own; rerunning 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import CorruptChunkError, DeltaCkptError, StepNotFoundError
+from .errors import (CorruptChunkError, DeltaCkptError, DeltaCkptWarning, IntegrityError,
+                     StepNotFoundError)
 from .frame import decode_frame
 from .manifest import ChunkRef, Manifest, TensorEntry, manifest_name
 from .store.packs import (_ENTRY_HEAD, _PACK_HEAD, _PACK_TAIL, _OpenPack, ChunkStore, chunk_id, decode_index,
@@ -32,6 +34,11 @@ class GCReport:
     #: steps asked for that were not there (deleted before, e.g. by a delete that crashed)
     absent_steps: list[int] = field(default_factory=list)
     rebased_steps: list[int] = field(default_factory=list)
+    #: steps kept because their manifest cannot be read (retention cannot judge them)
+    unreadable_steps: list[int] = field(default_factory=list)
+    #: dependents of a deleted step that were already unloadable (their chains need damaged
+    #: data) and so could not be rebased; they stay as unloadable as they were
+    damaged_steps: list[int] = field(default_factory=list)
     deleted_packs: int = 0
     repacked_packs: int = 0
     freed_bytes: int = 0
@@ -54,15 +61,27 @@ def delete_steps(repo: Repository, steps: list[int], report: GCReport) -> None:
     report.absent_steps.extend(s for s in steps if s not in present)
     steps = [s for s in steps if s in present]
     doomed = set(steps)
-    for s in steps:
-        repo.manifest(s)  # a damaged manifest raises here, before anything is touched
     kept = [s for s in repo.steps() if s not in doomed]
     for d in kept:  # ascending: a rebased step never depends on a later one
-        m = repo.manifest(d)
+        try:
+            m = repo.manifest(d)
+        except IntegrityError:
+            continue  # unreadable: nothing can rebase it, and deleting others cannot hurt it
         if _refs(m) & doomed:
-            report.rebased_steps.append(d)
-            if not report.dry_run:
+            if report.dry_run:
+                report.rebased_steps.append(d)
+                continue
+            try:
                 report.rebase_bytes += _rebase(repo, m, doomed)
+            except IntegrityError as exc:
+                # its chains already need damaged data (a damaged doomed manifest, a lost
+                # chunk): it does not load now and stays so; the delete goes on
+                report.damaged_steps.append(d)
+                warnings.warn(f"deltackpt: step {d} depends on a deleted step and could not be "
+                              f"rebased because it is already damaged ({exc}); it stays "
+                              "unloadable", DeltaCkptWarning, stacklevel=3)
+                continue
+            report.rebased_steps.append(d)
     # latest first: deltas only point back, so a crash between two removals never leaves a
     # kept step chained to a removed one
     report.deleted_steps.extend(sorted(steps))
@@ -134,7 +153,7 @@ def _chain_hits(repo: Repository, step: int, t: Any, i: int, doomed: set[int]) -
         seen.add(s)
         try:
             e = repo.manifest(s).tensor(t.path)
-        except StepNotFoundError:
+        except (StepNotFoundError, IntegrityError):
             return True
         if e is None or e.dropped or i >= len(e.chunks):
             return True
@@ -145,11 +164,27 @@ def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5) -> None
     """Delete packs nothing references; repack those whose live share is below the bound."""
     live: set[bytes] = set()
     gone = set(report.deleted_steps) if report.dry_run else set()
+    unreadable = []
     for s in repo.steps():
         if s in gone:
             continue
-        for t in repo.manifest(s).tensors:
+        try:
+            tensors = repo.manifest(s).tensors
+        except StepNotFoundError:
+            continue
+        except IntegrityError:
+            unreadable.append(s)
+            continue
+        for t in tensors:
             live.update(c.id for c in t.chunks)
+    if unreadable:
+        # what those steps reference is unknown: nothing may be removed until they are
+        # repaired or deleted
+        report.unreadable_steps = sorted(set(report.unreadable_steps) | set(unreadable))
+        warnings.warn(f"deltackpt: the manifests of steps {unreadable} cannot be read, so no "
+                      "pack was removed or repacked; delete those steps (or restore them "
+                      "from a backup) to reclaim space", DeltaCkptWarning, stacklevel=3)
+        return
     backend, store = repo.backend, repo.store
     indexed = set()
     for fname in backend.list("index"):

@@ -24,9 +24,10 @@ What can be recovered, because an intact copy of the bytes exists in the reposit
 * ``unindex``: an index whose pack is missing is removed (it points at nothing).
 
 Everything else is ``lost``: a damaged manifest (a step's tree and metadata exist nowhere else),
-a chunk with no intact copy of its bytes. A lost step can still be partly loaded
-(``load(step, select=...)`` of its undamaged subtrees), restored from a backup, or deleted
-(``delete`` rebases its dependents first, which fails for dependents that need the lost bytes).
+a chunk with no intact copy of its bytes. A step with lost chunks can still be partly loaded
+(``load(step, select=...)`` of the subtrees without them); any lost step can be restored from a
+backup or deleted (``delete`` rebases its dependents first; dependents that need the lost bytes
+were unloadable already, stay as they are and are listed in the report's ``damaged_steps``).
 """
 from __future__ import annotations
 
@@ -103,10 +104,20 @@ class RepairPlan:
         if todo:
             lines.append("  recover with deltackpt.repair.apply(deltackpt.open(path, 'a')), "
                          "then verify again")
-        if self.lost_steps:
-            lines.append(f"  lost steps {self.lost_steps}: restore them from a backup, or "
-                         "delete them; load(step, select=...) still restores their undamaged "
-                         "subtrees")
+        unreadable = sorted({a.step for a in self.actions if a.kind == "lost"
+                             and a.step is not None and a.path is None})
+        partial = [s for s in self.lost_steps if s not in unreadable]
+        if unreadable:
+            lines.append(f"  steps {unreadable} have no readable manifest: restore them from a "
+                         f"backup, or delete them (repo.delete({', '.join(map(str, unreadable))})"
+                         "; their dependents that still load are rebased first)")
+        if partial:
+            for s in partial:
+                paths = sorted({a.path for a in self.actions if a.kind == "lost"
+                                and a.step == s and a.path is not None})
+                lines.append(f"  step {s} lost data in {paths}: load(step, select=...) still "
+                             "restores the subtrees without them; restore it from a backup, "
+                             "or delete it")
         return "\n".join(lines)
 
 
@@ -331,6 +342,10 @@ def apply(repo: Repository, todo: RepairPlan | None = None, rounds: int = 3) -> 
     repacks."""
     repo._check_open(write=True)
     repo.wait_until_finished()
+    return repo._serial(lambda: _apply(repo, todo, rounds))  # ordered with saves, gc, deletes
+
+
+def _apply(repo: Repository, todo: RepairPlan | None, rounds: int) -> RepairPlan:
     todo = todo if todo is not None else plan(repo)
     for _ in range(rounds):
         if not any(a.recoverable for a in todo.actions):

@@ -7,8 +7,10 @@ journal. A crash anywhere leaves earlier steps untouched; the next writer remove
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,16 +18,17 @@ from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar, overload, Literal
+import warnings
 
 import numpy as np
 import torch
 
 from . import checksum, hugepages
 from .dtypes import TORCH_DTYPES, element_type, storage_dtype
-from .errors import (CorruptFileError, DeltaCkptError, FormatVersionError, IntegrityError,
+from .errors import (CorruptFileError, DeltaCkptError, DeltaCkptWarning, FormatVersionError, IntegrityError,
                      ReadOnlyError,
-                     RepositoryNotFoundError, StepExistsError, StepNotFoundError,
+                     RepositoryNotFoundError, SelectionError, StepExistsError, StepNotFoundError,
                      UnsupportedValueError)
 from .manifest import (MAX_STEP, Manifest, TensorEntry, manifest_name,
                        parse_manifest_name)
@@ -34,7 +37,7 @@ from .reconstruct import ChunkCache, Reconstructor
 from .store.base import Backend
 from .store.local import LocalBackend
 from .store.packs import ChunkStore, index_name, pack_name
-from .tree import flatten, leaf_indices, unflatten
+from .tree import flatten, leaf_indices, top_level_labels, unflatten
 from .diff import StepUsage, TensorDiff, diff_steps, usage
 from .gc import GCReport, delete_steps, sweep
 from .retention import Retention, StepView, parse_time, plan
@@ -53,6 +56,9 @@ _RAW = {"id": "raw"}
 
 
 _LOAD_ATTEMPTS = 5  # a load that meets concurrent repacks/rebases retries up to this often
+
+_T = TypeVar("_T")
+log = logging.getLogger("deltackpt")
 
 
 @contextmanager
@@ -91,6 +97,8 @@ class SaveInfo:
     seconds: float
     exact: bool = True           #: every tensor restores bit-exactly
     max_rel_error: float = 0.0   #: worst recorded error of a lossy tensor (see FORMAT.md)
+    #: steps the retention policy deleted right after this save (``auto_gc=True`` only)
+    removed_steps: tuple[int, ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -121,14 +129,23 @@ class Repository:
 
     def __init__(self, path: str | os.PathLike[str], mode: str = "a",
                  policy: Policy | str | None = None, *, backend: Backend | None = None,
-                 retention: Retention | None = None, **policy_kwargs: Any) -> None:
+                 retention: Retention | None = None, auto_gc: bool = False,
+                 **policy_kwargs: Any) -> None:
         if mode not in ("r", "a"):
             raise ValueError("mode must be 'r' (read) or 'a' (read/write, create if missing)")
+        if type(auto_gc) is not bool:
+            raise TypeError(f"auto_gc must be True or False, got {auto_gc!r}")
+        if auto_gc and retention is None:
+            raise ValueError("auto_gc=True needs a retention policy (retention=KeepLast(5), ...)")
         self.path = os.fspath(path)
         self.mode = mode
         self.policy = Policy.from_kwargs(policy, policy_kwargs)
-        #: applied by :meth:`gc`, and after every save when set
+        #: the default policy of :meth:`gc`; applied after every save only with ``auto_gc``
         self.retention = retention
+        self.auto_gc = auto_gc
+        if backend is None and os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise RepositoryNotFoundError(f"{self.path!r} is a file, not a repository directory: "
+                                          "give a directory path (created if missing)")
         self.backend = backend or LocalBackend(self.path, fsync=self.policy.fsync)
         self._lock = None
         self._closed = False
@@ -155,10 +172,18 @@ class Repository:
             self.store = ChunkStore(self.backend, max_pack_bytes=self.policy.max_pack_bytes,
                                     on_new_pack=self._journal_pack)
             self._pool = ThreadPoolExecutor(self.policy.workers, thread_name_prefix="deltackpt")
-            self._background = ThreadPoolExecutor(1, thread_name_prefix="deltackpt-save")
+            # The writer queue: every operation that touches the writer's reference, journal,
+            # open pack or the set of committed steps runs on this one thread, in call order
+            self._writer_ident: int | None = None
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="deltackpt-writer",
+                                                  initializer=self._mark_writer)
+            self._submit_lock = threading.Lock()  # guards the fields below and submission
+            self._closing = False
+            self._close_lock = threading.Lock()
+            self._inflight = 0
             self._staging = StagingPool(self.policy.async_buffers)
-            self._futures: list[Future[SaveInfo]] = []
-            self._queued: set[int] = set()
+            self._futures: list[Future[SaveInfo]] = []  # background saves not yet reported
+            self._queued: set[int] = set()              # steps submitted, not yet finished
             self.cache = ChunkCache(self.policy.cache_bytes)
             self.reconstructor = Reconstructor(self.store, self.manifest, self.cache)
         except BaseException:
@@ -183,27 +208,95 @@ class Repository:
         self.backend.close()
 
     def close(self) -> None:
-        """Wait for pending work, release the writer lock and file handles."""
-        if self._closed:
-            return
-        try:
-            self.wait_until_finished()
-        finally:
-            self._closed = True
-            self._background.shutdown(wait=True)
-            self._pool.shutdown(wait=True)
-        self.cache.clear()
-        self._staging.clear()
-        self._ref = None
-        self._release()
+        """Finish every queued operation, release the writer lock and file handles; then raise
+        the first error of a background save not reported yet. Safe from any thread, twice."""
+        if self._on_writer():
+            raise DeltaCkptError("close() cannot be called from inside a save, delete or gc "
+                                 "of the same repository (it waits for them)")
+        with self._close_lock:
+            if self._closed:
+                return
+            with self._submit_lock:
+                self._closing = True  # every later call is refused; queued work still runs
+            try:
+                self._background.shutdown(wait=True)
+                self._pool.shutdown(wait=True)
+            finally:
+                self._closed = True
+                self.cache.clear()
+                self._staging.clear()
+                self._ref = None
+                self._release()
+            self._raise_pending()
 
     def wait_until_finished(self) -> None:
-        """Block until every background save has finished; raise the first error among them."""
-        for fut in list(self._futures):
+        """Block until every background save queued so far has finished; raise the first error
+        among them not reported yet."""
+        with self._submit_lock:
+            pending = list(self._futures)
+        for fut in pending:
             fut.exception()  # waits
         self._raise_pending()
 
     wait = wait_until_finished
+
+    # -- the writer queue ----------------------------------------------------------------------
+    def _mark_writer(self) -> None:
+        self._writer_ident = threading.get_ident()
+
+    def _on_writer(self) -> bool:
+        return self._writer_ident is not None and threading.get_ident() == self._writer_ident
+
+    def _submit(self, fn: Callable[[], _T], step: int | None = None,
+                report: bool = False) -> Future[_T]:
+        """Queue ``fn`` on the writer thread, after everything queued before it.
+
+        ``step``: a save's step, refused if committed or queued already (checked and reserved
+        atomically with the submission). ``report``: the future's error is raised by a later
+        call (a background save), rather than by whoever waits on it.
+        """
+        def run() -> _T:
+            try:
+                return fn()
+            finally:
+                with self._submit_lock:
+                    self._inflight -= 1
+                    if step is not None:
+                        self._queued.discard(step)
+
+        with self._submit_lock:
+            if self._closing or self._closed:
+                raise ReadOnlyError(f"repository {self.path!r} is closed")
+            if step is not None:
+                if step in self._queued or step in self:
+                    raise StepExistsError(f"step {step} is already saved in {self.path!r}",
+                                          step=step)
+                self._queued.add(step)
+            self._inflight += 1
+            try:
+                fut = self._background.submit(run)
+            except BaseException:
+                self._inflight -= 1
+                if step is not None:
+                    self._queued.discard(step)
+                raise
+            if report:
+                self._futures.append(fut)  # type: ignore[arg-type]
+        return fut
+
+    def _serial(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` on the writer thread after all work queued before it, and wait for it
+        (inline when already on the writer thread, e.g. retention after a background save)."""
+        if self._on_writer():
+            return fn()
+        return self._submit(fn).result()
+
+    def _barrier(self) -> None:
+        """Wait until the operations queued before this call have finished."""
+        with self._submit_lock:
+            idle = self._inflight == 0
+        if not idle and not self._on_writer():
+            self._serial(lambda: None)
 
     def __enter__(self) -> Repository:
         return self
@@ -212,7 +305,8 @@ class Repository:
         self.close()
 
     def _check_open(self, write: bool = False) -> None:
-        if self._closed:
+        # while closing, the queued work still runs on the writer thread; callers are refused
+        if self._closed or (getattr(self, "_closing", False) and not self._on_writer()):
             raise ReadOnlyError(f"repository {self.path!r} is closed")
         if write and self.mode != "a":
             raise ReadOnlyError(f"repository {self.path!r} was opened read-only (mode='r')")
@@ -366,7 +460,9 @@ class Repository:
         subtrees are rebuilt and only their tensors read. ``map_location``: device for torch
         tensors (default CPU).
         """
+        self._check_open()
         self._raise_pending()
+        self._barrier()  # a save, delete or gc called before this load happens before it
         with gc_paused():
             return self._load_retrying(step, select, map_location)
 
@@ -384,7 +480,7 @@ class Repository:
                 if attempt + 1 == _LOAD_ATTEMPTS or listing == last:
                     raise
                 last = listing
-                self.refresh()
+                self._serial(self._refresh_now)  # never under a save's feet
         raise AssertionError("unreachable")
 
     def _listing(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -392,7 +488,12 @@ class Repository:
         return tuple(self.backend.list("steps")), tuple(self.backend.list("index"))
 
     def refresh(self) -> None:
-        """Drop cached manifests, chunks and indexes (another writer may have changed them)."""
+        """Drop cached manifests, chunks and indexes (another writer may have changed them);
+        ordered after the operations queued before it."""
+        self._check_open()
+        self._serial(self._refresh_now)
+
+    def _refresh_now(self) -> None:
         self._manifests.clear()
         self.cache.clear()
         self.store.reload()
@@ -404,7 +505,16 @@ class Repository:
         sel = [select] if isinstance(select, str) else (list(select) if select else None)
         if sel is not None:
             sel = [s.strip("/") for s in sel]
-        wanted = sorted(leaf_indices(m.tree, sel))
+        matched: set[str] = set()
+        wanted = sorted(leaf_indices(m.tree, sel, matched))
+        if sel is not None:
+            missing = [s for s in sel if s and s not in matched]
+            if missing:
+                raise SelectionError(
+                    f"select={missing[0]!r} matches nothing in step {step}; the state's "
+                    f"top-level keys are {_summarize_keys(top_level_labels(m.tree))} (select "
+                    "takes paths such as 'model' or 'optimizer/state')", step=step,
+                    path=missing[0])
         if wanted and wanted[-1] >= len(m.tensors):
             raise CorruptFileError(f"state refers to tensor #{wanted[-1]}, manifest has "
                                    f"{len(m.tensors)}", step=step)
@@ -533,20 +643,30 @@ class Repository:
         self._check_open()
         return usage(self)
 
-    def delete(self, *steps: int) -> GCReport:
+    def delete(self, *steps: int, repack_below: float = 0.0) -> GCReport:
         """Delete steps; steps that depend on them are rebased first, so they stay loadable.
 
-        Steps that are not there are skipped and listed in the report's ``absent_steps``, so
-        rerunning a delete that was interrupted finishes it. Sweeps unreferenced packs too.
+        Runs after every save queued before it. Steps that are not there are skipped and listed
+        in the report's ``absent_steps``, so rerunning a delete that was interrupted finishes
+        it. A step whose manifest is unreadable can be deleted too. Packs left with nothing
+        live are removed; packs still partly live keep their dead bytes until a :meth:`gc`
+        repacks them (or pass ``repack_below``, as :meth:`gc` takes it).
         """
         self._check_open(write=True)
-        self.wait_until_finished()
+        self._raise_pending()
+        for s in steps:
+            if type(s) is not int:
+                raise TypeError(f"steps must be ints, got {s!r}")
+        doomed = sorted(set(steps))
+        return self._serial(lambda: self._delete_now(doomed, repack_below))
+
+    def _delete_now(self, doomed: list[int], repack_below: float) -> GCReport:
         report = GCReport()
         try:
-            delete_steps(self, sorted(set(steps)), report)
-            sweep(self, report, repack_below=0.0)
+            delete_steps(self, doomed, report)
+            sweep(self, report, repack_below=repack_below)
         except OSError as exc:
-            exc.add_note(f"deltackpt: delete{tuple(sorted(set(steps)))} stopped part way; "
+            exc.add_note(f"deltackpt: delete{tuple(doomed)} stopped part way; "
                          "every step still listed loads as before: run it again to finish")
             raise
         finally:  # also after a failure: the writer's reference may name touched steps
@@ -557,24 +677,37 @@ class Repository:
            repack_below: float = 0.5) -> GCReport:
         """Apply ``retention`` (default: the repository's, if any), then sweep and repack.
 
-        ``dry_run`` reports what would be deleted and freed (before the cost of rebasing).
+        Runs after every save queued before it. ``dry_run`` reports what would be deleted and
+        freed (before the cost of rebasing). A step whose manifest cannot be read is kept (its
+        time and meta are unknown) and listed in the report's ``unreadable_steps``.
         """
         self._check_open(write=not dry_run)
-        if not threading.current_thread().name.startswith("deltackpt-save"):
-            self.wait_until_finished()  # (inside a background save, retention runs in line)
+        self._raise_pending()
+        return self._serial(lambda: self._gc_now(retention, dry_run, repack_below))
+
+    def _gc_now(self, retention: Retention | None, dry_run: bool,
+                repack_below: float) -> GCReport:
         report = GCReport(dry_run=dry_run)
         policy = retention or self.retention
+        doomed: list[int] = []
         if policy is not None:
             views = []
-            for r in self.history():
+            for s in self.steps():
                 try:
-                    when = parse_time(r.time)
+                    m = self.manifest(s)
+                except StepNotFoundError:
+                    continue
+                except IntegrityError:
+                    report.unreadable_steps.append(s)
+                    continue
+                try:
+                    when = parse_time(m.time)
                     if when.tzinfo is None:
                         raise ValueError("no time zone")
                 except (TypeError, ValueError) as exc:
-                    raise CorruptFileError(f"manifest time {r.time!r} is not an ISO 8601 UTC "
-                                           f"time ({exc})", step=r.step) from None
-                views.append(StepView(r.step, when, r.meta))
+                    raise CorruptFileError(f"manifest time {m.time!r} is not an ISO 8601 UTC "
+                                           f"time ({exc})", step=s) from None
+                views.append(StepView(s, when, m.meta))
             _kept, doomed = plan(policy, views)
         try:
             if policy is not None:
@@ -597,10 +730,19 @@ class Repository:
             self._ref_loaded = False  # chunk records in memory name deleted or rebased steps
             self._ref = None
 
+    def repair(self, todo: Any = None) -> Any:
+        """Carry out the recoverable actions of a :func:`deltackpt.repair.plan` (default: a
+        fresh one), after every save queued before; returns the plan of what is left."""
+        from .repair import apply
+
+        return apply(self, todo)
+
     def verify(self, step: int | None = None) -> VerifyReport:
-        """Check one step (or every step and the whole store) rebuilds bit-exactly."""
+        """Check one step (or every step and the whole store) rebuilds bit-exactly; runs after
+        every save, delete or gc queued before it."""
         self._check_open()
-        return verify_repo(self, step)
+        self._raise_pending()
+        return self._serial(lambda: verify_repo(self, step))
 
     def export(self, step: int | None, path: str | os.PathLike[str], fmt: str = "auto", *,
                overwrite: bool = False) -> str:
@@ -610,72 +752,81 @@ class Repository:
         from .export import export_step
 
         self._check_open()
+        self._raise_pending()
+        self._barrier()
         return export_step(self, self._resolve_step(step), path, fmt, overwrite=overwrite)
 
     # -- writing -------------------------------------------------------------------------------
+    @overload
+    def save(self, step: int, state: Any, meta: dict[str, Any] | None = None, *,
+             blocking: Literal[True] = True) -> SaveInfo: ...
+
+    @overload
+    def save(self, step: int, state: Any, meta: dict[str, Any] | None = None, *,
+             blocking: Literal[False]) -> Future[SaveInfo]: ...
+
+    @overload
+    def save(self, step: int, state: Any, meta: dict[str, Any] | None = None, *,
+             blocking: bool = True) -> SaveInfo | Future[SaveInfo]: ...
+
     def save(self, step: int, state: Any, meta: dict[str, Any] | None = None, *,
              blocking: bool = True) -> SaveInfo | Future[SaveInfo]:
         """Commit ``state`` as ``step``; returns what it cost. Atomic: all or nothing.
 
-        With ``blocking=False`` the state is first copied off its tensors (the only part the
-        caller waits for; CUDA tensors via pinned memory), then encoded and committed in the
-        background; the call returns a future. Saves commit in call order. An error of a
-        background save is raised by the next call to save, load, wait or close.
+        Every save, delete, gc and repair runs on one writer thread in call order, whatever
+        thread calls and whether it blocks. With ``blocking=False`` the state is first copied
+        off its tensors (the only part the caller waits for; CUDA tensors via pinned memory),
+        then encoded and committed in the background; the call returns a future. An error of
+        a background save is raised by the next call to save, load, verify, delete, gc, wait
+        or close (once), and by the future.
         """
         self._check_open(write=True)
         self._raise_pending()
         if type(step) is not int or not 0 <= step <= MAX_STEP:
             raise ValueError(f"step must be an int in [0, 2**63), got {step!r}")
-        if step in self or step in self._queued:
+        if step in self._queued or step in self:  # early, before any copy (checked again)
             raise StepExistsError(f"step {step} is already saved in {self.path!r}", step=step)
-        meta = dict(meta or {})
-        try:
-            checksum.dump({"meta": meta})
-        except (TypeError, ValueError) as exc:
-            raise UnsupportedValueError(f"meta must be a JSON object: {exc}") from None
+        meta = normalize_meta(meta)
         t0 = time.perf_counter()
         tree, leaves = flatten(state)
+        if self._on_writer():
+            raise DeltaCkptError("save() cannot be called from inside a save, delete or gc of "
+                                 "the same repository")
         if blocking:
-            return self._save(step, tree, leaves, meta, t0)
+            return self._submit(lambda: self._save_now(step, tree, leaves, meta, t0),
+                                step=step).result()
         leaves, buf = stage(leaves, self._staging)
-        self._queued.add(step)
 
         def run() -> SaveInfo:
             try:
-                return self._save(step, tree, materialize(leaves, buf), meta, t0)
+                return self._save_now(step, tree, materialize(leaves, buf), meta, t0)
             finally:  # before the future is done: a wait() then the next save finds it free
                 self._staging.release(buf)
 
         try:
-            fut = self._background.submit(run)
+            return self._submit(run, step=step, report=True)
         except BaseException:
-            self._queued.discard(step)
             self._staging.release(buf)
             raise
-        self._futures.append(fut)
-        return fut
 
     def _raise_pending(self) -> None:
         """Re-raise the first error of a finished background save (once)."""
-        done = [f for f in self._futures if f.done()]
-        for f in done:
-            self._futures.remove(f)
+        with self._submit_lock:
+            done = [f for f in self._futures if f.done()]
+            for f in done:
+                self._futures.remove(f)
         for f in done:
             exc = f.exception()
             if exc is not None:
                 raise exc
 
-    def _save(self, step: int, tree: list[Any], leaves: list[Leaf], meta: dict[str, Any],
-              t0: float) -> SaveInfo:
-        try:
-            return self._save_now(step, tree, leaves, meta, t0)
-        finally:
-            self._queued.discard(step)
-
     def _save_now(self, step: int, tree: list[Any], leaves: list[Leaf], meta: dict[str, Any],
                   t0: float) -> SaveInfo:
+        """The save itself, on the writer thread."""
+        if self.backend.exists(manifest_name(step)):  # committed since the call was checked
+            raise StepExistsError(f"step {step} is already saved in {self.path!r}", step=step)
         if not self._ref_loaded:
-            self._ref = self._rebuild_reference() if self.policy.resume == "rebuild" else None
+            self._ref = self._reference_or_keyframe(step)
             self._ref_loaded = True
         ref = self._ref
         keyframe = ref is None or ref.delta_index + 1 >= self.policy.keyframe_every
@@ -707,11 +858,29 @@ class Repository:
             self._ref = RefState(step, m.keyframe, m.delta_index, enc.reference)
         elif self._ref is not None:
             self._ref.delta_index += 1
-        if self.retention is not None:
-            self.gc(repack_below=0.0)
+        removed: tuple[int, ...] = ()
+        if self.auto_gc:
+            removed = self._auto_gc(step)
         return SaveInfo(step, m.kind, m.stats["logical_bytes"], m.stats["stored_bytes"],
                         enc.new_chunks, enc.reused_chunks, len(m.tensors), m.depth,
-                        time.perf_counter() - t0, m.exact, m.max_rel_error)
+                        time.perf_counter() - t0, m.exact, m.max_rel_error, removed)
+
+    def _auto_gc(self, step: int) -> tuple[int, ...]:
+        """Apply the retention policy after the committed save of ``step``. Never raises: the
+        step is committed whatever happens here; a failure is a warning (gc retries next save).
+        """
+        try:
+            report = self._gc_now(None, False, 0.0)
+        except (DeltaCkptError, OSError) as exc:
+            warnings.warn(f"deltackpt: step {step} is saved, but the automatic gc after it "
+                          f"failed and will be retried after the next save: {exc}",
+                          DeltaCkptWarning, stacklevel=2)
+            return ()
+        if report.deleted_steps:
+            log.info("deltackpt: retention after step %d deleted steps %s (rebased %s, freed "
+                     "%d bytes)", step, report.deleted_steps, report.rebased_steps,
+                     report.freed_bytes)
+        return tuple(report.deleted_steps)
 
     def _commit(self, step: int, build: Callable[[str], tuple[Manifest, int]],
                 base_stored: int = 0) -> Manifest:
@@ -766,6 +935,20 @@ class Repository:
         except DeltaCkptError:
             return False
 
+    def _reference_or_keyframe(self, step: int) -> RefState | None:
+        """The delta reference rebuilt from disk, or None (a keyframe) when the policy says so
+        or the latest step cannot be rebuilt: damage there must not stop a run from saving."""
+        if self.policy.resume != "rebuild":
+            return None
+        try:
+            return self._rebuild_reference()
+        except IntegrityError as exc:
+            warnings.warn(f"deltackpt: step {step} is saved as a keyframe because the latest "
+                          f"step cannot be rebuilt as its delta reference: {exc} (run "
+                          "`deltackpt verify --repair` on the repository)", DeltaCkptWarning,
+                          stacklevel=3)
+            return None
+
     def _rebuild_reference(self) -> RefState | None:
         """Rebuild the writer's delta reference from disk after a reopen."""
         latest = self.latest
@@ -784,6 +967,60 @@ class Repository:
             self.reconstructor.tensor_into(src.step, e, buf)
             tensors[e.path] = RefTensor(e, buf, src.step)
         return RefState(src.step, m.keyframe, m.delta_index, tensors)
+
+
+def normalize_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
+    """``meta`` as the JSON object a manifest stores: 0-d tensors and numpy scalars become
+    Python numbers; anything else that JSON cannot hold is refused, naming its key."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise UnsupportedValueError(f"meta must be a dict, got {type(meta).__name__}")
+
+    def plain(v: Any, where: str) -> Any:
+        if v is None or type(v) in (bool, int, str):
+            return v
+        if type(v) is float:
+            return v
+        if isinstance(v, dict):
+            out = {}
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise UnsupportedValueError(f"meta{where}: keys must be str, got "
+                                                f"{type(k).__name__} {k!r}")
+                out[k] = plain(x, f"{where}[{k!r}]")
+            return out
+        if isinstance(v, (list, tuple)):
+            return [plain(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        for base in (bool, int, float, str):  # subclasses: IntEnum, numpy.float64, ...
+            if isinstance(v, base):
+                return base(v)
+        if isinstance(v, np.generic) and v.shape == () and v.dtype.kind in "biuf":
+            return v.item()
+        torch_mod = sys.modules.get("torch")
+        if torch_mod is not None and isinstance(v, torch_mod.Tensor):
+            if v.dim() == 0 and not v.is_complex() and v.device.type != "meta":
+                return v.detach().cpu().item()
+            raise UnsupportedValueError(
+                f"meta{where} is a tensor of shape {tuple(v.shape)}: meta holds numbers "
+                "(a 0-d tensor is taken as its value); put tensors in the state")
+        raise UnsupportedValueError(f"meta{where} is a {type(v).__name__}, which a manifest "
+                                    "cannot hold: meta takes JSON values (str, int, float, "
+                                    "bool, None, lists, dicts) and 0-d tensors / numpy scalars")
+
+    out = plain(meta, "")
+    try:
+        checksum.dump({"meta": out})
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedValueError(f"meta must be a JSON object: {exc}") from None
+    return out
+
+
+def _summarize_keys(keys: list[str]) -> str:
+    if not keys:
+        return "none (the state is a single value: load it without select)"
+    shown = ", ".join(repr(k) for k in keys[:12])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
 
 
 def _summarize(steps: list[int]) -> str:

@@ -234,10 +234,11 @@ def _selected(path: str, select: Sequence[str] | None) -> tuple[bool, bool]:
 
 class _Unflattener:
     def __init__(self, leaf: Callable[[int], Any], select: Sequence[str] | None,
-                 dry: bool = False) -> None:
+                 dry: bool = False, seen: set[str] | None = None) -> None:
         self.leaf = leaf
         self.select = select
         self.dry = dry
+        self.seen = seen  # when given: the path of every child of a container decoded
 
     def decode(self, node: Any, path: str, depth: int, whole: bool) -> Any:
         if depth > MAX_DEPTH + 1 or not isinstance(node, list) or not node \
@@ -307,6 +308,8 @@ class _Unflattener:
             items = []
             for i, x in enumerate(_list(node[1])):
                 sub = join(path, str(i))
+                if self.seen is not None:
+                    self.seen.add(sub)
                 w, p = (True, True) if whole else _selected(sub, self.select)
                 if p:
                     items.append(self.decode(x, sub, depth + 1, w))
@@ -318,6 +321,8 @@ class _Unflattener:
                     raise ValueError("dict item is not a [key, value] pair")
                 k = self.decode_key(pair[0], path)
                 sub = join(path, _key_label(k))
+                if self.seen is not None:
+                    self.seen.add(sub)
                 w, p = (True, True) if whole else _selected(sub, self.select)
                 if p:
                     out[k] = self.decode(pair[1], sub, depth + 1, w)
@@ -381,13 +386,28 @@ def unflatten(node: Node, leaf: Callable[[int], Any],
     return _Unflattener(leaf, select).decode(node, "", 0, whole)
 
 
-def leaf_indices(node: Node, select: Sequence[str] | None = None) -> set[int]:
-    """Indices of the leaves that :func:`unflatten` would request for ``select``."""
+def leaf_indices(node: Node, select: Sequence[str] | None = None,
+                 matched: set[str] | None = None) -> set[int]:
+    """Indices of the leaves that :func:`unflatten` would request for ``select``; the paths
+    of ``select`` found in the tree are added to ``matched`` when given."""
     wanted: set[int] = set()
 
     def record(i: int) -> None:
         wanted.add(i)
 
     whole, _ = _selected("", select)
-    _Unflattener(record, select, dry=True).decode(node, "", 0, whole)
+    seen: set[str] | None = set() if matched is not None else None
+    _Unflattener(record, select, dry=True, seen=seen).decode(node, "", 0, whole)
+    if matched is not None and seen is not None and select is not None:
+        matched.update(s for s in select if s in seen)
     return wanted
+
+
+def top_level_labels(node: Node) -> list[str]:
+    """The path labels of the root container's children (``[]`` for a single value)."""
+    seen: set[str] = set()
+    try:
+        _Unflattener(lambda i: None, [], dry=True, seen=seen).decode(node, "", 0, False)
+    except CorruptFileError:
+        return []
+    return sorted(p for p in seen if "/" not in p)

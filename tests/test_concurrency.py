@@ -64,7 +64,8 @@ def _helper(fn: str, *args: Any) -> subprocess.Popen[str]:
 def _writer(root: str, start: str, seconds: str) -> None:
     """Save from ``start`` for ``seconds`` (then exit cleanly), retention on every save, gc
     with repacking every fifth step; reports each save."""
-    w = deltackpt.open(root, "a", retention=KeepLast(3) | KeepEvery(7), **POLICY)
+    w = deltackpt.open(root, "a", retention=KeepLast(3) | KeepEvery(7), auto_gc=True,
+                       **POLICY)
     print(f"ready {os.getpid()}", flush=True)
     deadline = time.monotonic() + float(seconds)
     s = int(start)

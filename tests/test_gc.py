@@ -22,6 +22,8 @@ fsync is most of their time.
 """
 from __future__ import annotations
 
+import logging
+
 import functools
 import json
 import math
@@ -205,7 +207,8 @@ class GCMachine(RuleBasedStateMachine):
         self.counts[name] = self.counts.get(name, 0) + 1
 
     def _open(self) -> None:
-        self.repo = deltackpt.open(self.path, "a", retention=self.retention, **self.policy)
+        self.repo = deltackpt.open(self.path, "a", retention=self.retention,
+                                   auto_gc=self.retention is not None, **self.policy)
 
     @initialize(policy=policies(), seed=st.integers(0, 2**32 - 1),
                 retention=st.one_of(st.none(), st.none(), RETENTIONS))
@@ -1008,11 +1011,12 @@ def test_retention_applied_after_every_save(tmp_path):
     path = str(tmp_path / "r")
     policy = KeepLast(3) | KeepEvery(10)
     with deltackpt.open(path, "a", chunk_bytes=1024, keyframe_every=4,
-                        retention=policy) as repo:
+                        retention=policy, auto_gc=True) as repo:
         for s in range(26):
-            repo.save(s, _small_state(s))
+            info = repo.save(s, _small_state(s))
             alive = [t for t in range(s + 1) if t % 10 == 0 or t > s - 3]
             assert repo.steps() == alive
+            assert list(info.removed_steps) == ([s - 3] if s >= 3 and (s - 3) % 10 else [])
     with deltackpt.open(path, "r") as r:
         assert r.steps() == [0, 10, 20, 23, 24, 25]
         for s in r.steps():
@@ -1023,6 +1027,31 @@ def test_retention_applied_after_every_save(tmp_path):
         assert repo.steps() == [0, 10, 20, 23, 24, 25, 26]
         report = repo.gc(policy)        # an explicit policy
         assert report.deleted_steps == [23]
+
+
+def test_retention_without_auto_gc_only_sets_the_gc_default(tmp_path):
+    """``retention=`` alone never deletes on save: only ``gc()`` (or ``auto_gc=True``) does."""
+    with deltackpt.open(str(tmp_path / "r"), "a", chunk_bytes=1024,
+                        retention=KeepLast(2)) as repo:
+        for s in range(5):
+            assert repo.save(s, _small_state(s)).removed_steps == ()
+        assert repo.steps() == [0, 1, 2, 3, 4]
+        assert repo.gc().deleted_steps == [0, 1, 2]
+        assert repo.steps() == [3, 4]
+    with pytest.raises(ValueError, match="retention"):
+        deltackpt.open(str(tmp_path / "r2"), "a", auto_gc=True)
+
+
+def test_auto_gc_logs_what_it_removed(tmp_path, caplog):
+    with deltackpt.open(str(tmp_path / "r"), "a", chunk_bytes=1024,
+                        retention=KeepLast(2), auto_gc=True) as repo:
+        with caplog.at_level(logging.INFO, logger="deltackpt"):
+            for s in range(4):
+                repo.save(s, _small_state(s))
+    removed = [r.getMessage().split(" (rebased")[0] for r in caplog.records
+               if "retention after step" in r.getMessage()]
+    assert removed == ["deltackpt: retention after step 2 deleted steps [0]",
+                       "deltackpt: retention after step 3 deleted steps [1]"]
 
 
 def test_keep_best_by_meta_and_latest_always_kept(tmp_path):
@@ -1219,7 +1248,8 @@ def test_retention_on_open_keeps_the_writer_reference(tmp_path, monkeypatch):
     # every delta is taken against keyframe 0, which is pinned: the steps deleted have no
     # dependents and the reference (step 0) is never touched
     with deltackpt.open(str(tmp_path / "r"), "a", chunk_bytes=1024, keyframe_every=20,
-                        reference="keyframe", retention=KeepLast(3) | KeepSteps([0])) as repo:
+                        reference="keyframe", retention=KeepLast(3) | KeepSteps([0]),
+                        auto_gc=True) as repo:
         for s in range(10):
             repo.save(s, _small_state(s))
         assert repo.steps() == [0, 7, 8, 9]
