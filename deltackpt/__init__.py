@@ -7,18 +7,27 @@
 """
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .codecs import Codec, get_codec, register_codec
 from .errors import (BrokenChainError, CodecError, CorruptChunkError, CorruptFileError,
                      DeltaCkptError, DigestMismatchError, FormatVersionError, IntegrityError,
                      LockedError, MissingChunkError, ReadOnlyError, RepositoryNotFoundError,
                      StepExistsError, StepNotFoundError, UnsupportedValueError)
-from .policy import Policy
-from .repository import Repository, SaveInfo
-from .rng import rng_state, set_rng_state
-from .verify import Problem, VerifyReport
+
+if TYPE_CHECKING:
+    from .codecs import Codec, get_codec, register_codec
+    from .policy import Policy
+    from .repository import Repository, SaveInfo
+    from .rng import rng_state, set_rng_state
+    from .verify import Problem, VerifyReport
+
+#: names imported on first use (PEP 562), so ``deltackpt --help`` starts without numpy or torch
+_LAZY = {"Codec": "codecs", "get_codec": "codecs", "register_codec": "codecs",
+         "Policy": "policy", "Repository": "repository", "SaveInfo": "repository",
+         "rng_state": "rng", "set_rng_state": "rng", "Problem": "verify",
+         "VerifyReport": "verify"}
 
 __version__ = "0.1.0"
 
@@ -29,7 +38,17 @@ def open(path: str | os.PathLike[str], mode: str = "a", policy: Policy | None = 
 
     Keyword arguments are :class:`Policy` fields, e.g. ``keyframe_every=20, codec="xor"``.
     """
+    from .repository import Repository
+
     return Repository(path, mode, policy, **policy_kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

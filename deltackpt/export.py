@@ -27,14 +27,18 @@ import sys
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import xxhash
 
 from .errors import DeltaCkptError, DigestMismatchError, UnsupportedValueError
 from .tree import flatten, unflatten
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ._lazy import torch
 
 _TREE_KEY = "deltackpt.tree"
 _LEAVES_KEY = "deltackpt.leaves"

@@ -16,10 +16,9 @@ from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from . import checksum, hugepages
 from .dtypes import TORCH_DTYPES, element_type, storage_dtype
@@ -43,6 +42,11 @@ from .verify import verify as verify_repo
 from .tree import Leaf
 from .staging import StagingPool, materialize, stage
 from .writer import RefState, RefTensor, StepEncoder, bounded_map, chunk_size
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ._lazy import torch
 
 REPO_FORMAT = "deltackpt"
 REPO_VERSION = 1
