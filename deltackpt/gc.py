@@ -11,6 +11,7 @@ old index and pack are removed). Each stage is crash-safe on its own; rerunning 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,10 +47,12 @@ def _refs(m: Manifest) -> set[int]:
     return {c.ref for t in m.tensors for c in t.chunks if c.ref is not None}
 
 
-def delete_steps(repo: Repository, steps: list[int], report: GCReport) -> None:
+def delete_steps(repo: Repository, steps: list[int], report: GCReport,
+                 progress: Callable[[str, int, int], None] | None = None) -> None:
     """Rebase dependents of ``steps``, then remove the steps' manifests. Steps already absent
     are listed in ``report.absent_steps`` and skipped, so rerunning a delete that was
-    interrupted finishes it."""
+    interrupted finishes it. ``progress(stage, done, total)`` is called as kept steps are
+    checked and rebased."""
     present = set(repo.steps())
     report.absent_steps.extend(s for s in steps if s not in present)
     steps = [s for s in steps if s in present]
@@ -57,7 +60,9 @@ def delete_steps(repo: Repository, steps: list[int], report: GCReport) -> None:
     for s in steps:
         repo.manifest(s)  # a damaged manifest raises here, before anything is touched
     kept = [s for s in repo.steps() if s not in doomed]
-    for d in kept:  # ascending: a rebased step never depends on a later one
+    for done, d in enumerate(kept):  # ascending: a rebased step never depends on a later one
+        if progress is not None:
+            progress("rebase", done, len(kept))
         m = repo.manifest(d)
         if _refs(m) & doomed:
             report.rebased_steps.append(d)
@@ -141,8 +146,10 @@ def _chain_hits(repo: Repository, step: int, t: Any, i: int, doomed: set[int]) -
     return False
 
 
-def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5) -> None:
-    """Delete packs nothing references; repack those whose live share is below the bound."""
+def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5,
+          progress: Callable[[str, int, int], None] | None = None) -> None:
+    """Delete packs nothing references; repack those whose live share is below the bound.
+    ``progress(stage, done, total)`` is called as packs are checked."""
     live: set[bytes] = set()
     gone = set(report.deleted_steps) if report.dry_run else set()
     for s in repo.steps():
@@ -152,7 +159,10 @@ def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5) -> None
             live.update(c.id for c in t.chunks)
     backend, store = repo.backend, repo.store
     indexed = set()
-    for fname in backend.list("index"):
+    names = backend.list("index")
+    for done, fname in enumerate(names):
+        if progress is not None:
+            progress("sweep", done, len(names))
         if not fname.endswith(".idx"):
             continue
         pid = fname[:-4]

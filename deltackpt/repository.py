@@ -537,18 +537,20 @@ class Repository:
         self._check_open()
         return usage(self)
 
-    def delete(self, *steps: int) -> GCReport:
+    def delete(self, *steps: int,
+               progress: Callable[[str, int, int], None] | None = None) -> GCReport:
         """Delete steps; steps that depend on them are rebased first, so they stay loadable.
 
         Steps that are not there are skipped and listed in the report's ``absent_steps``, so
         rerunning a delete that was interrupted finishes it. Sweeps unreferenced packs too.
+        ``progress(stage, done, total)`` is called as the work goes on.
         """
         self._check_open(write=True)
         self.wait_until_finished()
         report = GCReport()
         try:
-            delete_steps(self, sorted(set(steps)), report)
-            sweep(self, report, repack_below=0.0)
+            delete_steps(self, sorted(set(steps)), report, progress)
+            sweep(self, report, repack_below=0.0, progress=progress)
         except OSError as exc:
             exc.add_note(f"deltackpt: delete{tuple(sorted(set(steps)))} stopped part way; "
                          "every step still listed loads as before: run it again to finish")
@@ -558,10 +560,12 @@ class Repository:
         return report
 
     def gc(self, retention: Retention | None = None, *, dry_run: bool = False,
-           repack_below: float = 0.5) -> GCReport:
+           repack_below: float = 0.5,
+           progress: Callable[[str, int, int], None] | None = None) -> GCReport:
         """Apply ``retention`` (default: the repository's, if any), then sweep and repack.
 
         ``dry_run`` reports what would be deleted and freed (before the cost of rebasing).
+        ``progress(stage, done, total)`` is called as the work goes on.
         """
         self._check_open(write=not dry_run)
         if not threading.current_thread().name.startswith("deltackpt-save"):
@@ -582,8 +586,8 @@ class Repository:
             _kept, doomed = plan(policy, views)
         try:
             if policy is not None:
-                delete_steps(self, doomed, report)
-            sweep(self, report, repack_below=repack_below)
+                delete_steps(self, doomed, report, progress)
+            sweep(self, report, repack_below=repack_below, progress=progress)
         except OSError as exc:
             exc.add_note("deltackpt: gc stopped part way; every step still listed loads as "
                          "before: run gc again to finish")
@@ -601,10 +605,12 @@ class Repository:
             self._ref_loaded = False  # chunk records in memory name deleted or rebased steps
             self._ref = None
 
-    def verify(self, step: int | None = None) -> VerifyReport:
-        """Check one step (or every step and the whole store) rebuilds bit-exactly."""
+    def verify(self, step: int | None = None, *,
+               progress: Callable[[str, int, int], None] | None = None) -> VerifyReport:
+        """Check one step (or every step and the whole store) rebuilds bit-exactly;
+        ``progress(stage, done, total)`` is called as steps are checked."""
         self._check_open()
-        return verify_repo(self, step)
+        return verify_repo(self, step, progress=progress)
 
     def export(self, step: int | None, path: str | os.PathLike[str], fmt: str = "auto", *,
                overwrite: bool = False) -> str:
