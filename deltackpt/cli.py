@@ -503,8 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep-every", type=_positive, metavar="N",
                     help="keep steps that are multiples of N")
     sp.add_argument("--keep", type=int, nargs="+", metavar="STEP", help="pinned steps")
-    sp.add_argument("--keep-best", metavar="KEY[:min|max]", help="keep the step with the best value of meta KEY, "
-                    "e.g. val_loss:min")
+    sp.add_argument("--keep-best", metavar="KEY[:min|max]",
+                    help="keep the step with the best value of meta KEY, e.g. val_loss:min")
     sp.add_argument("--keep-newer-than", type=_age, metavar="AGE",
                     help="keep steps younger than AGE, e.g. 90m, 12h, 7d")
     sp.add_argument("--repack-below", type=float, default=0.5, metavar="SHARE",
