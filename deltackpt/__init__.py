@@ -7,18 +7,28 @@
 """
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .codecs import Codec, get_codec, register_codec
 from .errors import (BrokenChainError, CodecError, CorruptChunkError, CorruptFileError,
-                     DeltaCkptError, DeltaCkptWarning, SelectionError, DigestMismatchError, FormatVersionError, IntegrityError,
+                     DeltaCkptError, DeltaCkptWarning, DigestMismatchError, FormatVersionError,
+                     IntegrityError, SelectionError,
                      LockedError, MissingChunkError, ReadOnlyError, RepositoryNotFoundError,
                      StepExistsError, StepNotFoundError, UnsupportedValueError)
-from .policy import Policy
-from .repository import Repository, SaveInfo
-from .rng import rng_state, set_rng_state
-from .verify import Problem, VerifyReport
+
+if TYPE_CHECKING:
+    from .codecs import Codec, get_codec, register_codec
+    from .policy import Policy
+    from .repository import Repository, SaveInfo
+    from .rng import rng_state, set_rng_state
+    from .verify import Problem, VerifyReport
+
+#: names imported on first use (PEP 562), so ``deltackpt --help`` starts without numpy or torch
+_LAZY = {"Codec": "codecs", "get_codec": "codecs", "register_codec": "codecs",
+         "Policy": "policy", "Repository": "repository", "SaveInfo": "repository",
+         "rng_state": "rng", "set_rng_state": "rng", "Problem": "verify",
+         "VerifyReport": "verify"}
 
 __version__ = "0.1.0"
 
@@ -31,7 +41,17 @@ def open(path: str | os.PathLike[str], mode: str = "a", policy: Policy | str | N
     ``retention=`` (the default policy of ``gc()``) with ``auto_gc=True`` to apply it after
     every save.
     """
+    from .repository import Repository
+
     return Repository(path, mode, policy, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -1,16 +1,23 @@
-"""Command-line interface: ``deltackpt {log,du,show,verify,export,import,demo}``."""
+"""Command-line interface: ``deltackpt {log,du,show,verify,export,import,diff,gc,delete,demo}``.
+
+Commands that only read manifests (``log``, ``du``, ``show``) never import torch, which takes
+seconds to import; long ones show a progress bar on stderr when it is a terminal.
+"""
 from __future__ import annotations
 
 import argparse
 import glob
 import json
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import open as open_repo
 from .errors import DeltaCkptError
+
+Progress = Callable[[str, int, int], None]
 
 
 def human(n: float) -> str:
@@ -21,17 +28,68 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
+          left: Sequence[int] = (0,)) -> str:
+    """Columns padded to their widest cell; those in ``left`` left-aligned, others right."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                       enumerate(zip(r, widths))) for r in cells]
+    lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(r, widths))).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def _ratio(a: int, b: int) -> str:
     return f"{a / b:.2f}x" if b else "-"
+
+
+def fit(text: str, width: int | None = None) -> str:
+    """``text`` with every line longer than the terminal cut to fit, ending in an ellipsis."""
+    width = width or shutil.get_terminal_size().columns
+    return "\n".join(ln if len(ln) <= width else ln[:max(width - 1, 0)] + "\u2026"
+                     for ln in text.split("\n"))
+
+
+class _Bar:
+    """A ``progress(stage, done, total)`` hook drawing one tqdm bar per stage on stderr."""
+
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.bar: Any = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.close()
+            from tqdm import tqdm
+
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, unit="", file=sys.stderr, leave=False,
+                            dynamic_ncols=True)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.stage = self.bar = None
+
+
+def _progress(args: argparse.Namespace) -> _Bar | None:
+    """A bar when stderr is a terminal and ``--quiet`` is not given; else no hook at all."""
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+        return None
+    return _Bar()
+
+
+def _meta(meta: dict[str, Any]) -> str:
+    """``meta`` as ``key=value`` pairs, values in JSON (strings bare): short enough that a
+    terminal line has room for them."""
+    return " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in meta.items())
+
+
+def _short_time(iso: str) -> str:
+    """'2026-12-03T16:06:57.456Z' as '2026-12-03 16:06:57' (UTC; ``--json`` has the rest)."""
+    return iso[:19].replace("T", " ") if len(iso) >= 19 else iso
 
 
 def _dcp_note(path: str) -> str:
@@ -51,25 +109,34 @@ def cmd_log(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=1))
         return 0
-    print(table(["step", "kind", "fidelity", "time", "depth", "tensors", "logical", "stored",
-                 "ratio", "meta"],
-                [[r.step, r.kind, "exact" if r.exact else f"lossy {r.max_rel_error:.1e}",
-                  r.time, r.depth, r.tensors, human(r.logical_bytes),
-                  human(r.stored_bytes), _ratio(r.logical_bytes, r.stored_bytes),
-                  json.dumps(r.meta) if r.meta else ""] for r in rows]))
+    lossy = any(not r.exact for r in rows)  # the fidelity column only where it says something
+    print(fit(table(["step", "kind"] + ["fidelity"] * lossy + ["time (UTC)", "depth", "logical",
+                    "saved", "ratio", "meta"],
+                    [[r.step, r.kind]
+                     + ["exact" if r.exact else f"lossy {r.max_rel_error:.1e}"] * lossy
+                     + [_short_time(r.time), r.depth, human(r.logical_bytes),
+                        human(r.stored_bytes), _ratio(r.logical_bytes, r.stored_bytes),
+                        _meta(r.meta)] for r in rows],
+                    left=(0, 7 + lossy))))
     if note := _dcp_note(args.repo):
         print(note)
     return 0
 
 
 def cmd_du(args: argparse.Namespace) -> int:
+    from .diff import account
+
     with open_repo(args.repo, mode="r") as repo:
-        rows = repo.usage()
-        disk = repo.disk_usage()
+        acc = account(repo)
+    rows = acc.steps
     logical = sum(r.logical_bytes for r in rows)
     if args.json:
         print(json.dumps({"steps": [r.__dict__ for r in rows], "logical_bytes": logical,
-                          "disk": disk}, indent=1))
+                          "stored_bytes": sum(r.stored_bytes for r in rows),
+                          "dead_bytes": acc.dead_bytes, "overhead_bytes": acc.overhead_bytes,
+                          "dcp_bytes": acc.dcp_bytes, "total_bytes": acc.total_bytes,
+                          "disk": acc.disk},
+                         indent=1))
         return 0
     cum = 0
     out = []
@@ -79,12 +146,18 @@ def cmd_du(args: argparse.Namespace) -> int:
                     human(cum), human(r.unique_bytes), human(r.shared_bytes), r.dependents])
     print(table(["step", "kind", "depth", "logical", "stored", "cumulative", "unique",
                  "shared", "dependents"], out))
-    print(f"\n{len(rows)} steps: {human(logical)} of tensors stored in {human(disk['total'])} "
-          f"on disk ({_ratio(logical, disk['total'])}); packs {human(disk['packs'])}, "
-          f"indexes {human(disk['index'])}, manifests {human(disk['steps'])}"
-          + (f", rank sub-repositories {human(disk['dcp'])}" if disk["dcp"] else "")
-          + ". 'unique': bytes no other step names (deleting a step with dependents also costs "
-          "a rebase)")
+    extra = [("steps (sum of 'stored')", cum),
+             ("dead chunks (gc reclaims them)", acc.dead_bytes),
+             ("indexes, pack headers, other files", acc.overhead_bytes)]
+    if acc.dcp_bytes:
+        extra.append(("rank sub-repositories", acc.dcp_bytes))
+    extra.append(("total on disk", acc.total_bytes))
+    print()
+    print(table(["", "bytes"], [[k, human(v)] for k, v in extra]))
+    print(f"\n{len(rows)} steps: {human(logical)} of tensors in {human(acc.total_bytes)} on "
+          f"disk ({_ratio(logical, acc.total_bytes)} smaller). 'stored': its manifest and the "
+          "chunks no earlier step names; 'unique': chunks no other step names (deleting a step "
+          "with dependents also costs a rebase)")
     if note := _dcp_note(args.repo):
         print(note)
     return 0
@@ -155,19 +228,42 @@ def _retention(args: argparse.Namespace):  # noqa: ANN202
 
 def cmd_gc(args: argparse.Namespace) -> int:
     retention = _retention(args)
+    bar = _progress(args)
     with open_repo(args.repo, mode="r" if args.dry_run else "a") as repo:
-        report = repo.gc(retention, dry_run=args.dry_run, repack_below=args.repack_below)
-    verb = "would delete" if args.dry_run else "deleted"
-    print(f"{verb} steps {report.deleted_steps or 'none'}; rebased {report.rebased_steps or 'none'}"
-          f"; packs deleted {report.deleted_packs}, repacked {report.repacked_packs}; "
-          f"{'would free' if args.dry_run else 'freed'} {human(report.freed_bytes)}"
-          + ("" if args.dry_run else f", rebasing wrote {human(report.rebase_bytes)}"))
+        if retention is None and repo.retention is None:
+            print("no --keep-* option and no retention policy in the repository: deleting no "
+                  "steps, only packs nothing references, and repacking packs whose live share "
+                  f"is below {args.repack_below}", file=sys.stderr)
+        try:
+            report = repo.gc(retention, dry_run=args.dry_run, repack_below=args.repack_below,
+                             progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+    if args.dry_run:
+        # rebasing is not simulated: it frees the replaced delta chunks too (never less than
+        # this estimate) and writes the rebuilt chunks, whose size is known only once done
+        bound = "at least " if report.rebased_steps else ""
+        print(f"would delete steps {report.deleted_steps or 'none'}; would rebase "
+              f"{report.rebased_steps or 'none'}; packs to delete {report.deleted_packs}, to "
+              f"repack {report.repacked_packs}; would free {bound}{human(report.freed_bytes)}"
+              + ("; rebasing would also write their rebuilt chunks" if bound else ""))
+        return 0
+    print(f"deleted steps {report.deleted_steps or 'none'}; rebased "
+          f"{report.rebased_steps or 'none'}; packs deleted {report.deleted_packs}, repacked "
+          f"{report.repacked_packs}; freed {human(report.freed_bytes)}, rebasing wrote "
+          f"{human(report.rebase_bytes)}")
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    bar = _progress(args)
     with open_repo(args.repo, mode="a") as repo:
-        report = repo.delete(*args.steps)
+        try:
+            report = repo.delete(*args.steps, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
     print(f"deleted steps {report.deleted_steps}; rebased {report.rebased_steps or 'none'}; "
           f"freed {human(report.freed_bytes)}, rebasing wrote {human(report.rebase_bytes)}")
     if report.absent_steps:
@@ -180,6 +276,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     with open_repo(args.repo, mode="r") as repo:
         step = repo._resolve_step(args.step)
         m = repo.manifest(step)
+    if args.json:
+        print(json.dumps({
+            "step": step, "kind": m.kind, "keyframe": m.keyframe, "parent": m.parent,
+            "time": m.time, "meta": m.meta,
+            "tensors": [{"path": t.path, "kind": t.kind, "dtype": t.dtype,
+                         "shape": list(t.shape), "bytes": t.nbytes, "chunks": len(t.chunks),
+                         "codecs": sorted({t.codecs[c.codec].codec_id for c in t.chunks}),
+                         "refs": sorted({c.ref for c in t.chunks if c.ref is not None}),
+                         "depth": max((c.depth for c in t.chunks), default=0)}
+                        for t in m.tensors]}, indent=1))
+        return 0
     rows = []
     for t in m.tensors:
         codecs = sorted({t.codecs[c.codec].codec_id for c in t.chunks})
@@ -198,8 +305,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .repair import apply as repair_apply
     from .repair import plan as repair_plan
 
+    bar = _progress(args)
     with open_repo(args.repo, mode="r") as repo:
-        report = repo.verify(args.step)
+        try:
+            report = repo.verify(args.step, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
         todo = repair_plan(repo) if not report.ok and args.step is None else None
     repaired = False
     if args.repair and todo is not None and any(a.recoverable for a in todo.actions):
@@ -254,7 +366,13 @@ def cmd_export(args: argparse.Namespace) -> int:
             if not steps:
                 print(f"deltackpt: no steps match {args.steps!r}", file=sys.stderr)
                 return 1
-            done = export_steps(repo, steps, args.out, args.format, overwrite=args.overwrite)
+            bar = _progress(args)
+            try:
+                done = export_steps(repo, steps, args.out, args.format,
+                                    overwrite=args.overwrite, progress=bar)
+            finally:
+                if bar is not None:
+                    bar.close()
             for step, path in done:
                 print(f"step {step:>8}  {human(_size(path)):>10}  {path}")
             print(f"exported {len(done)} step(s) to {args.out}")
@@ -295,56 +413,76 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo_run import run_demo
 
-    return run_demo(args.dir, steps=args.steps, every=args.every)
+    return run_demo(args.dir, steps=args.steps, every=args.every, overwrite=args.overwrite)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help, except where there is no default to tell
+    (None, False) or the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltackpt", description="Delta-compressed, bit-exact "
-                                "training checkpoints.")
-    sub = p.add_subparsers(dest="command", required=True)
+                                "training checkpoints.", formatter_class=_HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="run `deltackpt COMMAND --help` for its options")
 
-    def add(name: str, helptext: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=helptext, description=helptext)
+    def add(name: str, helptext: str, *, repo: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=helptext, description=helptext,
+                            formatter_class=_HelpFormatter)
+        if repo:
+            sp.add_argument("repo", help="repository directory")
         return sp
 
-    sp = add("log", "list the steps of a repository")
-    sp.add_argument("repo")
-    sp.add_argument("--json", action="store_true")
+    def json_flag(sp: argparse.ArgumentParser, what: str) -> None:
+        sp.add_argument("--json", action="store_true", help=f"print {what} as one JSON "
+                        "document, with full detail")
+
+    def quiet_flag(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar (one is "
+                        "drawn on stderr only when it is a terminal)")
+
+    sp = add("log", "list the steps of a repository (lines fit the terminal; --json has all)")
+    json_flag(sp, "every step's record")
     sp.set_defaults(fn=cmd_log)
-    sp = add("du", "logical vs stored bytes per step and on disk")
-    sp.add_argument("repo")
-    sp.add_argument("--json", action="store_true")
+    sp = add("du", "bytes on disk per step, dead chunks and overhead, adding up to the total")
+    json_flag(sp, "the per-step figures and totals")
     sp.set_defaults(fn=cmd_du)
     sp = add("show", "the tensors of one step and how each is stored")
-    sp.add_argument("repo")
-    sp.add_argument("--step", type=int)
+    sp.add_argument("--step", type=int, help="the step to show (default: the latest)")
+    json_flag(sp, "the step and its tensors")
     sp.set_defaults(fn=cmd_show)
     sp = add("verify", "rebuild steps and check them bit-exactly (exit 1 on any problem)")
-    sp.add_argument("repo")
     sp.add_argument("--step", type=int, help="one step (default: all steps and all packs)")
-    sp.add_argument("--json", action="store_true")
-    sp.add_argument("--max-problems", type=int, default=30)
+    json_flag(sp, "the report and any repair plan")
+    sp.add_argument("--max-problems", type=int, default=30,
+                    help="problems listed in the text report")
     sp.add_argument("--repair", action="store_true",
                     help="carry out the recoverable repairs the check proposes (takes the "
                          "writer lock), then check again")
+    quiet_flag(sp)
     sp.set_defaults(fn=cmd_verify)
     sp = add("export", "write steps as .safetensors/.pt files or checkpoint folders")
-    sp.add_argument("repo")
     sp.add_argument("out", help="output file (*.safetensors, *.pt) or folder (hf-folder); a "
                     "directory with --steps")
-    sp.add_argument("--step", type=int, help="default: latest")
+    sp.add_argument("--step", type=int, help="the step to export (default: the latest)")
     sp.add_argument("--steps", help="several steps into the directory OUT: all, A:B "
-                    "(inclusive) or A,B,C")
+                    "(inclusive) or A,B,C (default: only --step)")
     sp.add_argument("--format", choices=["auto", "pt", "safetensors", "hf-folder"],
-                    default="auto", help="auto (default): a step stored from a folder as a "
-                    "folder, else by the file suffix (pt with --steps; safetensors for steps "
-                    "imported from plain safetensors files)")
+                    default="auto", help="auto: a step stored from a folder as a folder, else "
+                    "by the file suffix (pt with --steps; safetensors for steps imported from "
+                    "plain safetensors files)")
     sp.add_argument("--overwrite", action="store_true",
                     help="replace existing non-empty output folders")
+    quiet_flag(sp)
     sp.set_defaults(fn=cmd_export)
     sp = add("import", "save checkpoint files, Hugging Face checkpoint-N folders, or "
-             "directories of them as steps")
-    sp.add_argument("repo")
+             "directories of them as steps (one line per checkpoint as it is saved)")
     sp.add_argument("sources", nargs="+", metavar="SRC",
                     help=".pt/.pth/.bin/.ckpt/.safetensors file, checkpoint folder, or a "
                     "directory of those")
@@ -352,31 +490,41 @@ def build_parser() -> argparse.ArgumentParser:
                     "name, else by sorted name order)")
     sp.set_defaults(fn=cmd_import)
     sp = add("diff", "per-tensor changes between two steps")
-    sp.add_argument("repo")
-    sp.add_argument("a", type=int)
-    sp.add_argument("b", type=int)
+    sp.add_argument("a", type=int, help="the earlier step")
+    sp.add_argument("b", type=int, help="the later step")
     sp.add_argument("--all", action="store_true", help="also list unchanged tensors")
-    sp.add_argument("--json", action="store_true")
+    json_flag(sp, "every tensor's figures")
     sp.set_defaults(fn=cmd_diff)
-    sp = add("gc", "apply a retention policy, rebase dependents, sweep and repack packs")
-    sp.add_argument("repo")
-    sp.add_argument("--keep-last", type=_positive)
-    sp.add_argument("--keep-every", type=_positive)
-    sp.add_argument("--keep", type=int, nargs="+", help="pinned steps")
-    sp.add_argument("--keep-best", help="META_KEY[:min|max], e.g. val_loss:min")
-    sp.add_argument("--keep-newer-than", type=_age, help="age such as 90m, 12h, 7d")
-    sp.add_argument("--repack-below", type=float, default=0.5,
-                    help="repack packs whose live share is below this (default 0.5)")
-    sp.add_argument("--dry-run", action="store_true")
+    sp = add("gc", "delete the steps the --keep-* options (or the repository's retention "
+             "policy) do not keep, rebasing their dependents; then delete packs nothing "
+             "references and repack sparse ones. Without any keep option or policy it deletes "
+             "no step")
+    sp.add_argument("--keep-last", type=_positive, metavar="N", help="keep the N latest steps")
+    sp.add_argument("--keep-every", type=_positive, metavar="N",
+                    help="keep steps that are multiples of N")
+    sp.add_argument("--keep", type=int, nargs="+", metavar="STEP", help="pinned steps")
+    sp.add_argument("--keep-best", metavar="KEY[:min|max]",
+                    help="keep the step with the best value of meta KEY, e.g. val_loss:min")
+    sp.add_argument("--keep-newer-than", type=_age, metavar="AGE",
+                    help="keep steps younger than AGE, e.g. 90m, 12h, 7d")
+    sp.add_argument("--repack-below", type=float, default=0.5, metavar="SHARE",
+                    help="repack packs whose live share is below this")
+    sp.add_argument("--dry-run", action="store_true", help="only report what would be done "
+                    "(when steps would be rebased, the space freed is a lower bound)")
+    quiet_flag(sp)
     sp.set_defaults(fn=cmd_gc)
     sp = add("delete", "delete steps (dependents are rebased first)")
-    sp.add_argument("repo")
-    sp.add_argument("steps", type=int, nargs="+")
+    sp.add_argument("steps", type=int, nargs="+", metavar="STEP", help="steps to delete")
+    quiet_flag(sp)
     sp.set_defaults(fn=cmd_delete)
-    sp = add("demo", "train a small model on CPU, checkpoint it, compare with torch.save")
-    sp.add_argument("dir")
-    sp.add_argument("--steps", type=int, default=60)
-    sp.add_argument("--every", type=int, default=5)
+    sp = add("demo", "train a small model on CPU, checkpoint it, compare with torch.save",
+             repo=False)
+    sp.add_argument("dir", help="working directory: the repository goes to DIR/repo, the "
+                    "torch.save files to DIR/torch_save")
+    sp.add_argument("--steps", type=_positive, default=60, help="training steps")
+    sp.add_argument("--every", type=_positive, default=5, help="checkpoint every N steps")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace DIR/repo and DIR/torch_save from an earlier run")
     sp.set_defaults(fn=cmd_demo)
     return p
 
@@ -384,7 +532,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.fn(args))
+        code = int(args.fn(args))
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # the reader went away (`deltackpt log REPO | head`): stop quietly, as a process killed
+        # by SIGPIPE would; point stdout at devnull so the flush at exit cannot fail again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141
     except DeltaCkptError as exc:
         print(f"deltackpt: error: {exc}", file=sys.stderr)
         return 1

@@ -10,21 +10,47 @@ import torch
 
 from . import open as open_repo
 from .demo import Trainer
+from .errors import DeltaCkptError
 
 
 def _nbytes(path: str) -> int:
     return os.path.getsize(path)
 
 
-def run_demo(directory: str, steps: int = 60, every: int = 5) -> int:
+def _versus(what: str, pt: float, dc: float, unit: str, better: str, worse: str) -> str:
+    """One labelled figure line: both names, both values and which is by how much ahead."""
+    def fmt(x: float) -> str:
+        from .cli import human
+
+        return human(x) if unit == "bytes" else f"{x:.2f} {unit}"
+
+    if pt == dc or not pt or not dc:
+        verdict = "the same" if pt == dc else "-"
+    else:
+        verdict = (f"deltackpt {pt / dc:.2f}x {better}" if dc < pt
+                   else f"deltackpt {dc / pt:.2f}x {worse}")
+    return f"{what}: torch.save {fmt(pt)}, deltackpt {fmt(dc)} ({verdict})"
+
+
+def run_demo(directory: str, steps: int = 60, every: int = 5, *, overwrite: bool = False) -> int:
+    """Run the demo in ``directory``; refuses to replace an earlier run's output unless
+    ``overwrite`` (``--overwrite``), since ``DIR/repo`` may be a repository someone keeps."""
     from .cli import human, table
 
     repo_dir = os.path.join(directory, "repo")
     pt_dir = os.path.join(directory, "torch_save")
     for d in (repo_dir, pt_dir):
-        if os.path.exists(d):
-            shutil.rmtree(d)
-    os.makedirs(pt_dir)
+        if os.path.exists(d) and (not os.path.isdir(d) or os.listdir(d)):
+            if not overwrite:
+                raise DeltaCkptError(
+                    f"{d!r} already exists and is not empty (an earlier demo?); rerun with "
+                    "--overwrite to replace it, or give another directory",
+                    cause="output exists")
+            if os.path.isdir(d):
+                shutil.rmtree(d)
+            else:
+                os.remove(d)
+    os.makedirs(pt_dir, exist_ok=True)
     trainer = Trainer(total_steps=steps)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     print(f"training a {n_params / 1e3:.0f}k-parameter transformer for {steps} steps on CPU, "
@@ -51,13 +77,14 @@ def run_demo(directory: str, steps: int = 60, every: int = 5) -> int:
             rows.append([trainer.step, f"{loss:.3f}", info.kind, info.depth,
                          human(_nbytes(pt)), human(info.stored_bytes),
                          f"{_nbytes(pt) / info.stored_bytes:.2f}x"])
-        print(table(["step", "loss", "kind", "depth", "torch.save", "deltackpt", "smaller"],
-                    rows))
+        print(table(["step", "loss", "kind", "depth", "torch.save", "deltackpt",
+                     "torch.save/deltackpt"], rows))
         disk = repo.disk_usage()["total"]
-        print(f"\ntotal: torch.save {human(total_pt)} in {len(rows)} files; deltackpt "
-              f"{human(disk)} on disk ({total_pt / disk:.2f}x smaller); save time "
-              f"{t_pt:.2f}s vs {t_dc:.2f}s (one machine, one run: see benchmarks/ for "
-              "repeatable figures)")
+        print()
+        print(_versus(f"on disk ({len(rows)} checkpoints)", total_pt, disk, "bytes", "smaller",
+                      "larger"))
+        print(_versus("save time", t_pt, t_dc, "s", "faster", "slower")
+              + "; one run on one machine: see benchmarks/ for repeatable figures")
         report = repo.verify()
         latest = repo.load()
     ok = report.ok

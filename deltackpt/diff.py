@@ -110,14 +110,37 @@ class StepUsage:
     kind: str
     depth: int
     logical_bytes: int
-    stored_bytes: int      # what the save added to the disk
-    unique_bytes: int      # chunk bytes no other step names (freed by deleting it, if nothing
-                           # depends on it)
-    shared_bytes: int      # chunk bytes it names that other steps name too
+    stored_bytes: int      # bytes on disk it accounts for: its manifest and the chunk entries
+                           # (frame and entry header) no earlier step names
+    unique_bytes: int      # chunk entry bytes no other step names (freed by deleting it, if
+                           # nothing depends on it)
+    shared_bytes: int      # chunk entry bytes it names that other steps name too
     dependents: int        # later steps with deltas against it
 
 
+@dataclass(frozen=True)
+class DiskAccount:
+    """Every byte of a repository on disk, once: ``sum(stored_bytes of steps) + dead_bytes +
+    overhead_bytes + dcp_bytes == total_bytes``."""
+
+    steps: list[StepUsage]
+    dead_bytes: int        # chunk entries no manifest names: what gc reclaims
+    overhead_bytes: int    # indexes, pack headers and trailers, repository and stray files
+    dcp_bytes: int         # rank sub-repositories of a torch.distributed.checkpoint repository
+    total_bytes: int       # the repository directory on disk
+    disk: dict[str, int]   # the same by file kind (see Repository.disk_usage)
+
+
 def usage(repo: Repository) -> list[StepUsage]:
+    return account(repo).steps
+
+
+def account(repo: Repository) -> DiskAccount:
+    """Per-step bytes from the chunk store's indexes and manifests (not from the save-time
+    statistics, which a rebase or a repack makes stale), and what remains of the disk."""
+    from .manifest import manifest_name
+    from .store.packs import _ENTRY_HEAD, decode_index, index_name, is_pack_id, pack_name
+
     steps = repo.steps()
     ids: dict[int, set[bytes]] = {}
     refs: Counter[int] = Counter()
@@ -129,21 +152,45 @@ def usage(repo: Repository) -> list[StepUsage]:
     count: Counter[bytes] = Counter()
     for s in steps:
         count.update(ids[s])
-    store = repo.store
-    store.refresh()
-
-    def size(cid: bytes) -> int:
+    disk = repo.disk_usage()
+    backend = repo.backend
+    entry_bytes: Counter[bytes] = Counter()  # every indexed copy of a chunk, header included
+    indexed = dead = 0
+    for fname in backend.list("index"):
+        pid = fname.removesuffix(".idx")
+        if not fname.endswith(".idx") or not is_pack_id(pid) or not backend.exists(
+                pack_name(pid)):
+            continue
         try:
-            return store.locate(cid).length
-        except Exception:
-            return 0
-
+            named, entries = decode_index(backend.read(index_name(pid)), index_name(pid))
+        except Exception:  # a damaged or vanished index: its pack counts as overhead
+            continue
+        if named != pid:
+            continue
+        for cid, _off, length, _plen in entries:
+            n = _ENTRY_HEAD.size + length
+            indexed += n
+            if cid in count:
+                entry_bytes[cid] += n
+            else:
+                dead += n
+    manifests = {}
+    for s in steps:
+        try:
+            manifests[s] = backend.size(manifest_name(s))
+        except FileNotFoundError:
+            manifests[s] = 0
     out = []
+    first: set[bytes] = set()
     for s in steps:
         m = repo.manifest(s)
-        unique = sum(size(c) for c in ids[s] if count[c] == 1)
-        total = sum(size(c) for c in ids[s])
+        mine = ids[s] - first
+        first |= mine
+        unique = sum(entry_bytes[c] for c in ids[s] if count[c] == 1)
+        total = sum(entry_bytes[c] for c in ids[s])
         out.append(StepUsage(s, m.kind, m.depth, int(m.stats.get("logical_bytes", 0)),
-                             int(m.stats.get("stored_bytes", 0)), unique, total - unique,
-                             refs[s]))
-    return out
+                             manifests[s] + sum(entry_bytes[c] for c in mine), unique,
+                             total - unique, refs[s]))
+    live = sum(entry_bytes.values()) + sum(manifests.values())
+    overhead = disk["total"] - disk["dcp"] - live - dead
+    return DiskAccount(out, dead, overhead, disk["dcp"], disk["total"], disk)

@@ -9,25 +9,66 @@ from __future__ import annotations
 import functools
 import sys
 from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import UnsupportedValueError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ._lazy import torch
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     raise ImportError("deltackpt stores little-endian bytes and supports little-endian hosts only")
 
-_QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
+_QUANTIZED = frozenset({"qint8", "quint8", "qint32", "quint4x2", "quint2x4"})
+
+
+class _TorchDtypes(Mapping[str, "torch.dtype"]):
+    """torch dtypes by name, built on first use so that reading manifests never imports torch."""
+
+    def __init__(self, storable: bool) -> None:
+        self._storable = storable
+        self._map: dict[str, torch.dtype] | None = None
+
+    def _dtypes(self) -> dict[str, torch.dtype]:
+        if self._map is None:
+            every = {str(d).removeprefix("torch."): d for d in (getattr(torch, n) for n in
+                                                                dir(torch))
+                     if isinstance(d, torch.dtype)}
+            self._map = {n: d for n, d in every.items()
+                         if not (self._storable and n in _QUANTIZED)}
+        return self._map
+
+    def __getitem__(self, name: str) -> torch.dtype:
+        return self._dtypes()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dtypes())
+
+    def __len__(self) -> int:
+        return len(self._dtypes())
+
 
 #: every dtype torch has, by name (``torch.dtype`` values in a state may be any of these)
-ALL_TORCH_DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (getattr(torch, n) for n in dir(torch)) if isinstance(d, torch.dtype)
-}
+ALL_TORCH_DTYPES: Mapping[str, torch.dtype] = _TorchDtypes(storable=False)
 #: the dtypes whose tensors can be stored (raw bytes are the whole value)
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    n: d for n, d in ALL_TORCH_DTYPES.items() if d not in _QUANTIZED}
+TORCH_DTYPES: Mapping[str, torch.dtype] = _TorchDtypes(storable=True)
+#: (itemsize, is complex, is float) of the storable dtypes every supported torch (>= 2.4) has:
+#: manifests naming only these are read without importing torch (tested against torch itself)
+_CORE_TORCH = {
+    "bool": (1, False, False), "uint8": (1, False, False), "int8": (1, False, False),
+    "int16": (2, False, False), "int32": (4, False, False), "int64": (8, False, False),
+    "uint16": (2, False, False), "uint32": (4, False, False), "uint64": (8, False, False),
+    "float16": (2, False, True), "bfloat16": (2, False, True), "float32": (4, False, True),
+    "float64": (8, False, True), "complex32": (4, True, True), "complex64": (8, True, True),
+    "complex128": (16, True, True), "float8_e4m3fn": (1, False, True),
+    "float8_e5m2": (1, False, True), "float8_e4m3fnuz": (1, False, True),
+    "float8_e5m2fnuz": (1, False, True),
+}
 
 _NUMPY_KINDS = set("biufcmM")
 
@@ -44,6 +85,8 @@ class ElementType:
     @property
     def is_float(self) -> bool:
         if self.kind == "torch":
+            if self.name in _CORE_TORCH:
+                return _CORE_TORCH[self.name][2]
             d = TORCH_DTYPES[self.name]
             return d.is_floating_point or d.is_complex
         return np.dtype(self.name).kind in "fc"
@@ -51,11 +94,11 @@ class ElementType:
 
 @functools.lru_cache(maxsize=None)  # torch.dtype values are a small, fixed set
 def torch_type(dtype: torch.dtype) -> ElementType:
-    if dtype in _QUANTIZED:
+    name = str(dtype).removeprefix("torch.")
+    if name in _QUANTIZED:
         raise UnsupportedValueError(
             f"quantized dtype {dtype} cannot be stored bit-exactly; save t.int_repr(), "
             "t.q_scale() and t.q_zero_point() instead")
-    name = str(dtype).removeprefix("torch.")
     size = dtype.itemsize
     return ElementType("torch", name, size, size // 2 if dtype.is_complex else size)
 
@@ -89,6 +132,9 @@ def element_type(kind: str, name: str) -> ElementType:
 @functools.lru_cache(maxsize=256)
 def _element_type(kind: str, name: str) -> ElementType:
     if kind == "torch":
+        if name in _CORE_TORCH:
+            size, cplx, _ = _CORE_TORCH[name]
+            return ElementType("torch", name, size, size // 2 if cplx else size)
         if name not in TORCH_DTYPES:
             raise UnsupportedValueError(f"unknown torch dtype {name!r} (written by a newer torch?)")
         return torch_type(TORCH_DTYPES[name])

@@ -25,16 +25,20 @@ import re
 import shutil
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import xxhash
 
 from .errors import DeltaCkptError, DigestMismatchError, UnsupportedValueError
 from .tree import flatten, unflatten
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ._lazy import torch
 
 _TREE_KEY = "deltackpt.tree"
 _LEAVES_KEY = "deltackpt.leaves"
@@ -334,7 +338,8 @@ def write_folder(state: Any, out_dir: str | os.PathLike[str], *, overwrite: bool
                              f"(this deltackpt writes version {FOLDER_VERSION})", step=step)
     out = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
-        raise DeltaCkptError(f"{out!r} exists and is not an empty directory (pass overwrite)",
+        raise DeltaCkptError(f"{out!r} exists and is not an empty directory (pass "
+                             "overwrite=True; on the command line, --overwrite)",
                              step=step)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -490,14 +495,19 @@ def export_name(step: int, kind: str, meta: dict[str, Any]) -> str:
 
 
 def export_steps(repo: Any, steps: Iterable[int], out_dir: str | os.PathLike[str],
-                 fmt: str = "auto", *, overwrite: bool = False) -> list[tuple[int, str]]:
+                 fmt: str = "auto", *, overwrite: bool = False,
+                 progress: Callable[[str, int, int], None] | None = None
+                 ) -> list[tuple[int, str]]:
     """Export several steps into the directory ``out_dir`` (see :func:`export_name`);
-    returns ``(step, path)`` pairs."""
+    returns ``(step, path)`` pairs. ``progress(stage, done, total)`` is called per step."""
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     done: list[tuple[int, str]] = []
     used: set[str] = set()
-    for step in steps:
+    steps = list(steps)
+    for i, step in enumerate(steps):
+        if progress is not None:
+            progress("export", i, len(steps))
         meta = repo.manifest(step).meta
         state = repo.load(step)
         kind = _step_format(fmt, state, meta)
@@ -512,4 +522,6 @@ def export_steps(repo: Any, steps: Iterable[int], out_dir: str | os.PathLike[str
             export_state(state, path, step, fmt=kind,
                          plain_safetensors=meta.get(PLAIN_SAFETENSORS_META))
         done.append((step, path))
+    if progress is not None:
+        progress("export", len(steps), len(steps))
     return done

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,16 +54,20 @@ def _refs(m: Manifest) -> set[int]:
     return {c.ref for t in m.tensors for c in t.chunks if c.ref is not None}
 
 
-def delete_steps(repo: Repository, steps: list[int], report: GCReport) -> None:
+def delete_steps(repo: Repository, steps: list[int], report: GCReport,
+                 progress: Callable[[str, int, int], None] | None = None) -> None:
     """Rebase dependents of ``steps``, then remove the steps' manifests. Steps already absent
     are listed in ``report.absent_steps`` and skipped, so rerunning a delete that was
-    interrupted finishes it."""
+    interrupted finishes it. ``progress(stage, done, total)`` is called as kept steps are
+    checked and rebased."""
     present = set(repo.steps())
     report.absent_steps.extend(s for s in steps if s not in present)
     steps = [s for s in steps if s in present]
     doomed = set(steps)
     kept = [s for s in repo.steps() if s not in doomed]
-    for d in kept:  # ascending: a rebased step never depends on a later one
+    for done, d in enumerate(kept):  # ascending: a rebased step never depends on a later one
+        if progress is not None:
+            progress("rebase", done, len(kept))
         try:
             m = repo.manifest(d)
         except IntegrityError:
@@ -160,8 +165,10 @@ def _chain_hits(repo: Repository, step: int, t: Any, i: int, doomed: set[int]) -
     return False
 
 
-def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5) -> None:
-    """Delete packs nothing references; repack those whose live share is below the bound."""
+def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5,
+          progress: Callable[[str, int, int], None] | None = None) -> None:
+    """Delete packs nothing references; repack those whose live share is below the bound.
+    ``progress(stage, done, total)`` is called as packs are checked."""
     live: set[bytes] = set()
     gone = set(report.deleted_steps) if report.dry_run else set()
     unreadable = []
@@ -187,7 +194,10 @@ def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5) -> None
         return
     backend, store = repo.backend, repo.store
     indexed = set()
-    for fname in backend.list("index"):
+    names = backend.list("index")
+    for done, fname in enumerate(names):
+        if progress is not None:
+            progress("sweep", done, len(names))
         if not fname.endswith(".idx"):
             continue
         pid = fname[:-4]

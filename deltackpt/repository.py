@@ -13,23 +13,21 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, TypeVar, overload, Literal
-import warnings
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import numpy as np
-import torch
 
 from . import checksum, hugepages
 from .dtypes import TORCH_DTYPES, element_type, storage_dtype
-from .errors import (CorruptFileError, DeltaCkptError, DeltaCkptWarning, FormatVersionError, IntegrityError,
-                     ReadOnlyError,
-                     RepositoryNotFoundError, SelectionError, StepExistsError, StepNotFoundError,
-                     UnsupportedValueError)
+from .errors import (CorruptFileError, DeltaCkptError, DeltaCkptWarning, FormatVersionError,
+                     IntegrityError, ReadOnlyError, RepositoryNotFoundError, SelectionError,
+                     StepExistsError, StepNotFoundError, UnsupportedValueError)
 from .manifest import (MAX_STEP, Manifest, TensorEntry, manifest_name,
                        parse_manifest_name)
 from .policy import Policy
@@ -46,6 +44,11 @@ from .verify import verify as verify_repo
 from .tree import Leaf
 from .staging import StagingPool, materialize, stage
 from .writer import RefState, RefTensor, StepEncoder, bounded_map, chunk_size
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ._lazy import torch
 
 REPO_FORMAT = "deltackpt"
 REPO_VERSION = 1
@@ -643,7 +646,8 @@ class Repository:
         self._check_open()
         return usage(self)
 
-    def delete(self, *steps: int, repack_below: float = 0.0) -> GCReport:
+    def delete(self, *steps: int, repack_below: float = 0.0,
+               progress: Callable[[str, int, int], None] | None = None) -> GCReport:
         """Delete steps; steps that depend on them are rebased first, so they stay loadable.
 
         Runs after every save queued before it. Steps that are not there are skipped and listed
@@ -651,6 +655,7 @@ class Repository:
         it. A step whose manifest is unreadable can be deleted too. Packs left with nothing
         live are removed; packs still partly live keep their dead bytes until a :meth:`gc`
         repacks them (or pass ``repack_below``, as :meth:`gc` takes it).
+        ``progress(stage, done, total)`` is called as the work goes on.
         """
         self._check_open(write=True)
         self._raise_pending()
@@ -658,13 +663,14 @@ class Repository:
             if type(s) is not int:
                 raise TypeError(f"steps must be ints, got {s!r}")
         doomed = sorted(set(steps))
-        return self._serial(lambda: self._delete_now(doomed, repack_below))
+        return self._serial(lambda: self._delete_now(doomed, repack_below, progress))
 
-    def _delete_now(self, doomed: list[int], repack_below: float) -> GCReport:
+    def _delete_now(self, doomed: list[int], repack_below: float,
+                    progress: Callable[[str, int, int], None] | None) -> GCReport:
         report = GCReport()
         try:
-            delete_steps(self, doomed, report)
-            sweep(self, report, repack_below=repack_below)
+            delete_steps(self, doomed, report, progress)
+            sweep(self, report, repack_below=repack_below, progress=progress)
         except OSError as exc:
             exc.add_note(f"deltackpt: delete{tuple(doomed)} stopped part way; "
                          "every step still listed loads as before: run it again to finish")
@@ -674,19 +680,21 @@ class Repository:
         return report
 
     def gc(self, retention: Retention | None = None, *, dry_run: bool = False,
-           repack_below: float = 0.5) -> GCReport:
+           repack_below: float = 0.5,
+           progress: Callable[[str, int, int], None] | None = None) -> GCReport:
         """Apply ``retention`` (default: the repository's, if any), then sweep and repack.
 
         Runs after every save queued before it. ``dry_run`` reports what would be deleted and
         freed (before the cost of rebasing). A step whose manifest cannot be read is kept (its
         time and meta are unknown) and listed in the report's ``unreadable_steps``.
+        ``progress(stage, done, total)`` is called as the work goes on.
         """
         self._check_open(write=not dry_run)
         self._raise_pending()
-        return self._serial(lambda: self._gc_now(retention, dry_run, repack_below))
+        return self._serial(lambda: self._gc_now(retention, dry_run, repack_below, progress))
 
-    def _gc_now(self, retention: Retention | None, dry_run: bool,
-                repack_below: float) -> GCReport:
+    def _gc_now(self, retention: Retention | None, dry_run: bool, repack_below: float,
+                progress: Callable[[str, int, int], None] | None = None) -> GCReport:
         report = GCReport(dry_run=dry_run)
         policy = retention or self.retention
         doomed: list[int] = []
@@ -711,8 +719,8 @@ class Repository:
             _kept, doomed = plan(policy, views)
         try:
             if policy is not None:
-                delete_steps(self, doomed, report)
-            sweep(self, report, repack_below=repack_below)
+                delete_steps(self, doomed, report, progress)
+            sweep(self, report, repack_below=repack_below, progress=progress)
         except OSError as exc:
             exc.add_note("deltackpt: gc stopped part way; every step still listed loads as "
                          "before: run gc again to finish")
@@ -737,12 +745,14 @@ class Repository:
 
         return apply(self, todo)
 
-    def verify(self, step: int | None = None) -> VerifyReport:
+    def verify(self, step: int | None = None, *,
+               progress: Callable[[str, int, int], None] | None = None) -> VerifyReport:
         """Check one step (or every step and the whole store) rebuilds bit-exactly; runs after
-        every save, delete or gc queued before it."""
+        every save, delete or gc queued before it. ``progress(stage, done, total)`` is called
+        as steps are checked."""
         self._check_open()
         self._raise_pending()
-        return self._serial(lambda: verify_repo(self, step))
+        return self._serial(lambda: verify_repo(self, step, progress=progress))
 
     def export(self, step: int | None, path: str | os.PathLike[str], fmt: str = "auto", *,
                overwrite: bool = False) -> str:

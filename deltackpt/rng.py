@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ._lazy import torch
 
 
 def rng_state() -> dict[str, Any]:

@@ -10,20 +10,22 @@ caller waits for one (back-pressure rather than unbounded memory).
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .tree import Leaf
 from .writer import raw_bytes
 
+if TYPE_CHECKING:
+    import torch
+else:
+    from ._lazy import torch
+
 _ALIGN = 64
-#: dtypes torch copies natively (others, e.g. int1..7, go through their raw bytes)
-_PLAIN = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64,
-          torch.complex128, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
-          torch.bool}
 
 
 @dataclass
@@ -84,10 +86,19 @@ class StagingPool:
             self._free.clear()
 
 
+@functools.cache  # a function, not a constant: torch is imported on first use
+def _plain_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes torch copies natively (others, e.g. int1..7, go through their raw bytes)."""
+    return frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16,
+                      torch.complex64, torch.complex128, torch.int64, torch.int32, torch.int16,
+                      torch.int8, torch.uint8, torch.bool})
+
+
 def _plain(t: torch.Tensor) -> bool:
     """Whether ``t``'s bytes are its values as laid out: a dtype torch copies natively,
     contiguous, no lazy conjugate or negative bit."""
-    return t.dtype in _PLAIN and t.is_contiguous() and not t.is_conj() and not t.is_neg()
+    return (t.dtype in _plain_dtypes() and t.is_contiguous() and not t.is_conj()
+            and not t.is_neg())
 
 
 def _nbytes(value: torch.Tensor | np.ndarray) -> int:

@@ -12,13 +12,17 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .dtypes import ALL_TORCH_DTYPES, numpy_type, torch_type
 from .errors import CorruptFileError, UnsupportedValueError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ._lazy import torch
 
 MAX_DEPTH = 200
 

@@ -7,6 +7,7 @@ memory at a time, never a whole step.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -55,7 +56,9 @@ class VerifyReport:
         self.problems.append(Problem(step, path, cause, str(exc)))
 
 
-def verify(repo: Repository, step: int | None = None) -> VerifyReport:
+def verify(repo: Repository, step: int | None = None, *,
+           progress: Callable[[str, int, int], None] | None = None) -> VerifyReport:
+    """``progress(stage, done, total)`` is called as steps are checked."""
     report = VerifyReport()
     if step is None:
         steps = repo.steps()
@@ -64,7 +67,9 @@ def verify(repo: Repository, step: int | None = None) -> VerifyReport:
         steps = [step]
     repo.cache.clear()
     seen = _listing(repo)
-    for s in steps:
+    for done, s in enumerate(steps):
+        if progress is not None:
+            progress("verify", done, len(steps))
         sub = VerifyReport()
         try:
             _verify_step(repo, s, sub)
@@ -85,6 +90,8 @@ def verify(repo: Repository, step: int | None = None) -> VerifyReport:
         report.problems += sub.problems
         report.lossy_steps.update(sub.lossy_steps)
     repo.cache.clear()
+    if progress is not None:
+        progress("verify", len(steps), len(steps))
     return report
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import xxhash
 
 from .codecs import NotApplicable, get_codec
@@ -29,8 +28,12 @@ from .scratch import scratch
 from .store.packs import ChunkStore
 from .tree import Leaf
 
+if TYPE_CHECKING:
+    import torch
+else:
+    from ._lazy import torch
+
 RAW_CONFIG = {"id": "raw"}
-_SAME_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass
@@ -63,7 +66,8 @@ def raw_bytes(value: torch.Tensor | np.ndarray) -> tuple[np.ndarray, ElementType
             t = t.resolve_neg()
         if not t.is_contiguous():
             # copy as same-width integers: torch has no copy kernel for some dtypes (int1..7)
-            same = _SAME_WIDTH.get(t.element_size())
+            same = {1: torch.uint8, 2: torch.int16, 4: torch.int32,
+                    8: torch.int64}.get(t.element_size())
             t = (t.view(same) if same is not None else t).contiguous()
         if t.numel() == 0:
             return np.empty(0, np.uint8), et

@@ -47,7 +47,7 @@ def test_python_dash_m_entry_point(repo_path):
 
 def test_log_du_show(repo_path, capsys):
     assert main(["log", str(repo_path)]) == 0
-    assert '"loss": 0.5' in capsys.readouterr().out
+    assert 'loss=0.5' in capsys.readouterr().out
     assert main(["du", str(repo_path)]) == 0
     out = capsys.readouterr().out
     assert "4 steps" in out and "on disk" in out

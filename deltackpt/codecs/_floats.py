@@ -6,11 +6,17 @@ verified against a digest taken at save time.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from ..dtypes import ElementType
 from .base import NotApplicable
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 _NUMPY_FLOATS = {"<f2": np.float16, "<f4": np.float32, "<f8": np.float64,
                  "float16": np.float16, "float32": np.float32, "float64": np.float64}

@@ -12,16 +12,20 @@ the ``quant`` payload of the residual if ``residual_bits`` > 0.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..dtypes import ElementType
 from ..errors import CodecError, CorruptChunkError
 from ._floats import from_float, to_float
 from .base import Codec, NotApplicable, check_reference, register_codec
 from .quant import Quant, quant_payload_bound
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 
 @register_codec
