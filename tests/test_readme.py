@@ -34,11 +34,6 @@ COVERED = {"using-it": "test_using_it", "lossy-policy": "test_lossy_policy",
            "import-export": "test_import_export", "import-export-cli": "test_import_export_cli"}
 #: markers of blocks whose lines are also run one by one
 ALSO = {"import-export-cli": "test_export_cli"}
-TENSOR_META = pytest.mark.xfail(
-    strict=True, raises=deltackpt.errors.UnsupportedValueError,
-    reason="meta={'loss': tensor} is refused (meta must be JSON); fixed on another branch")
-
-
 def blocks() -> list[tuple[str | None, str, str, int]]:
     """(marker, language, code, line of the fence) of every fenced block in README.md."""
     text = README.read_text()
@@ -164,12 +159,15 @@ def test_using_it(using_it: tuple[Path, dict[str, Any], Standin]) -> None:
                 want["model"]["0.weight"])
 
 
-@TENSOR_META
 def test_using_it_with_tensor_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A training loop's ``loss`` is usually a tensor: the block as a reader runs it."""
+    """A training loop's ``loss`` is usually a tensor: the block as a reader runs it, and
+    the manifest holds the loss as a number."""
     monkeypatch.chdir(tmp_path)
     s = Standin(tensor_loss=True)
     run_block("using-it", s.names(), {"...train...": "loss = train()"})
+    with deltackpt.open(tmp_path / "runs/exp1", mode="r") as repo:
+        loss = repo.manifest(1200).meta["loss"]
+    assert type(loss) is float and loss == loss
 
 
 @pytest.mark.xfail(strict=True, raises=pickle.UnpicklingError,
