@@ -568,16 +568,32 @@ class FolderReport:
         return [f.path for f in self.files if f.identical is False]
 
 
-def _safe_parts(rel: Any) -> list[str]:
+def _safe_parts(rel: Any, step: int | None = None) -> list[str]:
     if not isinstance(rel, str):
-        raise DeltaCkptError(f"folder entry name {rel!r} is not a string")
+        raise DeltaCkptError(f"folder entry name {rel!r} is not a string", step=step)
     parts = rel.split("/")
     if not rel or rel.startswith("/") or "\x00" in rel \
             or any(p in ("", ".", "..") for p in parts) \
             or any(os.sep in p or (os.altsep and os.altsep in p) for p in parts):
         raise DeltaCkptError(f"refusing to write folder entry {rel!r} (not a relative path "
-                             "inside the folder)")
+                             "inside the folder: empty, absolute, a '.', '..' or empty "
+                             "component, a NUL byte or a path separator)", step=step, path=rel)
     return parts
+
+
+def check_folder_names(names: Iterable[Any], step: int | None = None) -> None:
+    """Refuse a set of folder entry names that cannot all be written: one unsafe name (see
+    :func:`_safe_parts`), or a name that is also a directory of another (``a`` and ``a/b``).
+    Names that differ only in case are written as they are (they collide on a
+    case-insensitive file system)."""
+    files = {rel: _safe_parts(rel, step) for rel in names}
+    for rel, parts in files.items():
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in files:
+                raise DeltaCkptError(
+                    f"folder entries {parent!r} and {rel!r} cannot both be written: {parent!r} "
+                    f"is a file and {rel!r} needs it to be a directory", step=step, path=rel)
 
 
 def write_folder(state: Any, out_dir: str | os.PathLike[str], *, overwrite: bool = False,
@@ -592,6 +608,7 @@ def write_folder(state: Any, out_dir: str | os.PathLike[str], *, overwrite: bool
     if state[FOLDER_KEY] != FOLDER_VERSION:
         raise DeltaCkptError(f"folder state version {state[FOLDER_KEY]!r} is not supported "
                              f"(this deltackpt writes version {FOLDER_VERSION})", step=step)
+    check_folder_names(state["files"], step)  # before anything is written
     out = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
         raise DeltaCkptError(f"{out!r} exists and is not an empty directory (pass overwrite)",
@@ -605,8 +622,7 @@ def write_folder(state: Any, out_dir: str | os.PathLike[str], *, overwrite: bool
     report = FolderReport(out)
     try:
         for rel, entry in state["files"].items():
-            parts = _safe_parts(rel)
-            dest = os.path.join(staging, *parts)
+            dest = os.path.join(staging, *_safe_parts(rel, step))
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             kind = _write_entry(entry, dest, rel, step)
             size, digest = file_digest(dest)
