@@ -15,10 +15,13 @@ their tensors and header metadata, ``weights_only``-loadable torch files as the 
 small UTF-8 text (JSON, txt, ...) as text and anything else as raw bytes (a uint8 tensor, never
 unpickled). Tensors keep stable paths from one checkpoint to the next, so consecutive folders
 store as deltas. :func:`write_folder` writes the folder back; text and raw files come back
-byte-identical, torch and safetensors files load to identical values (and in practice are
-byte-identical too: each file records its size and xxh3-128 digest, and the writer reports
-which files matched). Exceptions: torch files come back with CPU tensors (a file saved from CUDA
-tensors differs in bytes), and safetensors writes header metadata of several keys in hash order.
+byte-identical, torch and safetensors files load to identical values (each file records its
+size and xxh3-128 digest, and the writer reports which files matched byte for byte). A torch
+file is byte-identical when this torch's ``torch.save`` defaults wrote it from CPU tensors that
+each own their whole storage or share it whole with other tensor objects (tied weights in a
+``state_dict()``); not when one tensor object appears twice, a tensor views part of a larger
+storage, or it held CUDA tensors. Safetensors writes header metadata of several keys in hash
+order.
 """
 from __future__ import annotations
 
@@ -651,10 +654,10 @@ def _write_entry(entry: Any, dest: str, rel: str, step: int | None) -> str:
     if kind == "safetensors":
         _save_safetensors(entry["tensors"], dest, entry.get("metadata"))
     elif kind == "torch":
-        # the same file name (torch names its archive after it) and interned strings (pickle
-        # memoizes by identity: the original's keys are usually one interned object each), so
-        # that the bytes usually come back identical, not only the values
-        torch.save(_interned(entry["value"]), dest)
+        # the same file name (torch names its archive after it), interned strings and distinct
+        # tensor objects (pickle memoizes by identity: see _as_saved), so that the bytes come
+        # back identical, not only the values
+        torch.save(_as_saved(entry["value"], set()), dest)
     elif kind == "text":
         with open(dest, "wb") as f:
             f.write(entry["text"].encode("utf-8"))
@@ -669,19 +672,31 @@ def _write_entry(entry: Any, dest: str, rel: str, step: int | None) -> str:
     return kind
 
 
-def _interned(value: Any) -> Any:
-    """``value`` with every str (keys and values) interned; containers rebuilt, types kept."""
+def _as_saved(value: Any, seen: set[int]) -> Any:
+    """``value`` as the original file most likely held it, for pickle's identity memo: every
+    str interned (an original's keys are usually one interned object each) and every tensor
+    reached a second time replaced by a new tensor object on the same storage (a stored state
+    re-ties tensors sharing memory into one object, but ``state_dict()`` of tied weights such
+    as GPT-2's ``lm_head``/``wte`` held two). Containers are rebuilt, types kept."""
     t = type(value)
     if t is str:
         return sys.intern(value)
+    if t is torch.Tensor or t is torch.nn.Parameter:
+        if id(value) not in seen:
+            seen.add(id(value))
+            return value
+        twin = value.detach()
+        if t is torch.nn.Parameter:
+            return torch.nn.Parameter(twin, value.requires_grad)
+        return twin.requires_grad_(value.requires_grad)
     if t is list:
-        return [_interned(v) for v in value]
+        return [_as_saved(v, seen) for v in value]
     if t is tuple:
-        return tuple(_interned(v) for v in value)
+        return tuple(_as_saved(v, seen) for v in value)
     if t is dict or t is OrderedDict:
-        out = t((_interned(k), _interned(v)) for k, v in value.items())
+        out = t((_as_saved(k, seen), _as_saved(v, seen)) for k, v in value.items())
         if hasattr(value, "_metadata"):
-            out._metadata = _interned(value._metadata)  # type: ignore[union-attr]
+            out._metadata = _as_saved(value._metadata, seen)  # type: ignore[union-attr]
         return out
     return value
 

@@ -69,3 +69,67 @@ def test_nested_names_that_do_not_collide_are_written(tmp_path: Any) -> None:
     report = write_folder(read_folder(str(src)), tmp_path / "out")
     assert report.identical
     assert (tmp_path / "out" / "a" / "b" / "c.txt").read_text() == "c"
+
+
+# ------------------------------------------------------------ when torch files come back identical
+class _LM(torch.nn.Module):
+    def __init__(self, tie: bool) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(16, 8)
+        self.ln = torch.nn.LayerNorm(8)
+        self.lm_head = torch.nn.Linear(8, 16, bias=False)
+        if tie:
+            self.lm_head.weight = self.wte.weight
+
+
+def _materialize(tmp_path: Any, files: dict[str, Any]) -> Any:
+    """Store a checkpoint folder holding ``files`` (name -> value torch.save writes) and write
+    it back; returns the report."""
+    src = tmp_path / "checkpoint-1"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    for name, value in files.items():
+        torch.save(value, src / name)
+    with deltackpt.open(tmp_path / "r") as repo:
+        repo.save(1, read_folder(str(src)))
+        state = repo.load(1)
+    report = write_folder(state, tmp_path / "out")
+    for name in files:  # whatever the bytes, the values are the same
+        from _util import assert_bitexact
+        assert_bitexact(torch.load(src / name, weights_only=True),
+                        torch.load(tmp_path / "out" / name, weights_only=True))
+    return report
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_state_dict_with_or_without_tied_weights_comes_back_byte_identical(
+        tmp_path: Any, tie: bool) -> None:
+    torch.manual_seed(0)
+    model = _LM(tie)
+    opt = torch.optim.AdamW(model.parameters())
+    model.lm_head(model.ln(model.wte(torch.tensor([1, 2])))).sum().backward()
+    opt.step()
+    sd = model.state_dict()
+    assert (sd["wte.weight"].data_ptr() == sd["lm_head.weight"].data_ptr()) == tie
+    report = _materialize(tmp_path, {"pytorch_model.bin": sd, "optimizer.pt": opt.state_dict()})
+    assert report.identical, report.different
+
+
+def test_gpt2_tied_lm_head_comes_back_byte_identical(tmp_path: Any) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+    sd = model.state_dict()
+    assert sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()
+    assert _materialize(tmp_path, {"pytorch_model.bin": sd}).identical
+
+
+def test_when_torch_files_differ_in_bytes(tmp_path: Any) -> None:
+    """The documented exceptions: one tensor object listed twice, and a tensor viewing part of
+    a larger storage, come back with identical values but other bytes."""
+    t = torch.arange(6.0)
+    report = _materialize(tmp_path, {"same_object.pt": {"a": t, "b": t},
+                                     "view.pt": {"half": t[:3]},
+                                     "plain.pt": {"a": t, "b": t.clone()}})
+    assert sorted(report.different) == ["same_object.pt", "view.pt"]
