@@ -37,7 +37,8 @@ def readme_state(seed: int = 0) -> dict[str, Any]:
         sched.step()
     return {"model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "rng": deltackpt.rng_state(), "epoch": 3,
-            "np": {"f32": np.random.rand(3, 2).astype(np.float32), "be": np.arange(5, dtype=">i4"),
+            "np": {"f32": np.random.rand(3, 2).astype(np.float32),
+                   "be": np.arange(5, dtype=">i4"),
                    "u16": np.arange(4, dtype=np.uint16), "dt": np.arange(3).astype("M8[ns]"),
                    "bool": np.array([True, False]), "scalar": np.float64(0.25),
                    "i8": np.int8(-3)},
@@ -93,7 +94,8 @@ def test_random_states_roundtrip_through_files(state: Any, suffix: str) -> None:
 
 @settings(deadline=None)
 @given(value=st.one_of(numpy_arrays(), numpy_scalars(), generators(),
-                       st.integers(min_value=-(2 ** 9000), max_value=2 ** 9000), st.binary(max_size=2)),
+                       st.integers(min_value=-(2 ** 9000), max_value=2 ** 9000),
+                       st.binary(max_size=2)),
        key=st.one_of(st.integers(), numpy_scalars().filter(lambda v: v == v), st.text(),
                      st.binary(max_size=2), st.integers(min_value=2 ** 3000)))
 def test_encode_pt_loads_with_weights_only(value: Any, key: Any) -> None:
