@@ -22,6 +22,10 @@ DROP = "drop"
 PRESETS = ("lossless", "balanced", "archive")
 
 
+class UnknownOptionError(PolicyError, TypeError):
+    """An option name that does not exist; also a TypeError, like any unknown keyword."""
+
+
 def _refuse(owner: str, option: str, value: Any, accepted: str) -> PolicyError:
     return PolicyError(f"{owner} option {option}={value!r} ({type(value).__name__}) is not "
                        f"accepted: {accepted}")
@@ -53,7 +57,8 @@ def _check_options(owner: str, given: Iterable[Any], known: Iterable[str]) -> No
     known = sorted(known)
     for name in given:
         if name not in known:
-            raise PolicyError(f"unknown {owner} option {name!r}{_did_you_mean(name, known)}; "
+            raise UnknownOptionError(f"unknown {owner} option {name!r}"
+                                     f"{_did_you_mean(name, known)}; "
                               f"known: {', '.join(known)}")
 
 

@@ -80,8 +80,9 @@ def test_the_issue_str_keyframe_every(tmp_path: Path) -> None:
 
 
 def test_unknown_options_suggest_the_closest() -> None:
-    with pytest.raises(PolicyError, match="'keyframe_evry' \\(did you mean 'keyframe_every'"):
+    with pytest.raises(PolicyError, match="'keyframe_evry' \\(did you mean 'keyframe_every'") as i:
         Policy.from_kwargs(None, {"keyframe_evry": 5})
+    assert isinstance(i.value, TypeError)  # like any unknown keyword argument
     with pytest.raises(PolicyError, match="did you mean 'chunk_bytes'"):
         Policy.from_dict({"chunk_byte": 4096})
     with pytest.raises(PolicyError, match="did you mean 'balanced'"):
