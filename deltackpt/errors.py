@@ -92,3 +92,8 @@ class BrokenChainError(IntegrityError):
 
 class DigestMismatchError(IntegrityError):
     """A reconstructed tensor or chunk does not hash to the digest taken at save time."""
+
+
+class PolicyError(DeltaCkptError, ValueError):
+    """A write policy, rule or retention option has the wrong type or an out-of-range value;
+    the message names the option, the value given and what is accepted."""

@@ -4,22 +4,30 @@ whole checkpoint folders (a Hugging Face ``checkpoint-N`` directory).
 Export of ``.safetensors`` keeps the whole state: tensors are stored under their state paths and
 the state tree (plain values, nesting, key types) rides in the header metadata, so importing the
 file back restores the identical state. A plain safetensors file (no deltackpt tree) that was
-imported comes back as a plain file with its original header metadata. Import of ``.pt`` uses
-``torch.load(weights_only=True)``, which refuses pickled code.
+imported comes back as a plain file with its original header metadata. Export of ``.pt``
+writes only what ``torch.load(weights_only=True)`` loads: each other value (numpy arrays and
+scalars, generators, ...) becomes a marker dict (:func:`encode_pt`) that import turns back into
+the value (:func:`decode_pt`). Import of ``.pt`` uses ``torch.load(weights_only=True)``, which
+refuses pickled code.
 
 A *folder state* (:func:`read_folder`) holds every file of a directory: safetensors files as
 their tensors and header metadata, ``weights_only``-loadable torch files as the loaded value,
 small UTF-8 text (JSON, txt, ...) as text and anything else as raw bytes (a uint8 tensor, never
 unpickled). Tensors keep stable paths from one checkpoint to the next, so consecutive folders
 store as deltas. :func:`write_folder` writes the folder back; text and raw files come back
-byte-identical, torch and safetensors files load to identical values (and in practice are
-byte-identical too: each file records its size and xxh3-128 digest, and the writer reports
-which files matched). Exceptions: torch files come back with CPU tensors (a file saved from CUDA
-tensors differs in bytes), and safetensors writes header metadata of several keys in hash order.
+byte-identical, torch and safetensors files load to identical values (each file records its
+size and xxh3-128 digest, and the writer reports which files matched byte for byte). A torch
+file is byte-identical when this torch's ``torch.save`` defaults wrote it from CPU tensors that
+each own their whole storage or share it whole with other tensor objects (tied weights in a
+``state_dict()``); not when one tensor object appears twice, a tensor views part of a larger
+storage, or it held CUDA tensors. Safetensors writes header metadata of several keys in hash
+order.
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -32,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xxhash
 
+from .dtypes import TORCH_DTYPES, numpy_type
 from .errors import DeltaCkptError, DigestMismatchError, UnsupportedValueError
 from .tree import flatten, unflatten
 
@@ -83,9 +92,215 @@ def export_state(state: Any, path: str, step: int | None = None, *,
         else:
             _export_safetensors(state, path, step)
     elif fmt == "pt":
-        torch.save(state, path)
+        torch.save(encode_pt(state), path)
     else:
         raise DeltaCkptError(f"unknown export format {fmt!r} for a file (pt or safetensors)")
+
+
+# ------------------------------------------------------------------- .pt marker encoding
+#: key of a *marker* dict in an exported ``.pt`` file: it stands for a value that
+#: ``torch.load(weights_only=True)`` cannot load (spec/FORMAT.md, "File exports")
+PT_MARKER = "__deltackpt__"
+#: ints wider than this pickle as LONG4, which the weights-only unpickler refuses
+_PT_INT_BITS = 2000
+#: key types pickle stores natively and the weights-only unpickler loads
+_PT_KEY_TYPES = (str, int, bool, float, type(None), bytes, complex, torch.dtype, torch.device)
+
+
+def _pt_native_key(k: Any) -> bool:
+    t = type(k)
+    if t is tuple or t is torch.Size:
+        return all(_pt_native_key(x) for x in k)
+    return t in _PT_KEY_TYPES and not (t is int and k.bit_length() > _PT_INT_BITS) \
+        and not (t is bytes and not k)
+
+
+@functools.lru_cache(maxsize=None)
+def _pt_tensor_loads(dtype: torch.dtype, requires_grad: bool, parameter: bool) -> bool:
+    """Whether torch saves such a tensor and loads it back with ``weights_only=True`` (it
+    cannot save the sub-byte ints, nor load several non-float32/64 types requiring grad)."""
+    import io
+
+    try:
+        t = torch.zeros(1, dtype=torch.uint8).view(dtype) if dtype.itemsize == 1 \
+            else torch.zeros(dtype.itemsize, dtype=torch.uint8).view(dtype)
+        t = torch.nn.Parameter(t, requires_grad) if parameter else t.requires_grad_(
+            requires_grad)
+        buf = io.BytesIO()
+        torch.save(t, buf)
+        buf.seek(0)
+        torch.load(buf, weights_only=True)
+    except Exception:  # noqa: BLE001 - any failure: this kind of tensor needs a marker
+        return False
+    return True
+
+
+def encode_pt(state: Any) -> Any:
+    """``state`` with every value ``torch.load(weights_only=True)`` refuses replaced by a marker
+    dict (numpy arrays and scalars, ``torch.Generator``, huge ints, dicts whose keys need one
+    or that hold the marker key); everything else, tensors included, is kept as it is."""
+    memo: dict[int, Any] = {}  # one marker per object, so pickle keeps arrays shared
+
+    def enc(v: Any) -> Any:
+        t = type(v)
+        if t is dict or t is OrderedDict:
+            if all(_pt_native_key(k) for k in v) and PT_MARKER not in v:
+                out = t((k, enc(x)) for k, x in v.items())
+            else:
+                out = {PT_MARKER: "dict" if t is dict else "odict",
+                       "items": [[enc(k), enc(x)] for k, x in v.items()]}
+            meta = getattr(v, "_metadata", None) if t is OrderedDict else None
+            if meta is not None:
+                if PT_MARKER in out:
+                    out["metadata"] = enc(meta)
+                else:
+                    out._metadata = enc(meta)  # type: ignore[union-attr]
+            return out
+        if t is list:
+            return [enc(x) for x in v]
+        if t is tuple:
+            return tuple(enc(x) for x in v)
+        if (t is torch.Tensor or t is torch.nn.Parameter) \
+                and not _pt_tensor_loads(v.dtype, v.requires_grad, t is torch.nn.Parameter):
+            flat = v.detach().cpu().contiguous().reshape(-1)
+            return {PT_MARKER: "tensor", "dtype": str(v.dtype).removeprefix("torch."),
+                    "shape": tuple(v.shape), "data": flat.view(torch.uint8).clone(),
+                    "requires_grad": v.requires_grad, "parameter": t is torch.nn.Parameter}
+        if t is int and v.bit_length() > _PT_INT_BITS:
+            return {PT_MARKER: "int", "hex": hex(v)}
+        if t is bytes and not v:  # pickled as a call of builtins.bytes, which is refused
+            return {PT_MARKER: "bytes"}
+        if t is np.ndarray or t is torch.Generator or isinstance(v, np.generic):
+            if id(v) not in memo:
+                memo[id(v)] = (v, _pt_marker(v))  # (v,): keeps the id from being reused
+            return memo[id(v)][1]
+        return v
+
+    return enc(state)
+
+
+def _pt_marker(v: np.ndarray | np.generic | torch.Generator) -> dict[str, Any]:
+    if isinstance(v, torch.Generator):
+        return {PT_MARKER: "generator", "device": str(v.device), "state": v.get_state()}
+    if isinstance(v, np.generic):
+        return {PT_MARKER: "npscalar", "dtype": v.dtype.str, "data": v.tobytes()}
+    flat = np.ascontiguousarray(v).reshape(-1)
+    data: torch.Tensor | None = None
+    if v.dtype.isnative and v.dtype.kind in "biufc":  # a typed tensor where torch has the type
+        try:
+            data = torch.from_numpy(flat.copy())
+        except TypeError:
+            data = None
+    if data is None:
+        data = torch.from_numpy(flat.view(np.uint8).copy())
+    return {PT_MARKER: "ndarray", "dtype": v.dtype.str, "shape": tuple(v.shape),
+            "data": data}
+
+
+def decode_pt(value: Any, source: str = "") -> Any:
+    """Undo :func:`encode_pt` on what ``torch.load(weights_only=True)`` returned; a malformed
+    marker raises :class:`UnsupportedValueError` naming its path in the file ``source``."""
+    memo: dict[int, Any] = {}
+
+    def dec(v: Any, path: str) -> Any:
+        t = type(v)
+        if t is dict and PT_MARKER in v:
+            if id(v) not in memo:
+                memo[id(v)] = (v, _decode_marker(v, path, dec))
+            return memo[id(v)][1]
+        if t is dict or t is OrderedDict:
+            out = t((k, dec(x, _join(path, k))) for k, x in v.items())
+            meta = getattr(v, "_metadata", None)
+            if meta is not None:
+                out._metadata = dec(meta, _join(path, "<_metadata>"))  # type: ignore
+            return out
+        if t is list or t is tuple:
+            return t(dec(x, _join(path, i)) for i, x in enumerate(v))
+        return v
+
+    try:
+        return dec(value, "")
+    except UnsupportedValueError as exc:
+        raise UnsupportedValueError(f"{source}: {exc}" if source else str(exc),
+                                    path=exc.path) from None
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}/{key}" if path else str(key)
+
+
+def _decode_marker(m: dict[str, Any], path: str, dec: Any) -> Any:
+    kind = m.get(PT_MARKER)
+    try:
+        if kind in ("dict", "odict"):
+            out: dict[Any, Any] = {} if kind == "dict" else OrderedDict()
+            for i, pair in enumerate(m["items"]):
+                if type(pair) is not list or len(pair) != 2:
+                    raise ValueError("an item is not a [key, value] pair")
+                key = dec(pair[0], _join(path, f"<key {i}>"))
+                out[key] = dec(pair[1], _join(path, key))
+            if m.get("metadata") is not None and kind == "odict":
+                out._metadata = dec(m["metadata"], _join(path, "<_metadata>"))  # type: ignore
+            return out
+        if kind == "tensor":
+            name = _typed(m["dtype"], str)
+            if name not in TORCH_DTYPES:
+                raise ValueError(f"unknown torch dtype {name!r}")
+            dtype = TORCH_DTYPES[name]
+            shape = tuple(_typed(d, int) for d in _typed(m["shape"], tuple))
+            data = _typed(m["data"], torch.Tensor)
+            if data.dtype != torch.uint8 or any(d < 0 for d in shape) \
+                    or data.numel() != dtype.itemsize * math.prod(shape):
+                raise ValueError(f"{data.numel()} bytes for a {name} tensor of shape {shape}")
+            t = data.contiguous().view(dtype).reshape(shape)
+            if _typed(m["parameter"], bool):
+                return torch.nn.Parameter(t, _typed(m["requires_grad"], bool))
+            return t.requires_grad_(_typed(m["requires_grad"], bool))
+        if kind == "bytes":
+            return b""
+        if kind == "int":
+            return int(_typed(m["hex"], str), 16)
+        if kind == "npscalar":
+            dt = _np_dtype(m["dtype"])
+            raw = _typed(m["data"], bytes)
+            if len(raw) != dt.itemsize:
+                raise ValueError(f"{len(raw)} bytes for a {dt} scalar")
+            return np.frombuffer(raw, dtype=dt)[0].copy()
+        if kind == "ndarray":
+            dt = _np_dtype(m["dtype"])
+            shape = tuple(_typed(d, int) for d in _typed(m["shape"], tuple))
+            data = _typed(m["data"], torch.Tensor)
+            raw = data.detach().cpu().contiguous().numpy().tobytes()
+            if any(d < 0 for d in shape) or len(raw) != dt.itemsize * math.prod(shape):
+                raise ValueError(f"{len(raw)} bytes for a {dt} array of shape {shape}")
+            return np.frombuffer(raw, dtype=dt).reshape(shape).copy()
+        if kind == "generator":
+            device = torch.device(_typed(m["device"], str))
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise UnsupportedValueError("a CUDA torch.Generator was exported but CUDA is "
+                                            "not available here", path=path)
+            g = torch.Generator(device=device)
+            g.set_state(_typed(m["state"], torch.Tensor))
+            return g
+    except UnsupportedValueError as exc:
+        raise UnsupportedValueError(str(exc), path=exc.path if exc.path is not None else path
+                                    ) from None
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise UnsupportedValueError(f"malformed deltackpt {kind!r} marker ({exc!r})",
+                                    path=path) from None
+    raise UnsupportedValueError(f"unknown deltackpt marker kind {kind!r}", path=path)
+
+
+def _typed(v: Any, t: type) -> Any:
+    if type(v) is not t:
+        raise TypeError(f"expected {t.__name__}, got {type(v).__name__}")
+    return v
+
+
+def _np_dtype(name: Any) -> np.dtype:
+    dt = np.dtype(_typed(name, str))
+    numpy_type(dt)  # refuses object, structured and platform-specific dtypes
+    return dt
 
 
 def _is_flat_tensor_dict(state: Any) -> bool:
@@ -109,31 +324,79 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: str,
         raise UnsupportedValueError(f"safetensors cannot store this state: {exc}") from None
 
 
+def _safetensors_dtypes() -> set[torch.dtype]:
+    from safetensors.torch import _TYPES  # the dtypes this safetensors version can hold
+
+    return set(_TYPES.values())
+
+
 def _export_safetensors(state: Any, path: str, step: int | None) -> None:
     from safetensors.torch import save_file
 
     tree, leaves = flatten(state)
+    supported = _safetensors_dtypes()
     tensors: dict[str, torch.Tensor] = {}
-    kinds = []
+    kinds: list[list[Any]] = []
     for leaf in leaves:
         v = leaf.value
         if isinstance(v, np.ndarray):
-            if v.dtype.kind in "mM":
-                raise UnsupportedValueError("safetensors cannot hold datetime arrays",
-                                            path=leaf.path)
-            v = torch.from_numpy(np.ascontiguousarray(v).astype(v.dtype.newbyteorder("<")))
-            kinds.append(["numpy", leaf.path])
+            # [kind, name, numpy dtype, shape]: a typed tensor where safetensors has the type,
+            # else the raw bytes (big-endian, datetime, ...), so the array comes back exactly
+            flat = np.ascontiguousarray(v).reshape(-1)
+            t = None
+            if v.dtype.isnative and v.dtype.kind in "biufc":
+                try:
+                    t = torch.from_numpy(flat.copy())
+                except TypeError:
+                    t = None
+            if t is None or t.dtype not in supported:
+                t = torch.from_numpy(flat.view(np.uint8).copy())
+            kinds.append(["numpy", leaf.path, v.dtype.str, list(v.shape)])
         else:
-            kinds.append(["torch", leaf.path])
-        # safetensors refuses tensors sharing memory; copies are fine, the tree re-ties them
-        tensors[leaf.path] = v.detach().cpu().contiguous().clone()
+            if v.dtype not in supported:
+                raise UnsupportedValueError(
+                    f"safetensors cannot hold {v.dtype} tensors; export this step as .pt "
+                    "(format 'pt'), which holds every dtype", step=step, path=leaf.path)
+            kinds.append(["torch", leaf.path, {"parameter": type(v) is torch.nn.Parameter,
+                                               "requires_grad": v.requires_grad}])
+            # safetensors refuses tensors sharing memory; copies are fine, the tree re-ties them
+            t = v.detach().cpu().resolve_conj().resolve_neg().contiguous().clone()
+        tensors[leaf.path] = t
     meta = {_TREE_KEY: json.dumps(tree), _LEAVES_KEY: json.dumps(kinds), "format": "pt"}
     if step is not None:
         meta["deltackpt.step"] = str(step)
     try:
         save_file(tensors, path, metadata=meta)
     except (ValueError, TypeError, KeyError) as exc:
-        raise UnsupportedValueError(f"safetensors cannot store this state: {exc}") from None
+        raise UnsupportedValueError(f"safetensors cannot store this state: {exc}; export it "
+                                    "as .pt (format 'pt')", step=step) from None
+
+
+def _safetensors_leaf(kind: Any, tensors: dict[str, torch.Tensor], source: str) -> Any:
+    """One leaf of a deltackpt safetensors export, as its ``kinds`` entry describes it."""
+    try:
+        tag, name, *extra = kind
+        t = tensors[name]
+        if tag == "numpy":
+            if not extra:  # written before dtype and shape were recorded
+                return t.numpy()
+            dt = _np_dtype(extra[0])
+            shape = tuple(_typed(d, int) for d in _typed(extra[1], list))
+            raw = t.contiguous().numpy().tobytes()
+            if any(d < 0 for d in shape) or len(raw) != dt.itemsize * math.prod(shape):
+                raise ValueError(f"{len(raw)} bytes for a {dt} array of shape {shape}")
+            return np.frombuffer(raw, dtype=dt).reshape(shape).copy()
+        if tag == "torch":
+            flags = _typed(extra[0], dict) if extra else {}
+            if flags.get("parameter"):
+                return torch.nn.Parameter(t, requires_grad=bool(flags.get("requires_grad")))
+            return t.requires_grad_(True) if flags.get("requires_grad") else t
+        raise ValueError(f"unknown leaf kind {tag!r}")
+    except UnsupportedValueError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise UnsupportedValueError(f"{source}: malformed deltackpt leaf {kind!r} ({exc!r})"
+                                    ) from None
 
 
 def read_file(path: str) -> Any:
@@ -148,16 +411,16 @@ def read_file(path: str) -> Any:
         if _TREE_KEY not in meta or _LEAVES_KEY not in meta:
             return tensors
         kinds = json.loads(meta[_LEAVES_KEY])
-        leaves = [tensors[name].numpy() if kind == "numpy" else tensors[name]
-                  for kind, name in kinds]
+        leaves = [_safetensors_leaf(kind, tensors, path) for kind in kinds]
         return unflatten(json.loads(meta[_TREE_KEY]), leaves.__getitem__)
     if path.endswith(PT_SUFFIXES):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            value = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises UnpicklingError/RuntimeError variants
             raise UnsupportedValueError(
                 f"{path}: torch.load(weights_only=True) refused it ({exc}); deltackpt never "
                 "unpickles arbitrary objects") from None
+        return decode_pt(value, path)
     raise DeltaCkptError(f"{path}: not a .pt/.pth/.bin/.ckpt or .safetensors file")
 
 
@@ -312,16 +575,32 @@ class FolderReport:
         return [f.path for f in self.files if f.identical is False]
 
 
-def _safe_parts(rel: Any) -> list[str]:
+def _safe_parts(rel: Any, step: int | None = None) -> list[str]:
     if not isinstance(rel, str):
-        raise DeltaCkptError(f"folder entry name {rel!r} is not a string")
+        raise DeltaCkptError(f"folder entry name {rel!r} is not a string", step=step)
     parts = rel.split("/")
     if not rel or rel.startswith("/") or "\x00" in rel \
             or any(p in ("", ".", "..") for p in parts) \
             or any(os.sep in p or (os.altsep and os.altsep in p) for p in parts):
         raise DeltaCkptError(f"refusing to write folder entry {rel!r} (not a relative path "
-                             "inside the folder)")
+                             "inside the folder: empty, absolute, a '.', '..' or empty "
+                             "component, a NUL byte or a path separator)", step=step, path=rel)
     return parts
+
+
+def check_folder_names(names: Iterable[Any], step: int | None = None) -> None:
+    """Refuse a set of folder entry names that cannot all be written: one unsafe name (see
+    :func:`_safe_parts`), or a name that is also a directory of another (``a`` and ``a/b``).
+    Names that differ only in case are written as they are (they collide on a
+    case-insensitive file system)."""
+    files = {rel: _safe_parts(rel, step) for rel in names}
+    for rel, parts in files.items():
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in files:
+                raise DeltaCkptError(
+                    f"folder entries {parent!r} and {rel!r} cannot both be written: {parent!r} "
+                    f"is a file and {rel!r} needs it to be a directory", step=step, path=rel)
 
 
 def write_folder(state: Any, out_dir: str | os.PathLike[str], *, overwrite: bool = False,
@@ -336,6 +615,7 @@ def write_folder(state: Any, out_dir: str | os.PathLike[str], *, overwrite: bool
     if state[FOLDER_KEY] != FOLDER_VERSION:
         raise DeltaCkptError(f"folder state version {state[FOLDER_KEY]!r} is not supported "
                              f"(this deltackpt writes version {FOLDER_VERSION})", step=step)
+    check_folder_names(state["files"], step)  # before anything is written
     out = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
         raise DeltaCkptError(f"{out!r} exists and is not an empty directory (pass "
@@ -350,8 +630,7 @@ def write_folder(state: Any, out_dir: str | os.PathLike[str], *, overwrite: bool
     report = FolderReport(out)
     try:
         for rel, entry in state["files"].items():
-            parts = _safe_parts(rel)
-            dest = os.path.join(staging, *parts)
+            dest = os.path.join(staging, *_safe_parts(rel, step))
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             kind = _write_entry(entry, dest, rel, step)
             size, digest = file_digest(dest)
@@ -380,10 +659,10 @@ def _write_entry(entry: Any, dest: str, rel: str, step: int | None) -> str:
     if kind == "safetensors":
         _save_safetensors(entry["tensors"], dest, entry.get("metadata"))
     elif kind == "torch":
-        # the same file name (torch names its archive after it) and interned strings (pickle
-        # memoizes by identity: the original's keys are usually one interned object each), so
-        # that the bytes usually come back identical, not only the values
-        torch.save(_interned(entry["value"]), dest)
+        # the same file name (torch names its archive after it), interned strings and distinct
+        # tensor objects (pickle memoizes by identity: see _as_saved), so that the bytes come
+        # back identical, not only the values
+        torch.save(_as_saved(entry["value"], set()), dest)
     elif kind == "text":
         with open(dest, "wb") as f:
             f.write(entry["text"].encode("utf-8"))
@@ -398,19 +677,31 @@ def _write_entry(entry: Any, dest: str, rel: str, step: int | None) -> str:
     return kind
 
 
-def _interned(value: Any) -> Any:
-    """``value`` with every str (keys and values) interned; containers rebuilt, types kept."""
+def _as_saved(value: Any, seen: set[int]) -> Any:
+    """``value`` as the original file most likely held it, for pickle's identity memo: every
+    str interned (an original's keys are usually one interned object each) and every tensor
+    reached a second time replaced by a new tensor object on the same storage (a stored state
+    re-ties tensors sharing memory into one object, but ``state_dict()`` of tied weights such
+    as GPT-2's ``lm_head``/``wte`` held two). Containers are rebuilt, types kept."""
     t = type(value)
     if t is str:
         return sys.intern(value)
+    if t is torch.Tensor or t is torch.nn.Parameter:
+        if id(value) not in seen:
+            seen.add(id(value))
+            return value
+        twin = value.detach()
+        if t is torch.nn.Parameter:
+            return torch.nn.Parameter(twin, value.requires_grad)
+        return twin.requires_grad_(value.requires_grad)
     if t is list:
-        return [_interned(v) for v in value]
+        return [_as_saved(v, seen) for v in value]
     if t is tuple:
-        return tuple(_interned(v) for v in value)
+        return tuple(_as_saved(v, seen) for v in value)
     if t is dict or t is OrderedDict:
-        out = t((_interned(k), _interned(v)) for k, v in value.items())
+        out = t((_as_saved(k, seen), _as_saved(v, seen)) for k, v in value.items())
         if hasattr(value, "_metadata"):
-            out._metadata = _interned(value._metadata)  # type: ignore[union-attr]
+            out._metadata = _as_saved(value._metadata, seen)  # type: ignore[union-attr]
         return out
     return value
 

@@ -6,16 +6,60 @@ A :class:`Policy` is plain data: keyword arguments of :func:`deltackpt.open`, a 
 """
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
 from .codecs import get_codec
+from .errors import DeltaCkptError, PolicyError
 
 MiB = 1 << 20
 LOSSLESS = "lossless"
 DROP = "drop"
+PRESETS = ("lossless", "balanced", "archive")
+
+
+class UnknownOptionError(PolicyError, TypeError):
+    """An option name that does not exist; also a TypeError, like any unknown keyword."""
+
+
+def _refuse(owner: str, option: str, value: Any, accepted: str) -> PolicyError:
+    return PolicyError(f"{owner} option {option}={value!r} ({type(value).__name__}) is not "
+                       f"accepted: {accepted}")
+
+
+def check_int(owner: str, option: str, value: Any, lo: int | None = None,
+              hi: int | None = None) -> None:
+    """Refuse ``value`` unless it is an int (bool is not) in ``lo..hi`` (inclusive)."""
+    rng = (f" >= {lo}" if hi is None else f" in {lo}..{hi}") if lo is not None else ""
+    if type(value) is not int or (lo is not None and value < lo) \
+            or (hi is not None and value > hi):
+        raise _refuse(owner, option, value, f"an int{rng}")
+
+
+def check_choice(owner: str, option: str, value: Any, choices: Iterable[str]) -> None:
+    """Refuse ``value`` unless it is one of the strings ``choices``."""
+    choices = tuple(choices)
+    if type(value) is not str or value not in choices:
+        raise _refuse(owner, option, value, "one of " + ", ".join(map(repr, choices))
+                      + _did_you_mean(value, choices))
+
+
+def _did_you_mean(name: Any, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1) if isinstance(name, str) else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_options(owner: str, given: Iterable[Any], known: Iterable[str]) -> None:
+    known = sorted(known)
+    for name in given:
+        if name not in known:
+            raise UnknownOptionError(f"unknown {owner} option {name!r}"
+                                     f"{_did_you_mean(name, known)}; "
+                              f"known: {', '.join(known)}")
 
 
 @dataclass(frozen=True)
@@ -29,11 +73,28 @@ class Rule:
     codec: dict[str, Any] | list[dict[str, Any]] | str
 
     def __post_init__(self) -> None:
+        if type(self.pattern) is not str or not self.pattern:
+            raise _refuse("rule", "pattern", self.pattern, "a non-empty fnmatch pattern (str)")
         if self.codec in (LOSSLESS, DROP):
             return
-        for cfg in self.codec if isinstance(self.codec, list) else [self.codec]:
-            if not get_codec(cfg).uses_reference:  # type: ignore[arg-type]
-                raise ValueError(f"rule {self.pattern!r}: codec must be a delta codec")
+        owner = f"rule {self.pattern!r}"
+        accepted = ("a delta codec config (a dict with a str 'id', e.g. {'id': 'quant', "
+                    "'bits': 4}), a non-empty list of them, 'lossless' or 'drop'")
+        if type(self.codec) is list and self.codec:
+            configs = self.codec
+        elif type(self.codec) is dict:
+            configs = [self.codec]
+        else:
+            raise _refuse(owner, "codec", self.codec, accepted)
+        for cfg in configs:
+            if type(cfg) is not dict or type(cfg.get("id")) is not str:
+                raise _refuse(owner, "codec", self.codec, accepted)
+            try:
+                codec = get_codec(cfg)
+            except (DeltaCkptError, ValueError, TypeError, KeyError) as exc:
+                raise _refuse(owner, "codec", cfg, f"a valid codec config ({exc})") from None
+            if not codec.uses_reference:
+                raise _refuse(owner, "codec", cfg, "a delta codec (one that uses a reference)")
 
     def configs(self) -> list[dict[str, Any]]:
         if self.codec in (LOSSLESS, DROP):
@@ -84,30 +145,36 @@ class Policy:
     exact_every: int = 0
 
     def __post_init__(self) -> None:
-        codec = get_codec(self.codec)
+        """Check every option's type and range (bool is not an int here), so a bad value fails
+        now, naming the option, not deep inside a save."""
+        own = "policy"
+        lossless_codecs = "a registered lossless delta codec id such as 'xor' or 'diff'"
+        if type(self.codec) is not str:
+            raise _refuse(own, "codec", self.codec, lossless_codecs)
+        try:
+            codec = get_codec(self.codec)
+        except DeltaCkptError as exc:
+            raise _refuse(own, "codec", self.codec, f"{lossless_codecs} ({exc})") from None
         if not codec.uses_reference or not codec.lossless:
-            raise ValueError(f"policy codec must be a lossless delta codec, not {self.codec!r}")
-        if self.reference not in ("previous", "keyframe"):
-            raise ValueError("reference must be 'previous' or 'keyframe'")
-        if self.resume not in ("rebuild", "keyframe"):
-            raise ValueError("resume must be 'rebuild' or 'keyframe'")
-        if self.keyframe_every < 1:
-            raise ValueError("keyframe_every must be >= 1")
-        if not 64 <= self.chunk_bytes <= 1 << 30:
-            raise ValueError("chunk_bytes must be between 64 B and 1 GiB")
-        if not 1 <= self.zstd_level <= 22:
-            raise ValueError("zstd_level must be in 1..22")
-        if not 0 < self.delta_gain <= 1:
-            raise ValueError("delta_gain must be in (0, 1]")
-        if self.workers < 1:
-            raise ValueError("workers must be >= 1")
-        if self.async_buffers < 1:
-            raise ValueError("async_buffers must be >= 1")
-        if self.exact_every < 0:
-            raise ValueError("exact_every must be >= 0")
-        rules = tuple(r if isinstance(r, Rule) else Rule(**r) if isinstance(r, dict)
-                      else Rule(*r) for r in self.rules)
-        object.__setattr__(self, "rules", rules)
+            raise _refuse(own, "codec", self.codec, lossless_codecs)
+        check_choice(own, "reference", self.reference, ("previous", "keyframe"))
+        check_choice(own, "resume", self.resume, ("rebuild", "keyframe"))
+        check_int(own, "keyframe_every", self.keyframe_every, 1)
+        check_int(own, "chunk_bytes", self.chunk_bytes, 64, 1 << 30)
+        check_int(own, "zstd_level", self.zstd_level, 1, 22)
+        if type(self.delta_gain) not in (int, float) or not 0 < self.delta_gain <= 1:
+            raise _refuse(own, "delta_gain", self.delta_gain, "a float in (0, 1]")
+        check_int(own, "workers", self.workers, 1)
+        check_int(own, "max_pack_bytes", self.max_pack_bytes, 1)
+        check_int(own, "cache_bytes", self.cache_bytes, 0)
+        if type(self.fsync) is not bool:
+            raise _refuse(own, "fsync", self.fsync, "True or False")
+        check_int(own, "async_buffers", self.async_buffers, 1)
+        check_int(own, "exact_every", self.exact_every, 0)
+        if type(self.rules) not in (tuple, list):
+            raise _refuse(own, "rules", self.rules, "a tuple or list of Rule, "
+                          "{'pattern': ..., 'codec': ...} dicts or (pattern, codec) pairs")
+        object.__setattr__(self, "rules", tuple(_rule(r) for r in self.rules))
 
     @property
     def lossy(self) -> bool:
@@ -136,20 +203,38 @@ class Policy:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
         """Build a policy from JSON-style data (``rules`` as ``[{"pattern", "codec"}]``)."""
+        if type(d) is not dict:
+            raise _refuse("policy", "from_dict", d, "a dict of policy options")
         d = dict(d)
         base = preset(d.pop("preset")) if "preset" in d else cls()
-        if "rules" in d:
-            d["rules"] = tuple(Rule(**r) for r in d["rules"])
+        _check_options("policy", d, (f.name for f in fields(cls)))
         return replace(base, **d)
 
     @classmethod
     def from_kwargs(cls, policy: Policy | str | None, kwargs: dict[str, Any]) -> Policy:
+        """``policy`` (a Policy, a preset name or None for the defaults) with ``kwargs``
+        options replaced."""
+        if policy is not None and not isinstance(policy, (Policy, str)):
+            raise _refuse("repository", "policy", policy, "a Policy, a preset name ("
+                          + ", ".join(PRESETS) + ") or None")
         base = preset(policy) if isinstance(policy, str) else (policy or cls())
-        known = {f.name for f in fields(cls)}
-        unknown = set(kwargs) - known
-        if unknown:
-            raise TypeError(f"unknown policy option(s) {sorted(unknown)}; known: {sorted(known)}")
+        _check_options("policy", kwargs, (f.name for f in fields(cls)))
         return replace(base, **kwargs) if kwargs else base
+
+
+def _rule(r: Any) -> Rule:
+    """A Rule from a Rule, a ``{"pattern", "codec"}`` dict or a ``(pattern, codec)`` pair."""
+    if isinstance(r, Rule):
+        return r
+    if type(r) is dict:
+        _check_options("rule", r, ("pattern", "codec"))
+        if "pattern" not in r or "codec" not in r:
+            raise _refuse("policy", "rules", r, "a rule needs both 'pattern' and 'codec'")
+        return Rule(r["pattern"], r["codec"])
+    if type(r) in (tuple, list) and len(r) == 2:
+        return Rule(*r)
+    raise _refuse("policy", "rules", r, "each rule a Rule, a {'pattern', 'codec'} dict or a "
+                  "(pattern, codec) pair")
 
 
 #: optimizer moments of Adam-family optimizers, wherever they sit in the state
@@ -171,4 +256,5 @@ def preset(name: str) -> Policy:
         return Policy(keyframe_every=100, exact_every=0, rules=(
             Rule(_EXP_AVG_SQ, {"id": "quant", "bits": 4, "block": 256, "domain": "log"}),
             Rule("*", {"id": "quant", "bits": 4, "block": 256})))
-    raise ValueError(f"unknown policy preset {name!r}; known: lossless, balanced, archive")
+    raise _refuse("repository", "policy", name, "a Policy or a preset name: "
+                  + ", ".join(PRESETS) + _did_you_mean(name, PRESETS))

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from .policy import _refuse, check_choice, check_int
+
 
 @dataclass(frozen=True)
 class StepView:
@@ -30,12 +32,20 @@ class Retention(ABC):
         """The steps this policy keeps, out of ``steps`` (ascending)."""
 
     def __or__(self, other: Retention) -> Retention:
+        if not isinstance(other, Retention):
+            return NotImplemented
         return AnyOf((self, other))
 
 
 @dataclass(frozen=True)
 class AnyOf(Retention):
     policies: tuple[Retention, ...]
+
+    def __post_init__(self) -> None:
+        if type(self.policies) not in (tuple, list) \
+                or not all(isinstance(p, Retention) for p in self.policies):
+            raise _refuse("AnyOf", "policies", self.policies, "a tuple of retention policies")
+        object.__setattr__(self, "policies", tuple(self.policies))
 
     def keep(self, steps: Sequence[StepView]) -> set[int]:
         out: set[int] = set()
@@ -50,6 +60,9 @@ class KeepLast(Retention):
 
     n: int
 
+    def __post_init__(self) -> None:
+        check_int("KeepLast", "n", self.n, 0)
+
     def keep(self, steps: Sequence[StepView]) -> set[int]:
         return {s.step for s in steps[-self.n:]} if self.n > 0 else set()
 
@@ -61,8 +74,7 @@ class KeepEvery(Retention):
     m: int
 
     def __post_init__(self) -> None:
-        if self.m < 1:
-            raise ValueError("KeepEvery needs m >= 1")
+        check_int("KeepEvery", "m", self.m, 1)
 
     def keep(self, steps: Sequence[StepView]) -> set[int]:
         return {s.step for s in steps if s.step % self.m == 0}
@@ -75,6 +87,11 @@ class KeepSteps(Retention):
     steps: frozenset[int]
 
     def __init__(self, steps: Iterable[int]) -> None:
+        if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+            raise _refuse("KeepSteps", "steps", steps, "an iterable of ints")
+        steps = list(steps)
+        for s in steps:
+            check_int("KeepSteps", "steps", s)
         object.__setattr__(self, "steps", frozenset(steps))
 
     def keep(self, steps: Sequence[StepView]) -> set[int]:
@@ -90,6 +107,12 @@ class KeepBest(Retention):
     n: int = 1
     mode: str = "min"
 
+    def __post_init__(self) -> None:
+        if type(self.key) is not str or not self.key:
+            raise _refuse("KeepBest", "key", self.key, "a non-empty str (a meta key)")
+        check_int("KeepBest", "n", self.n, 1)
+        check_choice("KeepBest", "mode", self.mode, ("min", "max"))
+
     def keep(self, steps: Sequence[StepView]) -> set[int]:
         scored = [(float(s.meta[self.key]), s.step) for s in steps
                   if isinstance(s.meta.get(self.key), (int, float))
@@ -104,6 +127,10 @@ class KeepNewerThan(Retention):
     """Steps saved less than ``age`` ago."""
 
     age: timedelta
+
+    def __post_init__(self) -> None:
+        if type(self.age) is not timedelta:
+            raise _refuse("KeepNewerThan", "age", self.age, "a datetime.timedelta")
 
     def keep(self, steps: Sequence[StepView]) -> set[int]:
         cutoff = datetime.now(timezone.utc) - self.age
