@@ -392,11 +392,22 @@ def _size(path: str) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from .importer import import_checkpoints
 
-    def row(item) -> None:  # noqa: ANN001
-        print(f"step {item.step:>8}  {item.save_kind:8}  {human(item.source_bytes):>10} -> "
-              f"{human(item.stored_bytes):>10}  {item.source}", flush=True)
+    bar = _progress(args)
 
-    report = import_checkpoints(args.repo, args.sources, step=args.step, progress=row)
+    def row(item) -> None:  # noqa: ANN001
+        line = (f"step {item.step:>8}  {item.save_kind:8}  {human(item.source_bytes):>10} -> "
+                f"{human(item.stored_bytes):>10}  {item.source}")
+        if bar is not None and bar.bar is not None:
+            bar.bar.write(line, file=sys.stdout)  # above the bar, which stays at the bottom
+        else:
+            print(line, flush=True)
+
+    try:
+        report = import_checkpoints(args.repo, args.sources, step=args.step, progress=row,
+                                    ticks=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     if report.note:
         print(f"deltackpt: note: {report.note}", file=sys.stderr)
     if report.skipped:
@@ -488,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "directory of those")
     sp.add_argument("--step", type=int, help="step for a single checkpoint (default: from its "
                     "name, else by sorted name order)")
+    quiet_flag(sp)
     sp.set_defaults(fn=cmd_import)
     sp = add("diff", "per-tensor changes between two steps")
     sp.add_argument("a", type=int, help="the earlier step")

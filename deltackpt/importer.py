@@ -198,10 +198,12 @@ def load_source(src: Source) -> tuple[Any, dict[str, Any]]:
 def import_checkpoints(repo: Repository | str | os.PathLike[str],
                        paths: Sequence[str | os.PathLike[str]], *, step: int | None = None,
                        progress: Callable[[ImportedStep], None] | None = None,
+                       ticks: Callable[[str, int, int], None] | None = None,
                        **open_kwargs: Any) -> ImportReport:
     """Save every checkpoint found in ``paths`` as a step of ``repo`` (a repository or a path,
     created if missing; ``open_kwargs`` are policy options). Nothing is written when a step
-    already exists. ``progress`` is called after each step."""
+    already exists. ``progress`` is called with each step imported; ``ticks("import", done,
+    total)`` before the first and after each (as the other long operations report)."""
     sources, skipped = discover(paths)
     owned = not isinstance(repo, Repository)
     r = Repository(repo, "a", **open_kwargs) if owned else repo
@@ -213,7 +215,9 @@ def import_checkpoints(repo: Repository | str | os.PathLike[str],
             raise StepExistsError(f"steps {taken[:10]} are already in {r.path!r}; nothing was "
                                   "imported", step=taken[0])
         report = ImportReport(skipped=skipped, note=note)
-        for s, src in jobs:
+        if ticks is not None:
+            ticks("import", 0, len(jobs))
+        for done, (s, src) in enumerate(jobs, 1):
             state, meta = load_source(src)
             info = r.save(s, state, meta=meta)
             assert isinstance(info, SaveInfo)
@@ -221,6 +225,8 @@ def import_checkpoints(repo: Repository | str | os.PathLike[str],
             report.steps.append(item)
             if progress is not None:
                 progress(item)
+            if ticks is not None:
+                ticks("import", done, len(jobs))
             del state
         report.disk_bytes = r.disk_usage()["total"]
         return report

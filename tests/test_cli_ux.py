@@ -61,6 +61,29 @@ def test_progress_bar_on_a_terminal_only(repo_path, tmp_path, monkeypatch, capsy
     assert run() == ""
 
 
+def test_import_progress_bar_on_a_terminal_only(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        torch.save(_state(i), src / f"step_{i}.pt")
+    runs = iter(range(10))
+
+    def run(*extra: str) -> tuple[str, str]:
+        assert main(["import", str(tmp_path / f"repo{next(runs)}"), str(src), *extra]) == 0
+        got = capsys.readouterr()
+        return got.out, got.err
+
+    _tty(monkeypatch, True)
+    out, err = run()
+    assert "\rimport:" in err and "/3 [" in err         # a tqdm bar over the checkpoints
+    assert out.count("step ") == 3 and "imported 3 checkpoint(s)" in out
+    out, err = run("--quiet")
+    assert err == "" and out.count("step ") == 3
+    _tty(monkeypatch, False)
+    out, err = run()
+    assert err == "" and out.count("step ") == 3
+
+
 def test_library_progress_hook_reaches_the_end(repo_path):
     calls: list[tuple[str, int, int]] = []
     with deltackpt.open(repo_path, mode="r") as repo:
