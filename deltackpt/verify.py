@@ -170,7 +170,10 @@ def _verify_store(repo: Repository, report: VerifyReport) -> None:
             report.problems.append(Problem(None, None, "corrupt index",
                                            f"{index_name(pid)} names pack {named}"))
             continue
-        problems = scan_pack(backend, pid, entries)
+        try:
+            problems = scan_pack(backend, pid, entries)
+        except DeltaCkptError as exc:  # e.g. the pack is not a file
+            problems = [str(exc)]
         if problems and not backend.exists(index_name(pid)):
             continue  # the pack went with its index meanwhile (a writer's gc)
         for msg in problems:
