@@ -249,6 +249,8 @@ class _Unflattener:
                                    f"{len(node) - 1} fields, expected {_ARITY[tag] - 1}")
         try:
             return self._decode(tag, node, path, depth, whole)
+        except _Unavailable:
+            raise
         except (ValueError, TypeError, IndexError, KeyError, RuntimeError, struct.error) as exc:
             raise CorruptFileError(f"malformed {tag!r} node at {path or '<root>'!r}: {exc}") \
                 from None
@@ -293,14 +295,20 @@ class _Unflattener:
                 raise ValueError("torch.Size dimension does not fit in 64 bits")
             return torch.Size(dims)
         if tag == "generator":
-            device = torch.device(_str(node[1]))
+            device = generator_device(node[1])
             state = self.leaf(_index(node[2]))
             if self.dry:
                 return None
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise UnsupportedValueError("a CUDA torch.Generator was saved but CUDA is not "
-                                            "available here", path=path)
-            g = torch.Generator(device=device)
+            if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8
+                    and state.dim() == 1 and state.numel() <= MAX_GENERATOR_STATE):
+                raise ValueError(f"a torch.Generator's state must be a 1-D uint8 tensor of at "
+                                 f"most {MAX_GENERATOR_STATE} bytes")
+            try:
+                g = torch.Generator(device=device)
+            except RuntimeError as exc:  # a backend this torch build or machine lacks
+                raise _Unavailable(
+                    f"a torch.Generator of device {str(device)!r} was saved, but this machine "
+                    f"cannot create one ({str(exc).splitlines()[0]})", path=path) from None
             g.set_state(state)
             return g
         if tag in ("list", "tuple"):
@@ -338,6 +346,38 @@ class _Unflattener:
                                                            "odict", "generator"):
             raise ValueError(f"{node[0]!r} cannot be a dict key")
         return self.decode(node, path, MAX_DEPTH, True)
+
+
+class _Unavailable(UnsupportedValueError):
+    """A valid node this machine cannot rebuild (a generator of an absent backend): passes
+    through the enclosing nodes, which turn every other error into CorruptFileError, and
+    leaves :func:`unflatten` as a plain UnsupportedValueError."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message, path=path)
+        self.detail = message
+
+
+#: device types a torch.Generator can have (torch creates generators for the CPU and for
+#: accelerators only); a generator node naming another type (meta, lazy, ...) is corrupt
+GENERATOR_DEVICE_TYPES = frozenset({"cpu", "cuda", "mps", "xpu", "xla", "mtia", "hpu",
+                                    "privateuseone"})
+#: generator states are a few KiB (CPU: 5056 bytes): anything larger is not one
+MAX_GENERATOR_STATE = 1 << 16
+
+
+def generator_device(x: Any) -> torch.device:
+    """The device of a ``generator`` node: raises ValueError unless a torch.Generator can
+    have it (whether this machine can create one is decided when the node is decoded)."""
+    text = _str(x)
+    kind = text.partition(":")[0]
+    if kind not in GENERATOR_DEVICE_TYPES \
+            and kind != torch._C._get_privateuse1_backend_name():  # a renamed backend
+        raise ValueError(f"a torch.Generator cannot be on device {text!r}")
+    try:
+        return torch.device(text)
+    except RuntimeError as exc:
+        raise ValueError(f"invalid device {text!r}: {str(exc).splitlines()[0]}") from None
 
 
 #: node length (tag included) of every tag a reader knows: anything longer or shorter is corrupt
@@ -378,7 +418,10 @@ def unflatten(node: Node, leaf: Callable[[int], Any],
     subtrees, and the containers leading to them, are rebuilt, and only their leaves requested.
     """
     whole, _ = _selected("", select)
-    return _Unflattener(leaf, select).decode(node, "", 0, whole)
+    try:
+        return _Unflattener(leaf, select).decode(node, "", 0, whole)
+    except _Unavailable as exc:
+        raise UnsupportedValueError(exc.detail, path=exc.path) from None
 
 
 def leaf_indices(node: Node, select: Sequence[str] | None = None) -> set[int]:
