@@ -85,18 +85,27 @@ class _Flattener:
 
     def _leaf_checked(self, value: torch.Tensor | np.ndarray, path: str) -> int:
         if isinstance(value, torch.Tensor):
+            if value.is_nested:
+                raise UnsupportedValueError(_NESTED, path=path)
             torch_type(value.dtype)  # refuses quantized dtypes early, with the path
             if value.layout != torch.strided:
                 raise UnsupportedValueError(f"{value.layout} tensors are not supported; "
                                             "call .to_dense() first", path=path)
             if value.is_meta:
-                raise UnsupportedValueError("meta tensors hold no data", path=path)
+                raise UnsupportedValueError("meta tensors hold no data; materialize them "
+                                            "(e.g. module.to_empty(device='cpu') and load "
+                                            "real weights) first", path=path)
             # same memory, dtype, geometry and flags: the same value (data_ptr includes the
             # storage offset; a Size is a tuple)
-            ident: Any = ("t", value.device, value.data_ptr(), value.dtype, value.shape,
-                          value.stride(), type(value), value.requires_grad, value.is_conj(),
-                          value.is_neg()) \
-                if value.numel() else ("id", id(value))
+            try:
+                ident: Any = ("t", value.device, value.data_ptr(), value.dtype, value.shape,
+                              value.stride(), type(value), value.requires_grad,
+                              value.is_conj(), value.is_neg()) \
+                    if value.numel() else ("id", id(value))
+            except (RuntimeError, NotImplementedError) as exc:  # no plain strided storage
+                raise UnsupportedValueError(
+                    f"this tensor has no plain strided storage to store ({exc}); store "
+                    "t.contiguous() or a dense copy", path=path) from None
         else:
             numpy_type(value.dtype)
             ident = ("n", value.__array_interface__["data"][0], value.dtype.str, value.shape,
@@ -119,9 +128,7 @@ class _Flattener:
             return ["str", v]
         if isinstance(v, torch.Tensor):
             if t not in (torch.Tensor, torch.nn.Parameter):
-                raise UnsupportedValueError(
-                    f"tensor subclass {t.__name__} cannot be restored without its class; "
-                    "store a plain tensor (e.g. t.full_tensor() for DTensor)", path=path)
+                raise UnsupportedValueError(_subclass_hint(v), path=path)
             return ["tensor", self._leaf(v, path)]
         if t is np.ndarray:
             return ["ndarray", self._leaf(v, path)]
@@ -206,6 +213,24 @@ class _Flattener:
         if type(k) is tuple:
             return ["tuple", [self.encode_key(x, path, depth + 1) for x in k]]
         return self.encode(k, path, MAX_DEPTH)
+
+
+_NESTED = ("nested tensors are not supported; store t.unbind() (a list of tensors) or "
+           "t.to_padded_tensor(0.0) and the lengths")
+
+
+def _subclass_hint(v: torch.Tensor) -> str:
+    """Why a tensor subclass is refused, and what to store instead."""
+    name = type(v).__name__
+    if name == "NestedTensor" or v.is_nested:
+        return _NESTED
+    if name == "FakeTensor":
+        return ("a FakeTensor (made under FakeTensorMode) holds no data; save real tensors")
+    if name == "DTensor":
+        return ("a DTensor cannot be restored without its device mesh; store t.full_tensor(), "
+                "or save sharded states through torch.distributed.checkpoint (README, DCP)")
+    return (f"tensor subclass {name} cannot be restored without its class; store a plain "
+            "tensor (t.as_subclass(torch.Tensor))")
 
 
 def _utf8(s: str, path: str) -> None:
