@@ -166,12 +166,7 @@ def _decode_tree(repo: Repository, s: int, m: Manifest, generators: list[int]) -
         buf = torch.empty(e.nbytes, dtype=torch.uint8)
         repo.reconstructor.tensor_into(s, e, buf.numpy())
         values[i] = repo._finish(buf, e, None)  # type: ignore[assignment]
-    try:
-        unflatten(m.tree, values.get)
-    except DeltaCkptError as exc:
-        if exc.step is not None:
-            raise
-        raise type(exc)(str(exc), step=s, path=exc.path, cause=exc.cause) from None
+    unflatten(m.tree, values.get)
 
 
 def _generator_leaves(tree: object) -> list[int]:

@@ -107,7 +107,7 @@ def _check_regular(fd: int, path: str) -> None:
     """Raise CorruptFileError unless ``fd`` is a regular file on a real file system."""
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         raise _not_a_file(path, "not a regular file")
-    fs = _PSEUDO_FS.get(_fs_type(fd))  # type: ignore[arg-type]
+    fs = _PSEUDO_FS.get(_fs_type(fd) or 0)
     if fs is not None:
         raise _not_a_file(path, f"a kernel pseudo-file ({fs})")
 
