@@ -55,6 +55,7 @@ KINDS: dict[str, tuple[Callable[[], torch.Tensor], str]] = {
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
 @pytest.mark.parametrize("blocking", [True, False])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_unstorable_tensor_kinds(tmp_path, kind, blocking):
