@@ -237,6 +237,12 @@ def _parse(doc: dict[str, Any], step: int | None) -> Manifest:
             raise TypeError("path and device must be strings")
         if type(t["requires_grad"]) is not bool or type(t["parameter"]) is not bool:
             raise TypeError("requires_grad and parameter must be booleans")
+        if t["kind"] != "torch" and (t["requires_grad"] or t["parameter"]):
+            raise ValueError(f"tensor {t['path']!r}: a numpy array is neither a Parameter nor "
+                             "requires grad")
+        if t["requires_grad"] and not etype.is_float:  # what torch allows a gradient on
+            raise ValueError(f"tensor {t['path']!r}: requires_grad on {etype.name} (only "
+                             "floating point and complex tensors can require gradients)")
         tensors.append(TensorEntry(
             path=t["path"], kind=t["kind"], dtype=t["dtype"], shape=shape, nbytes=nbytes,
             chunk_bytes=chunk_bytes, digest=_hex16(t["digest"]), chunks=chunks,

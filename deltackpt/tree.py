@@ -89,18 +89,27 @@ class _Flattener:
 
     def _leaf_checked(self, value: torch.Tensor | np.ndarray, path: str) -> int:
         if isinstance(value, torch.Tensor):
+            if value.is_nested:
+                raise UnsupportedValueError(_NESTED, path=path)
             torch_type(value.dtype)  # refuses quantized dtypes early, with the path
             if value.layout != torch.strided:
                 raise UnsupportedValueError(f"{value.layout} tensors are not supported; "
                                             "call .to_dense() first", path=path)
             if value.is_meta:
-                raise UnsupportedValueError("meta tensors hold no data", path=path)
+                raise UnsupportedValueError("meta tensors hold no data; materialize them "
+                                            "(e.g. module.to_empty(device='cpu') and load "
+                                            "real weights) first", path=path)
             # same memory, dtype, geometry and flags: the same value (data_ptr includes the
             # storage offset; a Size is a tuple)
-            ident: Any = ("t", value.device, value.data_ptr(), value.dtype, value.shape,
-                          value.stride(), type(value), value.requires_grad, value.is_conj(),
-                          value.is_neg()) \
-                if value.numel() else ("id", id(value))
+            try:
+                ident: Any = ("t", value.device, value.data_ptr(), value.dtype, value.shape,
+                              value.stride(), type(value), value.requires_grad,
+                              value.is_conj(), value.is_neg()) \
+                    if value.numel() else ("id", id(value))
+            except (RuntimeError, NotImplementedError) as exc:  # no plain strided storage
+                raise UnsupportedValueError(
+                    f"this tensor has no plain strided storage to store ({exc}); store "
+                    "t.contiguous() or a dense copy", path=path) from None
         else:
             numpy_type(value.dtype)
             ident = ("n", value.__array_interface__["data"][0], value.dtype.str, value.shape,
@@ -123,9 +132,7 @@ class _Flattener:
             return ["str", v]
         if isinstance(v, torch.Tensor):
             if t not in (torch.Tensor, torch.nn.Parameter):
-                raise UnsupportedValueError(
-                    f"tensor subclass {t.__name__} cannot be restored without its class; "
-                    "store a plain tensor (e.g. t.full_tensor() for DTensor)", path=path)
+                raise UnsupportedValueError(_subclass_hint(v), path=path)
             return ["tensor", self._leaf(v, path)]
         if t is np.ndarray:
             return ["ndarray", self._leaf(v, path)]
@@ -212,6 +219,24 @@ class _Flattener:
         return self.encode(k, path, MAX_DEPTH)
 
 
+_NESTED = ("nested tensors are not supported; store t.unbind() (a list of tensors) or "
+           "t.to_padded_tensor(0.0) and the lengths")
+
+
+def _subclass_hint(v: torch.Tensor) -> str:
+    """Why a tensor subclass is refused, and what to store instead."""
+    name = type(v).__name__
+    if name == "NestedTensor" or v.is_nested:
+        return _NESTED
+    if name == "FakeTensor":
+        return ("a FakeTensor (made under FakeTensorMode) holds no data; save real tensors")
+    if name == "DTensor":
+        return ("a DTensor cannot be restored without its device mesh; store t.full_tensor(), "
+                "or save sharded states through torch.distributed.checkpoint (README, DCP)")
+    return (f"tensor subclass {name} cannot be restored without its class; store a plain "
+            "tensor (t.as_subclass(torch.Tensor))")
+
+
 def _utf8(s: str, path: str) -> None:
     try:
         s.encode("utf-8")
@@ -254,6 +279,8 @@ class _Unflattener:
                                    f"{len(node) - 1} fields, expected {_ARITY[tag] - 1}")
         try:
             return self._decode(tag, node, path, depth, whole)
+        except _Unavailable:
+            raise
         except (ValueError, TypeError, IndexError, KeyError, RuntimeError, struct.error) as exc:
             raise CorruptFileError(f"malformed {tag!r} node at {path or '<root>'!r}: {exc}") \
                 from None
@@ -298,14 +325,20 @@ class _Unflattener:
                 raise ValueError("torch.Size dimension does not fit in 64 bits")
             return torch.Size(dims)
         if tag == "generator":
-            device = torch.device(_str(node[1]))
+            device = generator_device(node[1])
             state = self.leaf(_index(node[2]))
             if self.dry:
                 return None
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise UnsupportedValueError("a CUDA torch.Generator was saved but CUDA is not "
-                                            "available here", path=path)
-            g = torch.Generator(device=device)
+            if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8
+                    and state.dim() == 1 and state.numel() <= MAX_GENERATOR_STATE):
+                raise ValueError(f"a torch.Generator's state must be a 1-D uint8 tensor of at "
+                                 f"most {MAX_GENERATOR_STATE} bytes")
+            try:
+                g = torch.Generator(device=device)
+            except RuntimeError as exc:  # a backend this torch build or machine lacks
+                raise _Unavailable(
+                    f"a torch.Generator of device {str(device)!r} was saved, but this machine "
+                    f"cannot create one ({str(exc).splitlines()[0]})", path=path) from None
             g.set_state(state)
             return g
         if tag in ("list", "tuple"):
@@ -349,6 +382,38 @@ class _Unflattener:
         return self.decode(node, path, MAX_DEPTH, True)
 
 
+class _Unavailable(UnsupportedValueError):
+    """A valid node this machine cannot rebuild (a generator of an absent backend): passes
+    through the enclosing nodes, which turn every other error into CorruptFileError, and
+    leaves :func:`unflatten` as a plain UnsupportedValueError."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message, path=path)
+        self.detail = message
+
+
+#: device types a torch.Generator can have (torch creates generators for the CPU and for
+#: accelerators only); a generator node naming another type (meta, lazy, ...) is corrupt
+GENERATOR_DEVICE_TYPES = frozenset({"cpu", "cuda", "mps", "xpu", "xla", "mtia", "hpu",
+                                    "privateuseone"})
+#: generator states are a few KiB (CPU: 5056 bytes): anything larger is not one
+MAX_GENERATOR_STATE = 1 << 16
+
+
+def generator_device(x: Any) -> torch.device:
+    """The device of a ``generator`` node: raises ValueError unless a torch.Generator can
+    have it (whether this machine can create one is decided when the node is decoded)."""
+    text = _str(x)
+    kind = text.partition(":")[0]
+    if kind not in GENERATOR_DEVICE_TYPES \
+            and kind != torch._C._get_privateuse1_backend_name():  # a renamed backend
+        raise ValueError(f"a torch.Generator cannot be on device {text!r}")
+    try:
+        return torch.device(text)
+    except RuntimeError as exc:
+        raise ValueError(f"invalid device {text!r}: {str(exc).splitlines()[0]}") from None
+
+
 #: node length (tag included) of every tag a reader knows: anything longer or shorter is corrupt
 _ARITY = {"none": 1, "tensor": 2, "ndarray": 2, "bool": 2, "int": 2, "float": 2, "str": 2,
           "bytes": 2, "bytearray": 2, "complex": 3, "npscalar": 3, "dtype": 2, "device": 2,
@@ -387,7 +452,10 @@ def unflatten(node: Node, leaf: Callable[[int], Any],
     subtrees, and the containers leading to them, are rebuilt, and only their leaves requested.
     """
     whole, _ = _selected("", select)
-    return _Unflattener(leaf, select).decode(node, "", 0, whole)
+    try:
+        return _Unflattener(leaf, select).decode(node, "", 0, whole)
+    except _Unavailable as exc:
+        raise UnsupportedValueError(exc.detail, path=exc.path) from None
 
 
 def leaf_indices(node: Node, select: Sequence[str] | None = None,

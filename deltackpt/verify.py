@@ -2,8 +2,9 @@
 
 Checks, in order: every index file (checksum, bounds), every pack's framing against its index
 (when all steps are verified), every manifest (checksum, schema), and every tensor of every step
-rebuilt chunk by chunk against the digests taken at save time. Only one chunk chain is held in
-memory at a time, never a whole step.
+rebuilt chunk by chunk against the digests taken at save time, then the state tree decoded as
+``load()`` decodes it (torch.Generator states included), so a step verify passes loads. Only one
+chunk chain is held in memory at a time, never a whole step.
 """
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import DeltaCkptError, StepNotFoundError
-from .errors import CorruptFileError
+import torch
+
+from .errors import CorruptFileError, DeltaCkptError, StepNotFoundError, UnsupportedValueError
 from .store.packs import scan_pack
-from .tree import leaf_indices
+from .tree import MAX_GENERATOR_STATE, leaf_indices, unflatten
 
 if TYPE_CHECKING:
+    from .manifest import Manifest
     from .repository import Repository
 
 
@@ -40,6 +43,9 @@ class VerifyReport:
     #: steps that restore what the lossy decoder produced, not what was saved: step -> the
     #: worst recorded relative error (max |error| / max |value|) of its lossy tensors
     lossy_steps: dict[int, float] = field(default_factory=dict)
+    #: steps intact but not loadable on this machine, step -> why: a torch.Generator of a
+    #: device whose backend is absent here (load raises UnsupportedValueError; not damage)
+    unsupported: dict[int, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -89,6 +95,7 @@ def verify(repo: Repository, step: int | None = None, *,
         report.bytes += sub.bytes
         report.problems += sub.problems
         report.lossy_steps.update(sub.lossy_steps)
+        report.unsupported.update(sub.unsupported)
     repo.cache.clear()
     if progress is not None:
         progress("verify", len(steps), len(steps))
@@ -112,18 +119,24 @@ def _verify_step(repo: Repository, s: int, report: VerifyReport) -> None:
         return
     if not m.exact:
         report.lossy_steps[s] = m.max_rel_error
+    generators: list[int] | None = None
     try:
         wanted = leaf_indices(m.tree)
         if wanted and max(wanted) >= len(m.tensors):
             raise CorruptFileError("state tree refers to a tensor the manifest lacks",
                                    step=s)
-        for i in _generator_leaves(m.tree):
+        found = _generator_leaves(m.tree)
+        for i in found:  # the decoder's rule, checked before anything is rebuilt
             e = m.tensors[i]
-            if e.kind != "torch" or e.dtype != "uint8" or len(e.shape) != 1:
+            if e.kind != "torch" or e.dtype != "uint8" or len(e.shape) != 1 or e.dropped \
+                    or e.nbytes > MAX_GENERATOR_STATE:
                 raise CorruptFileError(f"state tree: a torch.Generator's state is tensor "
-                                       f"{e.path!r}, which is not a 1-D uint8 tensor", step=s)
+                                       f"{e.path!r}, which is not a 1-D uint8 tensor of at "
+                                       f"most {MAX_GENERATOR_STATE} bytes", step=s)
+        generators = found
     except DeltaCkptError as exc:
         report.add(exc, step=s)
+    damaged = set()
     for entry in m.tensors:
         if entry.dropped:
             continue
@@ -132,6 +145,7 @@ def _verify_step(repo: Repository, s: int, report: VerifyReport) -> None:
             repo.reconstructor.tensor_digest(s, entry)
             report.bytes += entry.nbytes
         except DeltaCkptError as exc:
+            damaged.add(entry.path)
             # the error names the step of the damaged link; say which step it breaks too
             if exc.step is not None and exc.step != s:
                 report.problems.append(Problem(s, entry.path, exc.cause,
@@ -139,6 +153,27 @@ def _verify_step(repo: Repository, s: int, report: VerifyReport) -> None:
                                                f"depends on a damaged entry: {exc}"))
             else:
                 report.add(exc, step=s, path=entry.path)
+    if generators is None or any(m.tensors[i].path in damaged for i in generators):
+        return  # already reported
+    try:
+        _decode_tree(repo, s, m, generators)
+    except UnsupportedValueError as exc:
+        report.unsupported[s] = str(exc)
+    except DeltaCkptError as exc:
+        report.add(exc, step=s)
+
+
+def _decode_tree(repo: Repository, s: int, m: Manifest, generators: list[int]) -> None:
+    """Decode the state tree as ``load()`` does, with the generator states rebuilt (every other
+    node's decoding does not look at the tensor it holds): whatever makes a load fail after
+    its tensors were rebuilt fails here too."""
+    values: dict[int, torch.Tensor] = {}
+    for i in generators:
+        e = m.tensors[i]
+        buf = torch.empty(e.nbytes, dtype=torch.uint8)
+        repo.reconstructor.tensor_into(s, e, buf.numpy())
+        values[i] = repo._finish(buf, e, None)  # type: ignore[assignment]
+    unflatten(m.tree, values.get)
 
 
 def _generator_leaves(tree: object) -> list[int]:
@@ -177,7 +212,10 @@ def _verify_store(repo: Repository, report: VerifyReport) -> None:
             report.problems.append(Problem(None, None, "corrupt index",
                                            f"{index_name(pid)} names pack {named}"))
             continue
-        problems = scan_pack(backend, pid, entries)
+        try:
+            problems = scan_pack(backend, pid, entries)
+        except DeltaCkptError as exc:  # e.g. the pack is not a file
+            problems = [str(exc)]
         if problems and not backend.exists(index_name(pid)):
             continue  # the pack went with its index meanwhile (a writer's gc)
         for msg in problems:

@@ -37,7 +37,7 @@ from deltackpt import checksum
 from deltackpt.codecs import get_codec
 from deltackpt.codecs._floats import is_float
 from deltackpt.dtypes import element_type
-from deltackpt.errors import DeltaCkptError
+from deltackpt.errors import DeltaCkptError, UnsupportedValueError
 from deltackpt.frame import decode_frame, encode_frame
 from deltackpt.manifest import Manifest
 from deltackpt.store.base import Backend
@@ -62,6 +62,7 @@ def rich_state(step: int) -> dict[str, Any]:
     od._metadata = {"": {"version": 1}}  # type: ignore[attr-defined]
     return {"model": {"w": w, "h": w[:32].to(torch.bfloat16), "od": od},
             "np": np.arange(12, dtype=np.float64) * step, "gen": g,
+            "u8": torch.arange(64, dtype=torch.uint8),  # 1-D uint8, not a generator state
             (1, "k"): [1.5, -0.0, float("nan"), complex(1, 2), b"\x00b", bytearray(b"x"),
                        None, True, 2**100, np.float32(3.0), torch.float16,
                        torch.device("cpu"), torch.Size([2, 3])],
@@ -157,6 +158,10 @@ def _mutate(doc: Any, data: st.DataObject, depth: int = 0) -> Any:
     if how == "number" and type(doc) is int:
         return data.draw(st.sampled_from([doc + 1, doc - 1, -doc, doc * 2**40, float(doc)]))
     return data.draw(NASTY_SCALARS)
+
+
+DEVICES = ["cpu", "cpu:0", "cpu:1", "meta", "lazy", "ipu", "cuda", "cuda:0", "cuda:9", "mps",
+           "xpu", "xla", "privateuseone", "npu:0", "cpu:x"]
 
 
 # ------------------------------------------------------------------------------- manifests
@@ -421,16 +426,48 @@ def test_fuzz_pack_scan(corpus, data):
 E2E = settings(FUZZ, max_examples=max(10, EXAMPLES // 4))
 
 
+def _find_generator(tree: Any) -> list[Any]:
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            if len(node) == 3 and node[0] == "generator":
+                return node
+            stack.extend(node)
+    raise AssertionError("the corpus state has a generator")
+
+
 @E2E
 @given(data=st.data())
 def test_fuzz_load_and_verify(corpus, tmp_path_factory, data):
     """A mutated manifest written into a copy of the repository: load and verify raise only
-    typed errors, and a load that succeeds returns what was saved unless the mutation only
-    touched what the manifest says about plain values (then it must still decode)."""
+    typed errors, and they agree: ``load(s)`` raises exactly when ``verify()`` reports step
+    ``s`` (or lists it as not loadable on this machine, when load's error is
+    UnsupportedValueError)."""
     step = data.draw(st.sampled_from([1, 2]))
     doc = copy.deepcopy(corpus["docs"][step])
-    doc["tensors"] = _mutate(doc["tensors"], data) if data.draw(st.booleans()) else \
-        doc["tensors"]
+    # start some mutations where load and verify used to disagree: the generator node (its
+    # device, its state's leaf) and a tensor entry's flags; the tree and the tensors otherwise
+    where = data.draw(st.sampled_from(["tensors", "tensor", "tree", "generator", "none"]))
+    if where == "tensors":
+        doc["tensors"] = _mutate(doc["tensors"], data)
+    elif where == "tensor":
+        t = data.draw(st.sampled_from(doc["tensors"]))
+        if data.draw(st.booleans()):
+            t[data.draw(st.sampled_from(["requires_grad", "parameter"]))] = True
+        else:
+            _mutate(t, data, 1)
+    elif where == "tree":
+        doc["tree"] = _mutate(doc["tree"], data)
+    elif where == "generator":
+        node = _find_generator(doc["tree"])
+        how = data.draw(st.sampled_from(["device", "state", "mutate"]))
+        if how == "device":
+            node[1] = data.draw(st.sampled_from(DEVICES))
+        elif how == "state":
+            node[2] = data.draw(st.integers(0, len(doc["tensors"]) - 1))
+        else:
+            _mutate(node, data, 1)
     for _ in range(data.draw(st.integers(0, 2))):
         doc = _mutate(doc, data)
     try:
@@ -443,10 +480,24 @@ def test_fuzz_load_and_verify(corpus, tmp_path_factory, data):
         f.write(raw)
     COUNTS["load + verify"] += 1
     with deltackpt.open(root, "r", workers=1) as repo:
-        for s in (step, 2):
-            only_typed(lambda s=s: repo.load(s))
+        failed: dict[int, DeltaCkptError | None] = {}
+        for s in sorted({step, 2}):
+            try:
+                repo.load(s)
+                failed[s] = None
+            except DeltaCkptError as exc:
+                failed[s] = exc
         report = only_typed(repo.verify)
         assert report is not None  # verify reports problems, it does not raise them
+        listed = set(repo.steps())
+    for s, exc in failed.items():
+        if s not in listed:
+            assert isinstance(exc, deltackpt.errors.StepNotFoundError), exc
+            continue
+        flagged = s in report.bad_steps or s in report.unsupported
+        assert flagged == (exc is not None), \
+            f"step {s}: load raised {exc!r}, verify: {report.problems} {report.unsupported}"
+        assert (s in report.unsupported) == isinstance(exc, UnsupportedValueError), (exc, report)
     shutil.rmtree(root)
 
 

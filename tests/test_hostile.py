@@ -340,6 +340,16 @@ def _tree_key_deep_tuple(doc: dict[str, Any]) -> None:
     doc["tree"] = ["dict", [[key, ["none"]]]]
 
 
+def _requires_grad(dtype: str, kind: str, parameter: bool) -> Callable[[dict[str, Any]], None]:
+    """Tensor ``n`` (int64 bytes) declared as a torch ``dtype`` tensor that requires grad."""
+    def fn(doc: dict[str, Any]) -> None:
+        t = tensor(doc, "n")
+        t.update(kind=kind, dtype=dtype, requires_grad=True, parameter=parameter)
+        if dtype == "bool":
+            t.update(shape=[t["nbytes"]], chunk_bytes=t["chunk_bytes"])
+    return fn
+
+
 def _chunks_dict(doc: dict[str, Any]) -> None:
     tensor(doc, "model/w")["chunks"] = {"0": 1}
 
@@ -462,6 +472,19 @@ MANIFEST_ATTACKS: dict[str, tuple[Callable[[str], None], tuple[type, ...], set[i
                           (CorruptFileError, BrokenChainError), {0}),
     "dropped a string": (edit(0, _tset("model/w", "dropped", "yes")),
                          (CorruptFileError, BrokenChainError), {0}),
+    # torch refuses requires_grad on anything but floating point and complex tensors: a load
+    # would fail in torch after every chunk was rebuilt, while verify said ok
+    "requires_grad on int64": (edit(0, _requires_grad("int64", "torch", parameter=False)),
+                               (CorruptFileError, BrokenChainError), {0}),
+    "Parameter requiring grad on int64": (edit(0, _requires_grad("int64", "torch",
+                                                                 parameter=True)),
+                                          (CorruptFileError, BrokenChainError), {0}),
+    "requires_grad on bool": (edit(0, _requires_grad("bool", "torch", parameter=False)),
+                              (CorruptFileError, BrokenChainError), {0}),
+    "requires_grad on numpy": (edit(0, _tset("n", "requires_grad", True)),
+                               (CorruptFileError, BrokenChainError), {0}),
+    "Parameter flag on numpy": (edit(0, _tset("n", "parameter", True)),
+                                (CorruptFileError, BrokenChainError), {0}),
 }
 
 
@@ -474,6 +497,23 @@ def test_manifest_attack(repo, outside, name):
     out = probe(repo)
     check(out, *expected, failed=failed)
     assert _listing(outside) == before
+
+
+def test_gradient_flags_torch_allows_still_load(tmp_path):
+    """The requires_grad check refuses only what torch refuses: float and complex tensors and
+    Parameters that require grad, and integer Parameters that do not, round-trip."""
+    state = {"f": torch.randn(4, requires_grad=True),
+             "c": torch.nn.Parameter(torch.randn(3, dtype=torch.complex64)),
+             "h": torch.nn.Parameter(torch.randn(3).to(torch.bfloat16)),
+             "i": torch.nn.Parameter(torch.arange(3), requires_grad=False)}
+    with deltackpt.open(tmp_path / "r", workers=1) as w:
+        w.save(0, state)
+    with deltackpt.open(tmp_path / "r", "r", workers=1) as r:
+        got = r.load(0)
+        assert r.verify().ok
+    for k, v in state.items():
+        assert type(got[k]) is type(v) and got[k].requires_grad == v.requires_grad, k
+        assert torch.equal(got[k].detach(), v.detach()), k
 
 
 def test_tensor_path_names_are_only_names(repo, outside):

@@ -1,14 +1,17 @@
 """A repository on a local (POSIX) file system: fsync + rename for atomicity, flock for locking."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
 import stat
+import sys
 import threading
 import uuid
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 
 from ..errors import CorruptFileError, LockedError
 from .base import Backend, Lock, Stream
@@ -25,22 +28,95 @@ def _noted(exc: OSError, what: str) -> OSError:
     return exc
 
 
-def _open_regular(path: str, flags: int = os.O_RDONLY) -> int:
-    """Open ``path`` for reading only if it is a regular file (following symlinks): a FIFO,
-    device or directory planted in a repository must not block or feed the reader forever."""
+#: ``statfs`` magic numbers of the kernel's pseudo file systems (linux/magic.h): their "regular
+#: files" (``/proc/self/mem``, ``/proc/kmsg``, sysfs attributes) report a size unrelated to what
+#: a read returns, may block, fail with EINVAL/EIO, or have side effects when read
+_PSEUDO_FS = {0x9FA0: "procfs", 0x62656572: "sysfs", 0x64626720: "debugfs",
+              0x74726163: "tracefs", 0x73636673: "securityfs", 0x27E0EB: "cgroupfs",
+              0x63677270: "cgroup2fs", 0xCAFE4A11: "bpffs", 0x62656570: "configfs",
+              0xDE5E81E4: "efivarfs", 0x6165676C: "pstorefs", 0x65735543: "fusectl",
+              0xF97CFF8C: "selinuxfs", 0x42494E4D: "binfmt_misc"}
+#: largest file :meth:`LocalBackend.read` returns whole (metadata files are far smaller)
+MAX_READ = 1 << 31
+#: errors a read of a genuine regular file does not give (a non-blocking read that would
+#: block, an unsupported offset or size): the file is something else posing as one
+_NOT_A_FILE_ERRNOS = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EINVAL, errno.ESPIPE}
+
+
+def _statfs_type() -> Callable[[int], int | None]:
+    """``fd -> f_type`` of its file system, where the platform tells (Linux), else ``None``."""
+    if not sys.platform.startswith("linux"):
+        return lambda fd: None
     try:
-        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+        libc = ctypes.CDLL(None, use_errno=True)
+        fstatfs = libc.fstatfs
+    except (OSError, AttributeError):  # pragma: no cover - a libc without fstatfs
+        return lambda fd: None
+    buf_type = ctypes.c_long * 32  # struct statfs: f_type (a word) first, under 120 bytes
+
+    def f_type(fd: int) -> int | None:
+        buf = buf_type()
+        if fstatfs(fd, buf) != 0:
+            return None
+        return buf[0] & 0xFFFFFFFF
+    return f_type
+
+
+_fs_type = _statfs_type()
+
+
+def _not_a_file(path: str, why: str) -> CorruptFileError:
+    return CorruptFileError(f"{path} is not a repository file: {why}", cause="not a regular file")
+
+
+def _open_regular(path: str, flags: int = os.O_RDONLY) -> int:
+    """Open ``path`` for reading only if it is a regular file on a real file system (following
+    symlinks): a FIFO, device, directory or kernel pseudo-file (``/proc``, ``/sys``) planted in
+    a repository must not block, fail oddly or feed the reader for ever."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except NotADirectoryError:  # a parent is a file: the file does not exist
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", path) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and flags & os.O_NOFOLLOW:
+            raise _not_a_file(path, "a symbolic link") from None
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR) or \
+                exc.errno in _NOT_A_FILE_ERRNOS:  # a symlink loop, a socket, a directory
+            raise _not_a_file(path, exc.strerror or str(exc)) from None
+        if exc.errno in (errno.EACCES, errno.EPERM) and hasattr(os, "O_PATH"):
+            # unreadable: a pseudo-file reserved to root (/proc/kmsg) is still not a
+            # repository file; a genuine file keeps its PermissionError
+            try:
+                probe = os.open(path, os.O_PATH | os.O_CLOEXEC | (flags & os.O_NOFOLLOW))
+            except OSError:
+                raise exc from None
+            try:
+                _check_regular(probe, path)
+            finally:
+                os.close(probe)
+        raise
     try:
-        mode = os.fstat(fd).st_mode
+        _check_regular(fd, path)
     except BaseException:
         os.close(fd)
         raise
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise CorruptFileError(f"{path} is not a regular file", cause="not a regular file")
     return fd
+
+
+def _check_regular(fd: int, path: str) -> None:
+    """Raise CorruptFileError unless ``fd`` is a regular file on a real file system."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise _not_a_file(path, "not a regular file")
+    fs = _PSEUDO_FS.get(_fs_type(fd) or 0)
+    if fs is not None:
+        raise _not_a_file(path, f"a kernel pseudo-file ({fs})")
+
+
+def _read_error(exc: OSError, path: str, what: str) -> Exception:
+    """A failed read: typed if no genuine regular file fails that way, else the I/O error."""
+    if exc.errno in _NOT_A_FILE_ERRNOS:
+        return _not_a_file(path, f"reading it fails with {exc.strerror or exc}")
+    return _noted(exc, what)
 
 
 def _fsync_dir(path: str, sync: bool = True) -> None:
@@ -168,8 +244,26 @@ class LocalBackend(Backend):
         return os.path.exists(self._path(name))
 
     def read(self, name: str) -> bytes:
-        with open(_open_regular(self._path(name)), "rb") as f:
-            return f.read()
+        """The whole file, as many bytes as ``fstat`` says it holds (a file whose reads return
+        more than its size is not a repository file; a short read returns what was there)."""
+        path = self._path(name)
+        fd = _open_regular(path)
+        try:
+            size = os.fstat(fd).st_size
+            if size > MAX_READ:
+                raise _not_a_file(path, f"implausibly large ({size} bytes)")
+            parts, left = [], size
+            while left:
+                part = os.read(fd, min(left, 1 << 26))
+                if not part:
+                    break
+                parts.append(part)
+                left -= len(part)
+            return b"".join(parts)
+        except OSError as exc:
+            raise _read_error(exc, path, f"reading {name!r} in {self.root!r} failed") from None
+        finally:
+            os.close(fd)
 
     def fingerprint(self, name: str) -> tuple[int, ...] | None:
         """(inode, device, size, mtime, ctime) of a file, None if absent: changes whenever the
@@ -199,7 +293,8 @@ class LocalBackend(Backend):
         try:
             return os.pread(fd, length, offset)
         except OSError as exc:
-            raise _noted(exc, f"reading {name!r} in {self.root!r} failed") from None
+            raise _read_error(exc, self._path(name),
+                              f"reading {name!r} in {self.root!r} failed") from None
 
     def size(self, name: str) -> int:
         return os.stat(self._path(name)).st_size
@@ -254,7 +349,9 @@ class LocalBackend(Backend):
     def lock(self, name: str, owner: str) -> Lock:
         path = self._path(name)
         makedirs_durable(os.path.dirname(path), self.fsync)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # the holder's text is written into the lock file: never through a symlink (a writer
+        # would truncate whatever it points to), never into a device, FIFO or pseudo-file
+        fd = _open_regular(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
