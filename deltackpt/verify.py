@@ -12,15 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from .errors import CorruptFileError, DeltaCkptError, StepNotFoundError, UnsupportedValueError
 from .store.packs import scan_pack
 from .tree import MAX_GENERATOR_STATE, leaf_indices, unflatten
 
 if TYPE_CHECKING:
+    import torch
+
     from .manifest import Manifest
     from .repository import Repository
+else:
+    from ._lazy import torch
 
 
 @dataclass(frozen=True)
