@@ -323,6 +323,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ok": report.ok, "steps": report.steps, "tensors": report.tensors,
                           "lossy_steps": report.lossy_steps,
+                          "unsupported": report.unsupported,
                           "bytes": report.bytes,
                           "problems": [p.__dict__ for p in report.problems],
                           "repaired": repaired,
@@ -351,6 +352,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(todo)
             if not args.repair and any(a.recoverable for a in todo.actions):
                 print(f"  run `deltackpt verify {args.repo} --repair` to recover them")
+    for s, why in sorted(report.unsupported.items()):  # intact, but not loadable here
+        print(f"note: step {s} is intact but cannot be loaded on this machine: {why}")
     return 0 if report.ok else 1
 
 

@@ -509,7 +509,10 @@ class Repository:
         if sel is not None:
             sel = [s.strip("/") for s in sel]
         matched: set[str] = set()
-        wanted = sorted(leaf_indices(m.tree, sel, matched))
+        try:
+            wanted = sorted(leaf_indices(m.tree, sel, matched))
+        except CorruptFileError as exc:
+            raise _with_step(exc, step) from None
         if sel is not None:
             missing = [s for s in sel if s and s not in matched]
             if missing:
@@ -580,7 +583,10 @@ class Repository:
             pass
         for i in wanted:
             values[i] = self._finish(values[i], m.tensors[i], map_location)  # type: ignore
-        return unflatten(m.tree, values.__getitem__, sel)
+        try:
+            return unflatten(m.tree, values.__getitem__, sel)
+        except (CorruptFileError, UnsupportedValueError) as exc:
+            raise _with_step(exc, step) from None
 
     @staticmethod
     def _allocate(entry: TensorEntry) -> tuple[torch.Tensor | np.ndarray, np.ndarray]:
@@ -1023,6 +1029,15 @@ def normalize_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
         checksum.dump({"meta": out})
     except (TypeError, ValueError) as exc:
         raise UnsupportedValueError(f"meta must be a JSON object: {exc}") from None
+    return out
+
+
+def _with_step(exc: DeltaCkptError, step: int) -> DeltaCkptError:
+    """``exc`` naming ``step`` (the state-tree decoder knows paths, not steps)."""
+    if exc.step is not None:
+        return exc
+    out = type(exc)(str(exc), step=step, cause=exc.cause)
+    out.path = exc.path
     return out
 
 

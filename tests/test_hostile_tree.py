@@ -69,11 +69,12 @@ def test_generator_on_a_device_no_generator_has(gen_repo, device):
     write_doc(gen_repo, 0, doc)
     err, report = _outcome(gen_repo)
     assert isinstance(err, CorruptFileError), err
+    assert err.step == 0 and str(err).startswith("[step 0]"), err   # load names the step
     _agree(err, report)
 
 
 @pytest.mark.parametrize("device", ["cuda:0", "mps", "xpu", "xla", "privateuseone"])
-def test_generator_of_a_backend_absent_here(gen_repo, device):
+def test_generator_of_a_backend_absent_here(gen_repo, device, capsys):
     """A repository written where that backend exists is intact: UnsupportedValueError naming
     the generator's path from load, and verify lists the step as not loadable here without
     calling it damaged."""
@@ -86,9 +87,12 @@ def test_generator_of_a_backend_absent_here(gen_repo, device):
     _generator_node(doc["tree"])[1] = device
     write_doc(gen_repo, 0, doc)
     err, report = _outcome(gen_repo)
-    assert isinstance(err, UnsupportedValueError) and err.path == "g", err
+    assert isinstance(err, UnsupportedValueError) and err.path == "g" and err.step == 0, err
     assert report.ok and device.split(":")[0] in report.unsupported[0]
     _agree(err, report)
+    from deltackpt.cli import main
+    assert main(["verify", gen_repo]) == 0
+    assert "note: step 0 is intact but cannot be loaded on this machine" in capsys.readouterr().out
 
 
 def _leaf(doc: dict[str, Any], path: str) -> int:
