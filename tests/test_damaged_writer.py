@@ -48,11 +48,17 @@ def _flip_manifest(root: str, step: int) -> None:
     _flip(path, os.path.getsize(path) // 2)
 
 
-def test_damaged_old_manifest_does_not_stop_saves_or_retention(tmp_path):
+def _saved(tmp_path: Any, steps: int) -> str:
+    """A repository holding steps ``0 .. steps - 1`` (one keyframe, then deltas)."""
     root = str(tmp_path / "r")
     with deltackpt.open(root, "a", **POLICY) as repo:
-        for s in range(4):
+        for s in range(steps):
             repo.save(s, state_for(s))
+    return root
+
+
+def test_damaged_old_manifest_does_not_stop_saves_or_retention(tmp_path):
+    root = _saved(tmp_path, 4)
     _flip_manifest(root, 1)
     with deltackpt.open(root, "r") as r:
         with pytest.raises(CorruptFileError):
@@ -86,10 +92,7 @@ def test_damaged_old_manifest_does_not_stop_saves_or_retention(tmp_path):
 def test_deleting_a_damaged_step_keeps_its_loadable_dependents(tmp_path):
     """Dependents whose chains pass through the damaged manifest were unloadable already;
     deleting the damaged step rebases what can be rebased and reports the rest."""
-    root = str(tmp_path / "r")
-    with deltackpt.open(root, "a", **POLICY) as repo:
-        for s in range(4):
-            repo.save(s, state_for(s))
+    root = _saved(tmp_path, 4)
     _flip_manifest(root, 2)  # 3 is a delta of 2
     with deltackpt.open(root, "a", **POLICY) as repo:
         with pytest.raises(IntegrityError):
@@ -107,10 +110,7 @@ def test_deleting_a_damaged_step_keeps_its_loadable_dependents(tmp_path):
 
 
 def test_gc_never_removes_packs_while_a_manifest_is_unreadable(tmp_path):
-    root = str(tmp_path / "r")
-    with deltackpt.open(root, "a", **POLICY) as repo:
-        for s in range(6):
-            repo.save(s, state_for(s))
+    root = _saved(tmp_path, 6)
     _flip_manifest(root, 3)
     with deltackpt.open(root, "a", **POLICY) as repo:
         before = sorted(os.listdir(os.path.join(root, "index")))
@@ -123,10 +123,8 @@ def test_gc_never_removes_packs_while_a_manifest_is_unreadable(tmp_path):
 
 @pytest.mark.parametrize("damage", ["pack", "manifest of its parent"])
 def test_damage_in_the_latest_step_starts_a_keyframe(tmp_path, damage):
-    root = str(tmp_path / "r")
-    with deltackpt.open(root, "a", **POLICY) as repo:
-        for s in range(4):
-            repo.save(s, state_for(s))
+    root = _saved(tmp_path, 4)
+    with deltackpt.open(root, "r") as repo:
         latest = repo.manifest(3)
         assert latest.kind == "delta"
     if damage == "pack":
