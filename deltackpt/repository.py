@@ -617,6 +617,8 @@ class Repository:
 
     def history(self) -> list[StepRecord]:
         """One record per committed step, from manifests only (no tensor data is read)."""
+        self._check_open()
+        self._barrier()
         out = []
         for s in self.steps():
             m = self.manifest(s)
@@ -645,11 +647,13 @@ class Repository:
     def diff(self, a: int, b: int) -> list[TensorDiff]:
         """Per-tensor report between steps ``a`` and ``b`` (see :mod:`deltackpt.diff`)."""
         self._check_open()
+        self._barrier()
         return diff_steps(self, a, b)
 
     def usage(self) -> list[StepUsage]:
         """Per-step logical, stored, unique and shared bytes, depth and dependents."""
         self._check_open()
+        self._barrier()
         return usage(self)
 
     def delete(self, *steps: int, repack_below: float = 0.0,
