@@ -7,6 +7,7 @@ A :class:`Policy` is plain data: keyword arguments of :func:`deltackpt.open`, a 
 from __future__ import annotations
 
 import difflib
+import numbers
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -32,12 +33,14 @@ def _refuse(owner: str, option: str, value: Any, accepted: str) -> PolicyError:
 
 
 def check_int(owner: str, option: str, value: Any, lo: int | None = None,
-              hi: int | None = None) -> None:
-    """Refuse ``value`` unless it is an int (bool is not) in ``lo..hi`` (inclusive)."""
+              hi: int | None = None) -> int:
+    """``value`` as an int, refused unless it is an integer (an int or a numpy integer; bool is
+    not) in ``lo..hi`` (inclusive)."""
     rng = (f" >= {lo}" if hi is None else f" in {lo}..{hi}") if lo is not None else ""
-    if type(value) is not int or (lo is not None and value < lo) \
-            or (hi is not None and value > hi):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or (lo is not None and value < lo) or (hi is not None and value > hi):
         raise _refuse(owner, option, value, f"an int{rng}")
+    return int(value)
 
 
 def check_choice(owner: str, option: str, value: Any, choices: Iterable[str]) -> None:
@@ -159,18 +162,15 @@ class Policy:
             raise _refuse(own, "codec", self.codec, lossless_codecs)
         check_choice(own, "reference", self.reference, ("previous", "keyframe"))
         check_choice(own, "resume", self.resume, ("rebuild", "keyframe"))
-        check_int(own, "keyframe_every", self.keyframe_every, 1)
-        check_int(own, "chunk_bytes", self.chunk_bytes, 64, 1 << 30)
-        check_int(own, "zstd_level", self.zstd_level, 1, 22)
+        for name, lo, hi in (("keyframe_every", 1, None), ("chunk_bytes", 64, 1 << 30),
+                             ("zstd_level", 1, 22), ("workers", 1, None),
+                             ("max_pack_bytes", 1, None), ("cache_bytes", 0, None),
+                             ("async_buffers", 1, None), ("exact_every", 0, None)):
+            object.__setattr__(self, name, check_int(own, name, getattr(self, name), lo, hi))
         if type(self.delta_gain) not in (int, float) or not 0 < self.delta_gain <= 1:
             raise _refuse(own, "delta_gain", self.delta_gain, "a float in (0, 1]")
-        check_int(own, "workers", self.workers, 1)
-        check_int(own, "max_pack_bytes", self.max_pack_bytes, 1)
-        check_int(own, "cache_bytes", self.cache_bytes, 0)
         if type(self.fsync) is not bool:
             raise _refuse(own, "fsync", self.fsync, "True or False")
-        check_int(own, "async_buffers", self.async_buffers, 1)
-        check_int(own, "exact_every", self.exact_every, 0)
         if type(self.rules) not in (tuple, list):
             raise _refuse(own, "rules", self.rules, "a tuple or list of Rule, "
                           "{'pattern': ..., 'codec': ...} dicts or (pattern, codec) pairs")

@@ -61,7 +61,7 @@ class KeepLast(Retention):
     n: int
 
     def __post_init__(self) -> None:
-        check_int("KeepLast", "n", self.n, 0)
+        object.__setattr__(self, "n", check_int("KeepLast", "n", self.n, 0))
 
     def keep(self, steps: Sequence[StepView]) -> set[int]:
         return {s.step for s in steps[-self.n:]} if self.n > 0 else set()
@@ -74,7 +74,7 @@ class KeepEvery(Retention):
     m: int
 
     def __post_init__(self) -> None:
-        check_int("KeepEvery", "m", self.m, 1)
+        object.__setattr__(self, "m", check_int("KeepEvery", "m", self.m, 1))
 
     def keep(self, steps: Sequence[StepView]) -> set[int]:
         return {s.step for s in steps if s.step % self.m == 0}
@@ -89,10 +89,8 @@ class KeepSteps(Retention):
     def __init__(self, steps: Iterable[int]) -> None:
         if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
             raise _refuse("KeepSteps", "steps", steps, "an iterable of ints")
-        steps = list(steps)
-        for s in steps:
-            check_int("KeepSteps", "steps", s)
-        object.__setattr__(self, "steps", frozenset(steps))
+        object.__setattr__(self, "steps",
+                           frozenset(check_int("KeepSteps", "steps", s) for s in steps))
 
     def keep(self, steps: Sequence[StepView]) -> set[int]:
         return {s.step for s in steps if s.step in self.steps}
@@ -110,7 +108,7 @@ class KeepBest(Retention):
     def __post_init__(self) -> None:
         if type(self.key) is not str or not self.key:
             raise _refuse("KeepBest", "key", self.key, "a non-empty str (a meta key)")
-        check_int("KeepBest", "n", self.n, 1)
+        object.__setattr__(self, "n", check_int("KeepBest", "n", self.n, 1))
         check_choice("KeepBest", "mode", self.mode, ("min", "max"))
 
     def keep(self, steps: Sequence[StepView]) -> set[int]:

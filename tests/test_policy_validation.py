@@ -131,3 +131,19 @@ def test_retention_or_with_a_non_policy_is_a_type_error() -> None:
         KeepLast(1) | 3  # type: ignore[operator]
     assert (KeepLast(1) | KeepEvery(2)).keep([]) == set()
     assert KeepNewerThan(timedelta(days=-1)).age < timedelta(0)
+
+
+def test_numpy_integers_are_ints():
+    """An option computed with numpy (``np.int64``) is an integer like any other, kept as int."""
+    import numpy as np
+
+    from deltackpt.policy import Policy
+    from deltackpt.retention import KeepEvery, KeepLast, KeepSteps
+
+    p = Policy(keyframe_every=np.int64(10), chunk_bytes=np.int32(1 << 20))
+    assert p.keyframe_every == 10 and type(p.keyframe_every) is int
+    assert type(p.chunk_bytes) is int
+    assert type(KeepLast(np.int64(3)).n) is int and type(KeepEvery(np.uint8(5)).m) is int
+    assert KeepSteps([np.int64(4)]).steps == frozenset({4})
+    with pytest.raises(PolicyError, match="keyframe_every"):
+        Policy(keyframe_every=np.bool_(True))
