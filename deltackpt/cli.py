@@ -231,9 +231,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     bar = _progress(args)
     with open_repo(args.repo, mode="r" if args.dry_run else "a") as repo:
         if retention is None and repo.retention is None:
-            print("no --keep-* option and no retention policy in the repository: deleting no "
-                  "steps, only packs nothing references, and repacking packs whose live share "
-                  f"is below {args.repack_below}", file=sys.stderr)
+            print("no --keep-* option: deleting no steps, only packs nothing references, and "
+                  f"repacking packs whose live share is below {args.repack_below}",
+                  file=sys.stderr)
         try:
             report = repo.gc(retention, dry_run=args.dry_run, repack_below=args.repack_below,
                              progress=bar)
@@ -510,10 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all", action="store_true", help="also list unchanged tensors")
     json_flag(sp, "every tensor's figures")
     sp.set_defaults(fn=cmd_diff)
-    sp = add("gc", "delete the steps the --keep-* options (or the repository's retention "
-             "policy) do not keep, rebasing their dependents; then delete packs nothing "
-             "references and repack sparse ones. Without any keep option or policy it deletes "
-             "no step")
+    sp = add("gc", "delete the steps the --keep-* options do not keep, rebasing their "
+             "dependents; then delete packs nothing references and repack sparse ones. Without "
+             "any keep option it deletes no step")
     sp.add_argument("--keep-last", type=_positive, metavar="N", help="keep the N latest steps")
     sp.add_argument("--keep-every", type=_positive, metavar="N",
                     help="keep steps that are multiples of N")
