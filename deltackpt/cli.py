@@ -104,11 +104,14 @@ def _dcp_note(path: str) -> str:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
+    damaged: dict[int, str] = {}
     with open_repo(args.repo, mode="r") as repo:
-        rows = repo.history()
+        rows = repo.history(unreadable=damaged)
     if args.json:
-        print(json.dumps([r.__dict__ for r in rows], indent=1))
-        return 0
+        print(json.dumps([r.__dict__ for r in rows]
+                         + [{"step": s, "unreadable": why} for s, why in damaged.items()],
+                         indent=1))
+        return 1 if damaged else 0
     lossy = any(not r.exact for r in rows)  # the fidelity column only where it says something
     print(fit(table(["step", "kind"] + ["fidelity"] * lossy + ["time (UTC)", "depth", "logical",
                     "saved", "ratio", "meta"],
@@ -118,9 +121,14 @@ def cmd_log(args: argparse.Namespace) -> int:
                         human(r.stored_bytes), _ratio(r.logical_bytes, r.stored_bytes),
                         _meta(r.meta)] for r in rows],
                     left=(0, 7 + lossy))))
+    for s, why in sorted(damaged.items()):
+        print(fit(f"step {s}: UNREADABLE manifest: {why}"), file=sys.stderr)
+    if damaged:
+        print(f"deltackpt: {len(damaged)} step(s) not listed; `deltackpt verify {args.repo}` "
+              "says what can be recovered", file=sys.stderr)
     if note := _dcp_note(args.repo):
         print(note)
-    return 0
+    return 1 if damaged else 0
 
 
 def cmd_du(args: argparse.Namespace) -> int:

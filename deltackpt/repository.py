@@ -615,13 +615,26 @@ class Repository:
             value.requires_grad_(True)
         return value
 
-    def history(self) -> list[StepRecord]:
-        """One record per committed step, from manifests only (no tensor data is read)."""
+    def history(self, unreadable: dict[int, str] | None = None) -> list[StepRecord]:
+        """One record per committed step, from manifests only (no tensor data is read).
+
+        A manifest that cannot be read raises, unless ``unreadable`` is given: then its step
+        is left out of the records and added there with the reason (a damaged repository's
+        other steps stay listable).
+        """
         self._check_open()
         self._barrier()
         out = []
         for s in self.steps():
-            m = self.manifest(s)
+            try:
+                m = self.manifest(s)
+            except StepNotFoundError:
+                continue  # deleted since the listing
+            except IntegrityError as exc:
+                if unreadable is None:
+                    raise
+                unreadable[s] = str(exc)
+                continue
             out.append(StepRecord(s, m.time, m.kind, m.keyframe, m.parent, m.depth,
                                   len(m.tensors), int(m.stats.get("logical_bytes", 0)),
                                   int(m.stats.get("stored_bytes", 0)), m.meta, m.exact,

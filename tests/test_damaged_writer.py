@@ -181,3 +181,20 @@ def test_meta_takes_numbers_from_a_training_loop(tmp_path):
         with pytest.raises(UnsupportedValueError, match="keys must be str"):
             repo.save(1, {"w": torch.ones(2)}, meta={1: 2})
         assert repo.steps() == [0]
+
+
+def test_log_lists_the_steps_around_an_unreadable_manifest(tmp_path, capsys):
+    from deltackpt.cli import main
+
+    root = _saved(tmp_path, 4)
+    _flip_manifest(root, 1)
+    with deltackpt.open(root, "r") as r:
+        with pytest.raises(CorruptFileError):
+            r.history()
+        damaged: dict[int, str] = {}
+        assert [h.step for h in r.history(unreadable=damaged)] == [0, 2, 3]
+        assert list(damaged) == [1] and "checksum" in damaged[1]
+    assert main(["log", root]) == 1                      # exit 1: something is damaged
+    out, err = capsys.readouterr()
+    assert [ln.split()[0] for ln in out.splitlines()[2:]] == ["0", "2", "3"]
+    assert "step 1: UNREADABLE manifest" in err and "deltackpt verify" in err
