@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (BrokenChainError, CodecError, CorruptChunkError, CorruptFileError,
                      DeltaCkptError, DeltaCkptWarning, DigestMismatchError, FormatVersionError,
-                     IntegrityError, SelectionError,
-                     LockedError, MissingChunkError, ReadOnlyError, RepositoryNotFoundError,
-                     StepExistsError, StepNotFoundError, UnsupportedValueError)
+                     IntegrityError, LockedError, MissingChunkError, PolicyError, ReadOnlyError,
+                     RepositoryNotFoundError, SelectionError, StepExistsError,
+                     StepNotFoundError, UnsupportedValueError)
 
 if TYPE_CHECKING:
     from .codecs import Codec, get_codec, register_codec
@@ -56,9 +56,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BrokenChainError", "Codec", "CodecError", "CorruptChunkError", "CorruptFileError",
-    "DeltaCkptError", "DeltaCkptWarning", "DigestMismatchError", "FormatVersionError", "IntegrityError",
-    "LockedError", "MissingChunkError", "Policy", "Problem", "ReadOnlyError", "Repository",
-    "RepositoryNotFoundError", "SaveInfo", "SelectionError", "StepExistsError", "StepNotFoundError",
-    "UnsupportedValueError", "VerifyReport", "get_codec", "open", "register_codec",
+    "DeltaCkptError", "DeltaCkptWarning", "DigestMismatchError", "FormatVersionError",
+    "IntegrityError", "LockedError", "MissingChunkError", "Policy", "PolicyError", "Problem",
+    "ReadOnlyError", "Repository", "RepositoryNotFoundError", "SaveInfo", "SelectionError",
+    "StepExistsError", "StepNotFoundError", "UnsupportedValueError", "VerifyReport", "get_codec", "open", "register_codec",
     "rng_state", "set_rng_state",
 ]
