@@ -198,3 +198,22 @@ def test_log_lists_the_steps_around_an_unreadable_manifest(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert [ln.split()[0] for ln in out.splitlines()[2:]] == ["0", "2", "3"]
     assert "step 1: UNREADABLE manifest" in err and "deltackpt verify" in err
+
+
+def test_delete_leaves_partly_live_packs_to_gc_unless_asked(tmp_path):
+    """Step 0's pack also holds a chunk every later step still names: deleting step 0 leaves
+    that pack (with its dead bytes) for gc, unless ``repack_below`` asks delete to repack."""
+    def state(s: int) -> dict[str, Any]:
+        return {"moving": torch.full((2048,), float(s)), "frozen": torch.arange(2048.0)}
+
+    for repack_below, repacked in ((0.0, 0), (1.0, 1)):
+        root = str(tmp_path / f"r{repack_below}")
+        with deltackpt.open(root, "a", **POLICY) as repo:
+            for s in range(3):
+                repo.save(s, state(s))
+            report = repo.delete(0, repack_below=repack_below)
+            assert report.deleted_steps == [0] and report.repacked_packs == repacked
+            gc_report = repo.gc(repack_below=1.0)
+            assert gc_report.repacked_packs == 1 - repacked     # gc repacks what delete left
+            for s in (1, 2):
+                assert_bitexact(repo.load(s), state(s))
