@@ -105,7 +105,8 @@ def test_deleting_a_damaged_step_keeps_its_loadable_dependents(tmp_path):
             assert_bitexact(repo.load(s), state_for(s))
         with pytest.raises(IntegrityError):
             repo.load(3)
-        repo.save(4, state_for(4))            # and the run goes on
+        with pytest.warns(DeltaCkptWarning, match="step 4 is saved as a keyframe"):
+            repo.save(4, state_for(4))        # and the run goes on (its reference is broken)
         assert_bitexact(repo.load(4), state_for(4))
 
 
@@ -114,8 +115,11 @@ def test_gc_never_removes_packs_while_a_manifest_is_unreadable(tmp_path):
     _flip_manifest(root, 3)
     with deltackpt.open(root, "a", **POLICY) as repo:
         before = sorted(os.listdir(os.path.join(root, "index")))
-        with pytest.warns(DeltaCkptWarning, match="cannot be read"):
+        with pytest.warns(DeltaCkptWarning) as warned:
             report = repo.gc(KeepLast(1), repack_below=1.0)
+        said = [str(w.message) for w in warned]
+        assert any("step 5 depends on a deleted step" in m for m in said), said  # 5->4->3
+        assert any("cannot be read, so no pack was removed" in m for m in said), said
         assert report.unreadable_steps == [3]
         assert report.deleted_packs == 0 and report.repacked_packs == 0
         assert sorted(os.listdir(os.path.join(root, "index"))) == before
