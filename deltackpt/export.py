@@ -25,6 +25,7 @@ order.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -32,8 +33,10 @@ import os
 import re
 import shutil
 import sys
+import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -86,15 +89,33 @@ def export_state(state: Any, path: str, step: int | None = None, *,
     if is_folder_state(state):
         raise DeltaCkptError("this step holds a whole folder: export it with format "
                              "'hf-folder' (a directory)", step=step)
-    if fmt == "safetensors":
-        if plain_safetensors is not None and _is_flat_tensor_dict(state):
-            _save_safetensors(state, path, plain_safetensors.get("metadata"))
-        else:
-            _export_safetensors(state, path, step)
-    elif fmt == "pt":
-        torch.save(encode_pt(state), path)
-    else:
+    if fmt not in ("safetensors", "pt"):
         raise DeltaCkptError(f"unknown export format {fmt!r} for a file (pt or safetensors)")
+    with _replacing(path) as tmp:
+        if fmt == "pt":
+            torch.save(encode_pt(state), tmp)
+        elif plain_safetensors is not None and _is_flat_tensor_dict(state):
+            _save_safetensors(state, tmp, plain_safetensors.get("metadata"))
+        else:
+            _export_safetensors(state, tmp, step)
+
+
+@contextmanager
+def _replacing(path: str) -> Iterator[str]:
+    """A temporary name next to ``path`` to write; on success it replaces ``path`` in one
+    rename (an interrupted export never leaves a partial file under the real name), on failure
+    it is removed."""
+    head, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(head, f".{base}.{uuid.uuid4().hex[:12]}.part")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 # ------------------------------------------------------------------- .pt marker encoding

@@ -133,3 +133,33 @@ def test_when_torch_files_differ_in_bytes(tmp_path: Any) -> None:
                                      "view.pt": {"half": t[:3]},
                                      "plain.pt": {"a": t, "b": t.clone()}})
     assert sorted(report.different) == ["same_object.pt", "view.pt"]
+
+
+def test_a_failed_file_export_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
+    """A single-file export is written under a temporary name and renamed over the target:
+    an export that fails part way (a full disk, a kill) never leaves a partial file there."""
+    import torch
+
+    import deltackpt
+    import deltackpt.export as export_mod
+
+    with deltackpt.open(tmp_path / "r", fsync=False) as repo:
+        repo.save(0, {"w": torch.ones(64)})
+        repo.save(1, {"w": torch.zeros(64)})
+        out = tmp_path / "out.pt"
+        repo.export(0, out)
+        before = out.read_bytes()
+
+        def half_then_full(obj, path, *a, **k):  # noqa: ANN001
+            with open(path, "wb") as f:
+                f.write(b"PK\x03\x04 half a zip")
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(export_mod.torch, "save", half_then_full)
+        with pytest.raises(OSError, match="No space"):
+            repo.export(1, out)
+        assert out.read_bytes() == before                     # the old export is intact
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt", "r"]  # no .part left
+        monkeypatch.undo()
+        repo.export(1, out)
+        assert torch.equal(torch.load(out, weights_only=True)["w"], torch.zeros(64))
