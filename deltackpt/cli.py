@@ -43,6 +43,13 @@ def _ratio(a: int, b: int) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
+def _smaller(a: int, b: int) -> str:
+    """``b`` bytes against ``a``: "1.31x smaller", or "1.43x larger" when it is not."""
+    if not a or not b:
+        return "-"
+    return f"{a / b:.2f}x smaller" if a >= b else f"{b / a:.2f}x larger"
+
+
 def fit(text: str, width: int | None = None) -> str:
     """``text`` with every line longer than the terminal cut to fit, ending in an ellipsis."""
     width = width or shutil.get_terminal_size().columns
@@ -143,9 +150,9 @@ def cmd_du(args: argparse.Namespace) -> int:
                           "stored_bytes": sum(r.stored_bytes for r in rows),
                           "dead_bytes": acc.dead_bytes, "overhead_bytes": acc.overhead_bytes,
                           "dcp_bytes": acc.dcp_bytes, "total_bytes": acc.total_bytes,
-                          "disk": acc.disk},
+                          "disk": acc.disk, "unreadable": acc.unreadable},
                          indent=1))
-        return 0
+        return 1 if acc.unreadable else 0
     cum = 0
     out = []
     for r in rows:
@@ -155,7 +162,8 @@ def cmd_du(args: argparse.Namespace) -> int:
     print(table(["step", "kind", "depth", "logical", "stored", "cumulative", "unique",
                  "shared", "dependents"], out))
     extra = [("steps (sum of 'stored')", cum),
-             ("dead chunks (gc reclaims them)", acc.dead_bytes),
+             ("chunks no readable step names" if acc.unreadable
+              else "dead chunks (gc reclaims them)", acc.dead_bytes),
              ("indexes, pack headers, other files", acc.overhead_bytes)]
     if acc.dcp_bytes:
         extra.append(("rank sub-repositories", acc.dcp_bytes))
@@ -163,12 +171,19 @@ def cmd_du(args: argparse.Namespace) -> int:
     print()
     print(table(["", "bytes"], [[k, human(v)] for k, v in extra]))
     print(f"\n{len(rows)} steps: {human(logical)} of tensors in {human(acc.total_bytes)} on "
-          f"disk ({_ratio(logical, acc.total_bytes)} smaller). 'stored': its manifest and the "
+          f"disk ({_smaller(logical, acc.total_bytes)}). 'stored': its manifest and the "
           "chunks no earlier step names; 'unique': chunks no other step names (deleting a step "
           "with dependents also costs a rebase)")
+    for s, why in sorted(acc.unreadable.items()):
+        print(fit(f"step {s}: UNREADABLE manifest: {why}"), file=sys.stderr)
+    if acc.unreadable:
+        print(f"deltackpt: {len(acc.unreadable)} step(s) not listed (their manifests count as "
+              "overhead, the chunks only they name with the dead chunks); gc reclaims nothing "
+              f"until they are deleted or restored: `deltackpt verify {args.repo}`",
+              file=sys.stderr)
     if note := _dcp_note(args.repo):
         print(note)
-    return 0
+    return 1 if acc.unreadable else 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -427,8 +442,9 @@ def cmd_import(args: argparse.Namespace) -> int:
               f"checkpoints: {', '.join(report.skipped[:5])}"
               + (" ..." if len(report.skipped) > 5 else ""), file=sys.stderr)
     print(f"imported {len(report.steps)} checkpoint(s): {human(report.source_bytes)} on disk -> "
-          f"{human(report.stored_bytes)} stored ({_ratio(report.source_bytes, report.stored_bytes)}"
-          f" smaller); repository now {human(report.disk_bytes)}")
+          f"{human(report.stored_bytes)} stored "
+          f"({_smaller(report.source_bytes, report.stored_bytes)}); repository now "
+          f"{human(report.disk_bytes)}")
     return 0
 
 

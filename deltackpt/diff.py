@@ -6,7 +6,7 @@ same in both steps is known unchanged without touching data. Only differing chun
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -129,6 +129,10 @@ class DiskAccount:
     dcp_bytes: int         # rank sub-repositories of a torch.distributed.checkpoint repository
     total_bytes: int       # the repository directory on disk
     disk: dict[str, int]   # the same by file kind (see Repository.disk_usage)
+    #: steps whose manifest cannot be read, step -> why: left out of ``steps``; their manifest
+    #: files count as overhead and the chunks only they name are in ``dead_bytes`` (which gc
+    #: does not reclaim while any manifest is unreadable)
+    unreadable: dict[int, str] = field(default_factory=dict)
 
 
 def usage(repo: Repository) -> list[StepUsage]:
@@ -141,14 +145,24 @@ def account(repo: Repository) -> DiskAccount:
     from .manifest import manifest_name
     from .store.packs import _ENTRY_HEAD, decode_index, index_name, is_pack_id, pack_name
 
-    steps = repo.steps()
+    from .errors import IntegrityError, StepNotFoundError
+
     ids: dict[int, set[bytes]] = {}
     refs: Counter[int] = Counter()
-    for s in steps:
-        m = repo.manifest(s)
+    parsed = {}
+    unreadable: dict[int, str] = {}
+    for s in repo.steps():
+        try:
+            parsed[s] = m = repo.manifest(s)
+        except StepNotFoundError:
+            continue
+        except IntegrityError as exc:
+            unreadable[s] = str(exc)
+            continue
         ids[s] = {c.id for t in m.tensors for c in t.chunks}
         for r in {c.ref for t in m.tensors for c in t.chunks if c.ref is not None}:
             refs[r] += 1
+    steps = list(parsed)
     count: Counter[bytes] = Counter()
     for s in steps:
         count.update(ids[s])
@@ -183,7 +197,7 @@ def account(repo: Repository) -> DiskAccount:
     out = []
     first: set[bytes] = set()
     for s in steps:
-        m = repo.manifest(s)
+        m = parsed[s]
         mine = ids[s] - first
         first |= mine
         unique = sum(entry_bytes[c] for c in ids[s] if count[c] == 1)
@@ -193,4 +207,4 @@ def account(repo: Repository) -> DiskAccount:
                              total - unique, refs[s]))
     live = sum(entry_bytes.values()) + sum(manifests.values())
     overhead = disk["total"] - disk["dcp"] - live - dead
-    return DiskAccount(out, dead, overhead, disk["dcp"], disk["total"], disk)
+    return DiskAccount(out, dead, overhead, disk["dcp"], disk["total"], disk, unreadable)

@@ -221,3 +221,20 @@ def test_delete_leaves_partly_live_packs_to_gc_unless_asked(tmp_path):
             assert gc_report.repacked_packs == 1 - repacked     # gc repacks what delete left
             for s in (1, 2):
                 assert_bitexact(repo.load(s), state(s))
+
+
+def test_du_around_an_unreadable_manifest_still_adds_up(tmp_path, capsys):
+    from deltackpt.cli import main
+    from deltackpt.diff import account
+
+    root = _saved(tmp_path, 4)
+    _flip_manifest(root, 1)
+    with deltackpt.open(root, "r") as r:
+        acc = account(r)
+    assert [u.step for u in acc.steps] == [0, 2, 3] and list(acc.unreadable) == [1]
+    on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+    assert sum(u.stored_bytes for u in acc.steps) + acc.dead_bytes + acc.overhead_bytes \
+        == acc.total_bytes == on_disk
+    assert main(["du", root]) == 1
+    out, err = capsys.readouterr()
+    assert "chunks no readable step names" in out and "step 1: UNREADABLE manifest" in err
