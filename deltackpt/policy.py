@@ -120,6 +120,11 @@ class Policy:
     reference: str = "previous"
     #: a keyframe every N saves; with reference="previous" a rebuild replays at most N entries
     keyframe_every: int = 10
+    #: with reference="previous": at most this many deltas between any step and its keyframe;
+    #: the save after a step at the bound is a delta against the keyframe (which the writer
+    #: keeps as a second in-memory reference), so chains restart short between keyframes.
+    #: 0: no bound but the keyframe interval
+    max_chain: int = 0
     #: chunk size in bytes (rounded down to whole elements); the unit of dedup and parallelism
     chunk_bytes: int = 4 * MiB
     zstd_level: int = 1
@@ -162,10 +167,11 @@ class Policy:
             raise _refuse(own, "codec", self.codec, lossless_codecs)
         check_choice(own, "reference", self.reference, ("previous", "keyframe"))
         check_choice(own, "resume", self.resume, ("rebuild", "keyframe"))
-        for name, lo, hi in (("keyframe_every", 1, None), ("chunk_bytes", 64, 1 << 30),
-                             ("zstd_level", 1, 22), ("workers", 1, None),
-                             ("max_pack_bytes", 1, None), ("cache_bytes", 0, None),
-                             ("async_buffers", 1, None), ("exact_every", 0, None)):
+        for name, lo, hi in (("keyframe_every", 1, None), ("max_chain", 0, None),
+                             ("chunk_bytes", 64, 1 << 30), ("zstd_level", 1, 22),
+                             ("workers", 1, None), ("max_pack_bytes", 1, None),
+                             ("cache_bytes", 0, None), ("async_buffers", 1, None),
+                             ("exact_every", 0, None)):
             object.__setattr__(self, name, check_int(own, name, getattr(self, name), lo, hi))
         if type(self.delta_gain) not in (int, float) or not 0 < self.delta_gain <= 1:
             raise _refuse(own, "delta_gain", self.delta_gain, "a float in (0, 1]")

@@ -155,6 +155,8 @@ class Repository:
         self._manifests: dict[int, Manifest] = {}
         self._ref: RefState | None = None
         self._ref_loaded = False
+        #: the keyframe's state, kept when ``max_chain`` restarts chains from it (read-only)
+        self._key: RefState | None = None
         self._journal: tuple[str, int | None, list[str], list[str]] | None = None
         self._manifest_size = 0
         if not self.backend.exists(CONFIG_NAME):
@@ -228,7 +230,7 @@ class Repository:
                 self._closed = True
                 self.cache.clear()
                 self._staging.clear()
-                self._ref = None
+                self._ref = self._key = None
                 self._release()
             self._raise_pending()
 
@@ -756,10 +758,16 @@ class Repository:
     def _after_delete(self, report: GCReport) -> None:
         self.cache.clear()
         touched = set(report.deleted_steps) | set(report.rebased_steps)
-        if self._ref is not None and any(t.step in touched or any(
-                c.ref in touched for c in t.entry.chunks) for t in self._ref.tensors.values()):
+
+        def stale(r: RefState | None) -> bool:
+            return r is not None and any(t.step in touched or any(
+                c.ref in touched for c in t.entry.chunks) for t in r.tensors.values())
+
+        if stale(self._ref):
             self._ref_loaded = False  # chunk records in memory name deleted or rebased steps
             self._ref = None
+        if stale(self._key):
+            self._key = None          # rebuilt from disk when a chain restarts
 
     def repair(self, todo: Any = None) -> Any:
         """Carry out the recoverable actions of a :func:`deltackpt.repair.plan` (default: a
@@ -863,6 +871,13 @@ class Repository:
             self._ref_loaded = True
         ref = self._ref
         keyframe = ref is None or ref.delta_index + 1 >= self.policy.keyframe_every
+        if not keyframe and ref is not None and self._chain_full(ref):
+            key = self._keyframe_reference(step, ref)
+            if key is None:
+                keyframe = True
+            else:  # restart the chain: a delta against the keyframe; the previous state goes
+                self._ref = None  # before encoding, so two reference copies at most are held
+                ref = RefState(key.step, key.keyframe, ref.delta_index, key.tensors, 0)
         delta_index = 0 if keyframe or ref is None else ref.delta_index + 1
         exact = self.policy.is_exact(keyframe or ref is None, delta_index)
         enc_box: list[Any] = []
@@ -888,7 +903,11 @@ class Repository:
             raise
         enc = enc_box[0]
         if enc.reference:
-            self._ref = RefState(step, m.keyframe, m.delta_index, enc.reference)
+            self._ref = RefState(step, m.keyframe, m.delta_index, enc.reference, _links(m))
+            if m.kind == "keyframe" and self.policy.max_chain:
+                self._key = self._ref  # later chains restart from it: never written in place
+                for t in self._key.tensors.values():
+                    t.data.flags.writeable = False
         elif self._ref is not None:
             self._ref.delta_index += 1
         removed: tuple[int, ...] = ()
@@ -992,14 +1011,46 @@ class Repository:
             src = m if self.policy.reference == "previous" else self.manifest(m.keyframe)
         except StepNotFoundError:
             return None  # its keyframe was deleted: start a new one
+        return RefState(src.step, m.keyframe, m.delta_index, self._state_of(src), _links(m))
+
+    def _state_of(self, m: Manifest, writeable: bool = True) -> dict[str, RefTensor]:
+        """Every stored tensor of step ``m`` rebuilt from disk, as a writer reference."""
         tensors = {}
-        for e in src.tensors:
+        for e in m.tensors:
             if e.dropped:
                 continue
             buf = np.empty(e.nbytes, np.uint8)
-            self.reconstructor.tensor_into(src.step, e, buf)
-            tensors[e.path] = RefTensor(e, buf, src.step)
-        return RefState(src.step, m.keyframe, m.delta_index, tensors)
+            self.reconstructor.tensor_into(m.step, e, buf)
+            buf.flags.writeable = writeable
+            tensors[e.path] = RefTensor(e, buf, m.step)
+        return tensors
+
+    def _chain_full(self, ref: RefState) -> bool:
+        """Whether the next delta must restart from the keyframe (``max_chain``)."""
+        bound = self.policy.max_chain
+        return bool(bound) and self.policy.reference == "previous" and ref.links >= bound
+
+    def _keyframe_reference(self, step: int, ref: RefState) -> RefState | None:
+        """The state of ``ref``'s keyframe: kept in memory since it was saved, else rebuilt
+        from disk (after a reopen, a delete or a rebase); None (save a keyframe) if it is gone
+        or damaged."""
+        key = self._key
+        if key is not None and key.step == ref.keyframe:
+            return key
+        self._key = None
+        try:
+            m = self.manifest(ref.keyframe)
+            if m.kind != "keyframe":
+                return None
+            self._key = RefState(m.step, m.step, 0, self._state_of(m, writeable=False), 0)
+        except StepNotFoundError:
+            return None
+        except IntegrityError as exc:
+            warnings.warn(f"deltackpt: step {step} is saved as a keyframe because its keyframe "
+                          f"{ref.keyframe} cannot be rebuilt as a reference: {exc}",
+                          DeltaCkptWarning, stacklevel=3)
+            return None
+        return self._key
 
 
 def normalize_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
@@ -1047,6 +1098,13 @@ def normalize_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise UnsupportedValueError(f"meta must be a JSON object: {exc}") from None
     return out
+
+
+def _links(m: Manifest) -> int:
+    """The most deltas a rebuild of step ``m`` replays after a self-contained frame (its
+    deepest chunk record's depth, less one): what ``max_chain`` bounds. The manifest says it,
+    so a reopened writer counts as the one that wrote the step did."""
+    return max(m.depth - 1, 0)
 
 
 def _with_step(exc: DeltaCkptError, step: int) -> DeltaCkptError:

@@ -51,6 +51,8 @@ class RefState:
     keyframe: int
     delta_index: int
     tensors: dict[str, RefTensor]
+    #: the most deltas a rebuild of this step replays (its deepest record's depth, less one)
+    links: int = 0
 
 
 def raw_bytes(value: torch.Tensor | np.ndarray) -> tuple[np.ndarray, ElementType]:

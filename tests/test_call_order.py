@@ -186,6 +186,7 @@ class CallSequences(RuleBasedStateMachine):
         self.dir = tempfile.mkdtemp(prefix="deltackpt-seq-")
         self.path = self.dir + "/r"
         self.policy = dict(POLICY, keyframe_every=data.draw(st.sampled_from([2, 3, 5])),
+                           max_chain=data.draw(st.sampled_from([0, 1, 2])),
                            reference=data.draw(st.sampled_from(["previous", "keyframe"])),
                            codec=data.draw(st.sampled_from(["xor", "diff"])))
         self.repo = self._open()

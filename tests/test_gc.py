@@ -164,6 +164,7 @@ def policies() -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries({
         # hypothesis leans towards the first choice: a policy that makes delta chains
         "keyframe_every": st.sampled_from([4, 3, 6, 2, 1]),
+        "max_chain": st.sampled_from([0, 2, 1]),
         "reference": st.sampled_from(["previous", "keyframe"]),
         "codec": st.sampled_from(["diff", "xor"]),
         "chunk_bytes": st.sampled_from([256, 512, 1024]),

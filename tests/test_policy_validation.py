@@ -21,7 +21,7 @@ _INTS = st.one_of(st.booleans(), st.floats(allow_nan=True), st.text(max_size=3),
 _STRS = st.one_of(st.integers(), st.booleans(), st.none(), st.floats(), st.binary(max_size=3))
 WRONG_TYPES: dict[str, Any] = {
     "codec": _STRS, "reference": _STRS, "resume": _STRS,
-    "keyframe_every": _INTS, "chunk_bytes": _INTS, "zstd_level": _INTS, "workers": _INTS,
+    "keyframe_every": _INTS, "max_chain": _INTS, "chunk_bytes": _INTS, "zstd_level": _INTS, "workers": _INTS,
     "max_pack_bytes": _INTS, "cache_bytes": _INTS, "async_buffers": _INTS,
     "exact_every": _INTS,
     "delta_gain": st.one_of(st.booleans(), st.text(max_size=3), st.none(),
@@ -31,7 +31,7 @@ WRONG_TYPES: dict[str, Any] = {
                        st.lists(st.integers(), min_size=1, max_size=2)),
 }
 OUT_OF_RANGE: dict[str, list[Any]] = {
-    "keyframe_every": [0, -1], "chunk_bytes": [63, (1 << 30) + 1], "zstd_level": [0, 23],
+    "keyframe_every": [0, -1], "max_chain": [-1], "chunk_bytes": [63, (1 << 30) + 1], "zstd_level": [0, 23],
     "workers": [0], "max_pack_bytes": [0], "cache_bytes": [-1], "async_buffers": [0],
     "exact_every": [-1], "delta_gain": [0, 0.0, 1.5, float("nan"), float("inf")],
     "reference": ["prev", ""], "resume": ["Rebuild"], "codec": ["raw", "quant", "nope"],
