@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import shutil
@@ -140,11 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "planes.md"), "w", encoding="utf-8") as f:
-            f.write(text)
-        with open(os.path.join(args.out, "planes.json"), "w", encoding="utf-8") as f:
-            json.dump({"kernels": k, "whole": w}, f, indent=1)
+        suite.write_results(args.out, "planes", text, {"kernels": k, "whole": w})
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import shutil
@@ -143,11 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "references.md"), "w", encoding="utf-8") as f:
-            f.write(text)
-        with open(os.path.join(args.out, "references.json"), "w", encoding="utf-8") as f:
-            json.dump(r, f, indent=1)
+        suite.write_results(args.out, "references", text, r)
     return 0
 
 

@@ -472,6 +472,15 @@ class DeltaMethod(Method):
             return r.load(step)
 
 
+def write_results(out_dir: str, stem: str, text: str, data: Any) -> None:
+    """``out_dir/stem.md`` (the table a reader sees) and ``out_dir/stem.json`` (every figure)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+
+
 def _git_commit() -> str:
     """deltackpt's commit, "+dirty" if its package files differ from it (they change often)."""
     import subprocess
