@@ -11,7 +11,8 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from . import open as open_repo
@@ -81,11 +82,16 @@ class _Bar:
         self.stage = self.bar = None
 
 
-def _progress(args: argparse.Namespace) -> _Bar | None:
-    """A bar when stderr is a terminal and ``--quiet`` is not given; else no hook at all."""
-    if getattr(args, "quiet", False) or not sys.stderr.isatty():
-        return None
-    return _Bar()
+@contextmanager
+def _progress(args: argparse.Namespace) -> Iterator[_Bar | None]:
+    """A bar when stderr is a terminal and ``--quiet`` is not given, else no hook at all;
+    closed (cleared from the terminal) when the block ends, however it ends."""
+    bar = None if getattr(args, "quiet", False) or not sys.stderr.isatty() else _Bar()
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _meta(meta: dict[str, Any]) -> str:
@@ -251,18 +257,14 @@ def _retention(args: argparse.Namespace):  # noqa: ANN202
 
 def cmd_gc(args: argparse.Namespace) -> int:
     retention = _retention(args)
-    bar = _progress(args)
     with open_repo(args.repo, mode="r" if args.dry_run else "a") as repo:
         if retention is None and repo.retention is None:
             print("no --keep-* option: deleting no steps, only packs nothing references, and "
                   f"repacking packs whose live share is below {args.repack_below}",
                   file=sys.stderr)
-        try:
+        with _progress(args) as bar:
             report = repo.gc(retention, dry_run=args.dry_run, repack_below=args.repack_below,
                              progress=bar)
-        finally:
-            if bar is not None:
-                bar.close()
     if args.dry_run:
         # rebasing is not simulated: it frees the replaced delta chunks too (never less than
         # this estimate) and writes the rebuilt chunks, whose size is known only once done
@@ -280,13 +282,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    bar = _progress(args)
-    with open_repo(args.repo, mode="a") as repo:
-        try:
-            report = repo.delete(*args.steps, progress=bar)
-        finally:
-            if bar is not None:
-                bar.close()
+    with open_repo(args.repo, mode="a") as repo, _progress(args) as bar:
+        report = repo.delete(*args.steps, progress=bar)
     print(f"deleted steps {report.deleted_steps}; rebased {report.rebased_steps or 'none'}; "
           f"freed {human(report.freed_bytes)}, rebasing wrote {human(report.rebase_bytes)}")
     if report.absent_steps:
@@ -328,13 +325,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .repair import apply as repair_apply
     from .repair import plan as repair_plan
 
-    bar = _progress(args)
     with open_repo(args.repo, mode="r") as repo:
-        try:
+        with _progress(args) as bar:
             report = repo.verify(args.step, progress=bar)
-        finally:
-            if bar is not None:
-                bar.close()
         todo = repair_plan(repo) if not report.ok and args.step is None else None
     repaired = False
     if args.repair and todo is not None and any(a.recoverable for a in todo.actions):
@@ -392,13 +385,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             if not steps:
                 print(f"deltackpt: no steps match {args.steps!r}", file=sys.stderr)
                 return 1
-            bar = _progress(args)
-            try:
+            with _progress(args) as bar:
                 done = export_steps(repo, steps, args.out, args.format,
                                     overwrite=args.overwrite, progress=bar)
-            finally:
-                if bar is not None:
-                    bar.close()
             for step, path in done:
                 print(f"step {step:>8}  {human(_size(path)):>10}  {path}")
             print(f"exported {len(done)} step(s) to {args.out}")
@@ -418,22 +407,18 @@ def _size(path: str) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from .importer import import_checkpoints
 
-    bar = _progress(args)
+    with _progress(args) as bar:
+        def row(item) -> None:  # noqa: ANN001
+            line = (f"step {item.step:>8}  {item.save_kind:8}  "
+                    f"{human(item.source_bytes):>10} -> {human(item.stored_bytes):>10}  "
+                    f"{item.source}")
+            if bar is not None and bar.bar is not None:
+                bar.bar.write(line, file=sys.stdout)  # above the bar, which stays at the bottom
+            else:
+                print(line, flush=True)
 
-    def row(item) -> None:  # noqa: ANN001
-        line = (f"step {item.step:>8}  {item.save_kind:8}  {human(item.source_bytes):>10} -> "
-                f"{human(item.stored_bytes):>10}  {item.source}")
-        if bar is not None and bar.bar is not None:
-            bar.bar.write(line, file=sys.stdout)  # above the bar, which stays at the bottom
-        else:
-            print(line, flush=True)
-
-    try:
         report = import_checkpoints(args.repo, args.sources, step=args.step, progress=row,
                                     ticks=bar)
-    finally:
-        if bar is not None:
-            bar.close()
     if report.note:
         print(f"deltackpt: note: {report.note}", file=sys.stderr)
     if report.skipped:
