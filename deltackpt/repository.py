@@ -152,6 +152,8 @@ class Repository:
         self.backend = backend or LocalBackend(self.path, fsync=self.policy.fsync)
         self._lock = None
         self._closed = False
+        self._closing = False
+        self._writer_ident: int | None = None
         self._manifests: dict[int, Manifest] = {}
         self._ref: RefState | None = None
         self._ref_loaded = False
@@ -179,11 +181,9 @@ class Repository:
             self._pool = ThreadPoolExecutor(self.policy.workers, thread_name_prefix="deltackpt")
             # The writer queue: every operation that touches the writer's reference, journal,
             # open pack or the set of committed steps runs on this one thread, in call order
-            self._writer_ident: int | None = None
             self._background = ThreadPoolExecutor(1, thread_name_prefix="deltackpt-writer",
                                                   initializer=self._mark_writer)
-            self._submit_lock = threading.Lock()  # guards the fields below and submission
-            self._closing = False
+            self._submit_lock = threading.Lock()  # guards _closing, the fields below, submission
             self._close_lock = threading.Lock()
             self._inflight = 0
             self._staging = StagingPool(self.policy.async_buffers)
@@ -311,7 +311,7 @@ class Repository:
 
     def _check_open(self, write: bool = False) -> None:
         # while closing, the queued work still runs on the writer thread; callers are refused
-        if self._closed or (getattr(self, "_closing", False) and not self._on_writer()):
+        if self._closed or (self._closing and not self._on_writer()):
             raise ReadOnlyError(f"repository {self.path!r} is closed")
         if write and self.mode != "a":
             raise ReadOnlyError(f"repository {self.path!r} was opened read-only (mode='r')")
@@ -725,22 +725,17 @@ class Repository:
         doomed: list[int] = []
         if policy is not None:
             views = []
-            for s in self.steps():
+            unreadable: dict[int, str] = {}
+            for r in self.history(unreadable):
                 try:
-                    m = self.manifest(s)
-                except StepNotFoundError:
-                    continue
-                except IntegrityError:
-                    report.unreadable_steps.append(s)
-                    continue
-                try:
-                    when = parse_time(m.time)
+                    when = parse_time(r.time)
                     if when.tzinfo is None:
                         raise ValueError("no time zone")
                 except (TypeError, ValueError) as exc:
-                    raise CorruptFileError(f"manifest time {m.time!r} is not an ISO 8601 UTC "
-                                           f"time ({exc})", step=s) from None
-                views.append(StepView(s, when, m.meta))
+                    raise CorruptFileError(f"manifest time {r.time!r} is not an ISO 8601 UTC "
+                                           f"time ({exc})", step=r.step) from None
+                views.append(StepView(r.step, when, r.meta))
+            report.unreadable_steps.extend(unreadable)
             _kept, doomed = plan(policy, views)
         try:
             if policy is not None:
@@ -822,6 +817,9 @@ class Repository:
         or close (once), and by the future.
         """
         self._check_open(write=True)
+        if self._on_writer():
+            raise DeltaCkptError("save() cannot be called from inside a save, delete or gc of "
+                                 "the same repository")
         self._raise_pending()
         if type(step) is not int or not 0 <= step <= MAX_STEP:
             raise ValueError(f"step must be an int in [0, 2**63), got {step!r}")
@@ -830,9 +828,6 @@ class Repository:
         meta = normalize_meta(meta)
         t0 = time.perf_counter()
         tree, leaves = flatten(state)
-        if self._on_writer():
-            raise DeltaCkptError("save() cannot be called from inside a save, delete or gc of "
-                                 "the same repository")
         if blocking:
             return self._submit(lambda: self._save_now(step, tree, leaves, meta, t0),
                                 step=step).result()
@@ -863,9 +858,7 @@ class Repository:
 
     def _save_now(self, step: int, tree: list[Any], leaves: list[Leaf], meta: dict[str, Any],
                   t0: float) -> SaveInfo:
-        """The save itself, on the writer thread."""
-        if self.backend.exists(manifest_name(step)):  # committed since the call was checked
-            raise StepExistsError(f"step {step} is already saved in {self.path!r}", step=step)
+        """The save itself, on the writer thread (its step reserved by :meth:`_submit`)."""
         if not self._ref_loaded:
             self._ref = self._reference_or_keyframe(step)
             self._ref_loaded = True
@@ -1062,9 +1055,7 @@ def normalize_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
         raise UnsupportedValueError(f"meta must be a dict, got {type(meta).__name__}")
 
     def plain(v: Any, where: str) -> Any:
-        if v is None or type(v) in (bool, int, str):
-            return v
-        if type(v) is float:
+        if v is None:
             return v
         if isinstance(v, dict):
             out = {}
@@ -1076,7 +1067,7 @@ def normalize_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
             return out
         if isinstance(v, (list, tuple)):
             return [plain(x, f"{where}[{i}]") for i, x in enumerate(v)]
-        for base in (bool, int, float, str):  # subclasses: IntEnum, numpy.float64, ...
+        for base in (bool, int, float, str):  # and subclasses: IntEnum, numpy.float64, ...
             if isinstance(v, base):
                 return base(v)
         if isinstance(v, np.generic) and v.shape == () and v.dtype.kind in "biuf":
