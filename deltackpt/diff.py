@@ -142,10 +142,9 @@ def usage(repo: Repository) -> list[StepUsage]:
 def account(repo: Repository) -> DiskAccount:
     """Per-step bytes from the chunk store's indexes and manifests (not from the save-time
     statistics, which a rebase or a repack makes stale), and what remains of the disk."""
+    from .errors import IntegrityError, StepNotFoundError
     from .manifest import manifest_name
     from .store.packs import _ENTRY_HEAD, decode_index, index_name, is_pack_id, pack_name
-
-    from .errors import IntegrityError, StepNotFoundError
 
     ids: dict[int, set[bytes]] = {}
     refs: Counter[int] = Counter()
@@ -169,7 +168,7 @@ def account(repo: Repository) -> DiskAccount:
     disk = repo.disk_usage()
     backend = repo.backend
     entry_bytes: Counter[bytes] = Counter()  # every indexed copy of a chunk, header included
-    indexed = dead = 0
+    dead = 0
     for fname in backend.list("index"):
         pid = fname.removesuffix(".idx")
         if not fname.endswith(".idx") or not is_pack_id(pid) or not backend.exists(
@@ -183,7 +182,6 @@ def account(repo: Repository) -> DiskAccount:
             continue
         for cid, _off, length, _plen in entries:
             n = _ENTRY_HEAD.size + length
-            indexed += n
             if cid in count:
                 entry_bytes[cid] += n
             else:

@@ -205,17 +205,25 @@ def _pt_marker(v: np.ndarray | np.generic | torch.Generator) -> dict[str, Any]:
         return {PT_MARKER: "generator", "device": str(v.device), "state": v.get_state()}
     if isinstance(v, np.generic):
         return {PT_MARKER: "npscalar", "dtype": v.dtype.str, "data": v.tobytes()}
-    flat = np.ascontiguousarray(v).reshape(-1)
-    data: torch.Tensor | None = None
-    if v.dtype.isnative and v.dtype.kind in "biufc":  # a typed tensor where torch has the type
-        try:
-            data = torch.from_numpy(flat.copy())
-        except TypeError:
-            data = None
-    if data is None:
-        data = torch.from_numpy(flat.view(np.uint8).copy())
     return {PT_MARKER: "ndarray", "dtype": v.dtype.str, "shape": tuple(v.shape),
-            "data": data}
+            "data": _array_tensor(v)}
+
+
+def _array_tensor(v: np.ndarray, typed: Callable[[torch.dtype], bool] = lambda d: True
+                  ) -> torch.Tensor:
+    """``v``'s elements as a 1-D tensor of their own type where torch has it (and ``typed``
+    accepts it), else ``v``'s raw bytes as uint8 (big-endian, datetime, ...): either way the
+    array comes back exactly from its dtype string and shape."""
+    flat = np.ascontiguousarray(v).reshape(-1)
+    if v.dtype.isnative and v.dtype.kind in "biufc":
+        try:
+            t = torch.from_numpy(flat.copy())
+        except TypeError:  # a numpy type torch lacks
+            pass
+        else:
+            if typed(t.dtype):
+                return t
+    return torch.from_numpy(flat.view(np.uint8).copy())
 
 
 def decode_pt(value: Any, source: str = "") -> Any:
@@ -363,15 +371,7 @@ def _export_safetensors(state: Any, path: str, step: int | None) -> None:
         if isinstance(v, np.ndarray):
             # [kind, name, numpy dtype, shape]: a typed tensor where safetensors has the type,
             # else the raw bytes (big-endian, datetime, ...), so the array comes back exactly
-            flat = np.ascontiguousarray(v).reshape(-1)
-            t = None
-            if v.dtype.isnative and v.dtype.kind in "biufc":
-                try:
-                    t = torch.from_numpy(flat.copy())
-                except TypeError:
-                    t = None
-            if t is None or t.dtype not in supported:
-                t = torch.from_numpy(flat.view(np.uint8).copy())
+            t = _array_tensor(v, supported.__contains__)
             kinds.append(["numpy", leaf.path, v.dtype.str, list(v.shape)])
         else:
             if v.dtype not in supported:
