@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (CorruptChunkError, DeltaCkptError, DeltaCkptWarning, IntegrityError,
                      StepNotFoundError)
-from .frame import decode_frame
 from .manifest import ChunkRef, Manifest, TensorEntry, manifest_name
-from .store.packs import (_ENTRY_HEAD, _PACK_HEAD, _PACK_TAIL, _OpenPack, ChunkStore, chunk_id, decode_index,
-                          encode_index, index_name, is_pack_id, pack_name, read_pack_entries)
+from .store.packs import (_ENTRY_HEAD, _PACK_HEAD, _PACK_TAIL, _OpenPack, ChunkStore, decode_index,
+                          encode_index, frame_matches, index_name, is_pack_id, pack_name,
+                          read_pack_entries)
 
 if TYPE_CHECKING:
     from .repository import Repository
@@ -265,7 +265,7 @@ def _repack(repo: Repository, old: str, entries: list[tuple[bytes, int, int, int
     try:
         for cid, off, length, plen in entries:
             frame = backend.read_range(pack_name(old), off, length)
-            if len(frame) != length or chunk_id(decode_frame(frame, plen)) != cid:
+            if len(frame) != length or not frame_matches(cid, frame, plen):
                 # never copy a damaged frame (check this very frame: with duplicate ids,
                 # store.get could check another copy)
                 raise CorruptChunkError(f"chunk {cid.hex()} in pack {old} does not match its "

@@ -114,7 +114,7 @@ class Policy:
     #: XOR deltas plane by plane, so deep chains load fastest) or "diff" (integer difference,
     #: zigzag: a few % smaller on slowly drifting floats, each link replayed in full); any
     #: registered lossless reference codec id works
-    codec: str = "xor"
+    codec: str = "pxor"
     #: what deltas are taken against: "previous" (the last save) or "keyframe" (the last
     #: keyframe: rebuilds replay at most 2 entries, deltas are a little larger)
     reference: str = "previous"

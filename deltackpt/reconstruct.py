@@ -15,7 +15,7 @@ import xxhash
 
 from .errors import (BrokenChainError, CorruptChunkError, DeltaCkptError, DigestMismatchError,
                      StepNotFoundError)
-from .frame import decode_plane, frame_planes
+from .frame import CTX_REFERENCE, MODE_LITERAL, MODE_XOR, Frame, decode_plane, parse_frame
 from .manifest import Manifest, TensorEntry
 from .planes import merge
 from .scratch import scratch as buffer
@@ -125,7 +125,10 @@ class Reconstructor:
         codec = e.codecs[rec.codec]
         try:
             bound = codec.max_payload(hi - lo, e.etype)
-            if out is None:
+            if codec.frame_reference:
+                value = codec.decode_inplace(self.store.get(rec.id, bound, out=out, ref=ref),
+                                             ref, e.etype, hi - lo)
+            elif out is None:
                 value = codec.decode_inplace(self.store.get(rec.id, bound), ref, e.etype,
                                              hi - lo)
             elif ref is None and codec.codec_id == "raw":
@@ -181,50 +184,77 @@ class Reconstructor:
         """Rebuild chunk ``i`` straight into ``out`` (its 1-D uint8 slice of the output),
         applying each delta in place: no intermediate copies, nothing added to the cache."""
         chain, value = self._chain(step, entry, i)
-        if value is None and len(chain) > 1 and self._xor_planes(chain, i, out):
+        if value is None and len(chain) > 1 and self._replay_planes(chain, i, out):
             return
         if value is not None:
             out[...] = value
         for s, e in reversed(chain):
             value = self._decode_link(s, e, i, value if value is None else out, out)
 
-    def _xor_planes(self, chain: list[tuple[int, TensorEntry]], i: int,
-                    out: np.ndarray) -> bool:
-        """Replay a chain of XOR deltas plane by plane; False where the chain does not qualify
-        or the result is wrong (the caller then replays link by link, naming the broken link).
+    def _replay_planes(self, chain: list[tuple[int, TensorEntry]], i: int,
+                       out: np.ndarray) -> bool:
+        """Replay a chain of ``xor``/``pxor`` links plane by plane; False where the chain does
+        not qualify or the result is wrong (the caller then replays link by link, naming the
+        broken link).
 
-        XOR commutes with byte-plane grouping, so the planes are XORed as stored (stored
-        planes straight from the read buffer) and regrouped into words once at the end,
-        instead of once per link. Per-link payload checks are skipped here: the rebuilt chunk
-        is checked against the target's save-time digest, which any wrong link would fail.
+        XOR commutes with byte-plane grouping, so planes are XORed as stored and regrouped into
+        words once at the end, instead of once per link. A plane is replayed only from the
+        newest link that stores it literally (for float32 the two low planes usually come from
+        the last link alone); the top plane also from wherever a later plane's contexts need
+        it. Per-link checks are skipped: the rebuilt chunk is checked against the target's
+        save-time digest, which any wrong link would fail.
         """
         n = out.size
-        for _, e in chain:
-            rec = e.chunks[i]
-            if e.codecs[rec.codec].codec_id != ("raw" if rec.ref is None else "xor"):
-                return False
-        acc: np.ndarray | None = None
+        links: list[tuple[list[int], Frame]] = []
         for _, e in reversed(chain):  # the base first
+            rec = e.chunks[i]
+            cid = e.codecs[rec.codec].codec_id
+            if (rec.ref is None) != (cid == "raw") or cid not in ("raw", "xor", "pxor"):
+                return False
             try:
-                frame, loc = self.store.read_frame(e.chunks[i].id, n)
+                frame, loc = self.store.read_frame(rec.id, n)
                 if loc.payload_length != n:
                     return False
-                plane_len, planes = frame_planes(frame, n)
-                if acc is None:
-                    acc = buffer(n, "planes").reshape(len(planes), plane_len)
-                    for k, (method, body) in enumerate(planes):
-                        acc[k] = decode_plane(method, body, plane_len)
-                    continue
-                if len(planes) != acc.shape[0]:
-                    return False
-                lane = np.uint64 if plane_len % 8 == 0 else np.uint8
-                for k, (method, body) in enumerate(planes):
-                    row = acc[k].view(lane)
-                    np.bitwise_xor(row, decode_plane(method, body, plane_len).view(lane), out=row)
+                f = parse_frame(frame, n)
             except DeltaCkptError:
                 return False
-        assert acc is not None
-        merge(list(acc), acc.shape[0], out)
+            if f.needs_reference and cid != "pxor":
+                return False
+            modes = [MODE_XOR if cid == "xor" else pl.mode for pl in f.planes]
+            links.append((modes, f))
+        p = len(links[0][1].planes)
+        if any(len(f.planes) != p for _, f in links):
+            return False
+        top = p - 1
+        # plane k is rebuilt from the newest link storing it literally (the base always does)
+        start = [max(j for j, (modes, _) in enumerate(links) if modes[k] == MODE_LITERAL)
+                 for k in range(p)]
+        need_top = [j - 1 for j, (_, f) in enumerate(links) for k in range(p)
+                    if j >= start[k] and f.planes[k].context == CTX_REFERENCE]
+        if need_top and min(need_top) < start[top]:
+            start[top] = max(j for j, (modes, _) in enumerate(links)
+                             if modes[top] == MODE_LITERAL and j <= min(need_top))
+        m = n // p
+        acc = buffer(n, "planes").reshape(p, m)
+        tmp = buffer(m, "plane")
+        lane = np.uint64 if m % 8 == 0 else np.uint8
+        try:
+            for j, (modes, f) in enumerate(links):
+                ref_top = acc[top] if j else None
+                for k in range(p):
+                    if j < start[k]:
+                        continue
+                    if modes[k] == MODE_LITERAL and not (k == top and ref_top is not None):
+                        decode_plane(f, k, ref_top, out=acc[k])
+                    elif modes[k] == MODE_LITERAL:  # the top plane is its own context source
+                        acc[k] = decode_plane(f, k, ref_top, out=tmp)
+                    else:
+                        row = acc[k].view(lane)
+                        np.bitwise_xor(row, decode_plane(f, k, ref_top, out=tmp).view(lane),
+                                       out=row)
+        except DeltaCkptError:
+            return False
+        merge(list(acc), p, out)
         return xxhash.xxh3_128(out).digest() == chain[0][1].chunks[i].digest
 
     def check(self, step: int, entry: TensorEntry, data: np.ndarray) -> None:

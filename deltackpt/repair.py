@@ -34,13 +34,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import xxhash
-
 from .errors import DeltaCkptError, StepNotFoundError
-from .frame import decode_frame, frame_length
+from .frame import frame_length
 from .manifest import ChunkRef, Manifest, TensorEntry
-from .store.packs import (MAX_CHUNK_BYTES, Location, decode_index, encode_index, index_name,
-                          is_pack_id, pack_name, read_pack_entries, scan_pack)
+from .store.packs import (MAX_CHUNK_BYTES, Location, decode_index, encode_index, frame_matches,
+                          index_name, is_pack_id, pack_name, read_pack_entries, scan_pack)
 
 if TYPE_CHECKING:
     from .repository import Repository
@@ -132,10 +130,9 @@ def _intact(repo: Repository, pid: str, cid: bytes, off: int, length: int,
         n = frame_length(frame) if plen is None else plen
         if n > MAX_CHUNK_BYTES:
             return None
-        payload = decode_frame(frame, n)
+        return n if frame_matches(cid, frame, n) else None
     except (OSError, DeltaCkptError):
         return None
-    return n if xxhash.xxh3_128(payload).digest() == cid else None
 
 
 def _pack_ids(repo: Repository) -> list[str]:

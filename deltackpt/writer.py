@@ -21,11 +21,11 @@ from .codecs import NotApplicable, get_codec
 from .codecs._floats import is_float, to_float
 from .codecs.base import Codec
 from .dtypes import ElementType, numpy_type, storage_dtype, torch_type
-from .frame import encode_frame
+from .frame import encode_frame, needs_reference
 from .manifest import ChunkRef, TensorEntry
 from .policy import DROP, LOSSLESS, Policy
 from .scratch import scratch
-from .store.packs import ChunkStore
+from .store.packs import ChunkStore, frame_id
 from .tree import Leaf
 
 if TYPE_CHECKING:
@@ -314,6 +314,8 @@ class StepEncoder:
             cid, written = store.put(chunk, t.etype.word, pol.zstd_level, cid=digest)
             return ChunkRef(cid, 0, None, digest, 1), written
         assert t.base is not None
+        if self.delta.frame_reference:
+            return self._plane_delta(t, chunk, t.base.data[lo:hi], prev, digest)
         payload, word = self.delta.encode_into(chunk, t.base.data[lo:hi], t.etype,
                                                scratch(chunk.size, "delta"))
         pid = xxhash.xxh3_128(payload).digest()
@@ -327,6 +329,19 @@ class StepEncoder:
                 return ChunkRef(digest, 0, None, digest, 1), store.put_frame(digest, rframe,
                                                                              chunk.size)
         return delta_rec, store.put_frame(pid, dframe, payload.size)
+
+    def _plane_delta(self, t: _Tensor, chunk: np.ndarray, ref: np.ndarray, prev: ChunkRef,
+                     digest: bytes) -> tuple[ChunkRef | tuple[Any, ...], int]:
+        """A chunk framed against its reference plane by plane (codec ``pxor``). The frame
+        already chose, per plane, the cheaper of the plane itself and its XOR, so no raw frame
+        is tried; one that uses the reference in no plane *is* the raw chunk's frame."""
+        frame = encode_frame(chunk, t.etype.word, self.policy.zstd_level, ref=ref)
+        if not needs_reference(frame):
+            return ChunkRef(digest, 0, None, digest, 1), self.store.put_frame(digest, frame,
+                                                                               chunk.size)
+        fid = frame_id(frame)
+        return ("delta", fid, prev.depth + 1, digest, self.delta), \
+            self.store.put_frame(fid, frame, chunk.size)
 
     def _record(self, t: _Tensor, rec: ChunkRef | tuple[Any, ...]) -> ChunkRef:
         if isinstance(rec, ChunkRef):

@@ -6,7 +6,8 @@ Targets, each with structured mutations of genuine documents and with raw bytes:
   so the schema checks behind the checksum are what is fuzzed), then the state-tree decoder
   (``leaf_indices`` and ``unflatten``, with and without ``select``) on what parses;
 * ``decode_index`` (mutated entries with a recomputed checksum, and raw bytes);
-* ``decode_frame`` (mutated genuine frames: zstd and stored planes, 1 to 8 planes);
+* ``decode_frame`` (mutated genuine frames: zstd, rANS and stored planes, literal or XOR
+  against a reference chunk, 1 to 8 planes);
 * every codec's ``decode`` on payloads of plausible and random sizes, for every element type;
 * ``scan_pack`` on mutated packs;
 * end to end: a mutated manifest written into a repository, then ``load`` and ``verify``.
@@ -324,8 +325,13 @@ def test_fuzz_frame(corpus, data):
             b[4:12] = struct.pack("<Q", data.draw(st.sampled_from([0, plen, plen + 1,
                                                                    2**31, 2**64 - 1])))
     expected = data.draw(st.sampled_from([plen, plen, 0, 1, plen + 8, 1 << 20]))
+    # reference frames (codec pxor) decode only against a reference chunk of the same length
+    ref = None
+    if expected <= 1 << 16 and data.draw(st.booleans()):
+        ref = np.frombuffer(data.draw(st.binary(min_size=expected, max_size=expected)),
+                            np.uint8)
     COUNTS["frame"] += 1
-    out = only_typed(lambda: decode_frame(bytes(b), expected))
+    out = only_typed(lambda: decode_frame(bytes(b), expected, ref=ref))
     if out is not None:
         assert out.dtype == np.uint8 and out.size == expected
 

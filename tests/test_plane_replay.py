@@ -1,7 +1,7 @@
 """XOR chains replayed in byte-plane space: same bytes as link-by-link replay, or the same error.
 
 The reader XORs a chain's stored planes and regroups them into words once (reconstruct
-``_xor_planes``). It skips the per-link payload checks, so these tests pin down that it still
+``_replay_planes``). It skips the per-link payload checks, so these tests pin down that it still
 returns exactly what was saved, that it is really taken, and that a damaged link is still
 reported by the step and tensor it belongs to.
 """
@@ -49,8 +49,11 @@ def _walk(steps: int, seed: int) -> list[dict[str, Any]]:
     return out
 
 
-def _save(path: Any, states: list[dict[str, Any]], **policy: Any) -> None:
-    with deltackpt.open(path, codec="xor", keyframe_every=100, chunk_bytes=1024,
+CODECS = ["xor", "pxor"]
+
+
+def _save(path: Any, states: list[dict[str, Any]], codec: str = "xor", **policy: Any) -> None:
+    with deltackpt.open(path, codec=codec, keyframe_every=100, chunk_bytes=1024,
                         **policy) as repo:
         for step, state in enumerate(states, 1):
             repo.save(step, state)
@@ -60,19 +63,20 @@ def _save(path: Any, states: list[dict[str, Any]], **policy: Any) -> None:
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records every plane-replay attempt's outcome."""
     seen: list[bool] = []
-    real = Reconstructor._xor_planes
+    real = Reconstructor._replay_planes
 
     def wrapped(self: Reconstructor, chain: Any, i: int, out: np.ndarray) -> bool:
         ok = real(self, chain, i, out)
         seen.append(ok)
         return ok
-    monkeypatch.setattr(Reconstructor, "_xor_planes", wrapped)
+    monkeypatch.setattr(Reconstructor, "_replay_planes", wrapped)
     return seen
 
 
-def test_plane_replay_is_bit_exact_and_taken(tmp_path: Any, spy: list[bool]) -> None:
+@pytest.mark.parametrize("codec", CODECS)
+def test_plane_replay_is_bit_exact_and_taken(tmp_path: Any, spy: list[bool], codec: str) -> None:
     states = _walk(6, seed=1)
-    _save(tmp_path / "r", states)
+    _save(tmp_path / "r", states, codec)
     with deltackpt.open(tmp_path / "r", mode="r") as repo:
         for step, state in enumerate(states, 1):
             assert_bitexact(repo.load(step), state)
@@ -81,12 +85,14 @@ def test_plane_replay_is_bit_exact_and_taken(tmp_path: Any, spy: list[bool]) -> 
     assert spy and all(spy), "every chain of 2+ links should have been replayed in planes"
 
 
-def test_plane_replay_equals_link_by_link(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("codec", CODECS)
+def test_plane_replay_equals_link_by_link(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                          codec: str) -> None:
     states = _walk(5, seed=2)
-    _save(tmp_path / "r", states)
+    _save(tmp_path / "r", states, codec)
     with deltackpt.open(tmp_path / "r", mode="r") as repo:
         fast = repo.load(5)
-    monkeypatch.setattr(Reconstructor, "_xor_planes", lambda *a: False)
+    monkeypatch.setattr(Reconstructor, "_replay_planes", lambda *a: False)
     with deltackpt.open(tmp_path / "r", mode="r") as repo:
         slow = repo.load(5)
     assert_bitexact(fast, slow)
@@ -104,12 +110,13 @@ def test_diff_chains_are_not_replayed_in_planes(tmp_path: Any, spy: list[bool]) 
     assert spy and not any(spy)
 
 
+@pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("where", ["start", "middle", "end"])
-def test_damaged_middle_link_is_named(tmp_path: Any, where: str) -> None:
+def test_damaged_middle_link_is_named(tmp_path: Any, where: str, codec: str) -> None:
     """A byte flipped in step 3's frame of one chunk: loading step 5 names step 3 and the
     tensor, never returns wrong data."""
     states = _walk(5, seed=4)
-    _save(tmp_path / "r", states)
+    _save(tmp_path / "r", states, codec)
     path = "float32%2F4099"  # the manifest escapes "/" inside a key
     with deltackpt.open(tmp_path / "r", mode="r") as repo:
         rec = repo.manifest(3).tensor(path).chunks[1]

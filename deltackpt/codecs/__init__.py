@@ -1,7 +1,7 @@
 """Codec registry. Importing this package registers the built-in codecs."""
 from __future__ import annotations
 
-from . import diff, lowrank, quant, raw, sparse, xor  # noqa: F401  (registration side effect)
+from . import diff, lowrank, pxor, quant, raw, sparse, xor  # noqa: F401  (registration side effect)
 from .base import Codec, NotApplicable, get_codec, register_codec, registered_codecs
 
 __all__ = ["Codec", "NotApplicable", "get_codec", "register_codec", "registered_codecs"]

@@ -28,6 +28,9 @@ class Codec(ABC):
     codec_id: ClassVar[str]
     lossless: ClassVar[bool] = True
     uses_reference: ClassVar[bool] = False
+    #: the payload is the chunk and the *frame* is coded against the reference chunk's planes
+    #: (``encode_frame(..., ref=)``); such frames are identified by the hash of their bytes
+    frame_reference: ClassVar[bool] = False
 
     def get_config(self) -> dict[str, Any]:
         return {"id": self.codec_id}

@@ -18,7 +18,7 @@ import numpy as np
 import xxhash
 
 from ..errors import CorruptChunkError, CorruptFileError, FormatVersionError, MissingChunkError
-from ..frame import decode_frame, encode_frame
+from ..frame import decode_frame, encode_frame, needs_reference, parse_frame
 from .base import Backend, Stream
 
 PACK_MAGIC = b"DCKPACK\x00"
@@ -45,6 +45,22 @@ def is_pack_id(pid: object) -> bool:
 
 def chunk_id(payload: np.ndarray | bytes | memoryview) -> bytes:
     return xxhash.xxh3_128(payload).digest()
+
+
+def frame_id(frame: bytes | memoryview) -> bytes:
+    """The chunk id of a frame coded against a reference chunk: the hash of its bytes (what
+    it decodes to depends on the reference, so only the frame itself can be checked alone)."""
+    return xxhash.xxh3_128(frame).digest()
+
+
+def frame_matches(cid: bytes, frame: bytes | memoryview, payload_length: int) -> bool:
+    """Whether ``frame`` is chunk ``cid``: its bytes hash to ``cid`` when it needs a reference,
+    else it decodes to ``payload_length`` bytes hashing to ``cid``. Raises CorruptChunkError
+    on a frame that does not parse or decode."""
+    if needs_reference(frame):
+        parse_frame(frame, payload_length)
+        return frame_id(frame) == cid
+    return chunk_id(decode_frame(frame, payload_length)) == cid
 
 
 def pack_name(pack_id: str) -> str:
@@ -233,19 +249,29 @@ class ChunkStore:
         return frame, loc
 
     def get(self, cid: bytes, max_length: int | None = None, *,
-            out: np.ndarray | None = None) -> np.ndarray:
+            out: np.ndarray | None = None, ref: np.ndarray | None = None) -> np.ndarray:
         """The payload of chunk ``cid``, verified against its id.
 
         ``max_length``: the most payload bytes the caller can use; an index entry declaring
         more is refused before any byte is read or decompressed (decompression bombs).
-        ``out``: decode into this 1-D uint8 array (its length must equal the payload's) and
-        return it; on any error its contents are undefined.
+        ``out``: decode into this 1-D uint8 array (its length must equal the payload's; it may
+        be ``ref`` itself) and return it; on any error its contents are undefined.
+        ``ref``: the reference chunk, for a frame coded against one (whose id is the hash of
+        the frame; the caller checks what it decodes to against the record's digest).
         """
         frame, loc = self.read_frame(cid, max_length)
         try:
             if out is not None and out.size != loc.payload_length:
                 raise CorruptChunkError(f"payload is {loc.payload_length} bytes, the chunk "
                                         f"{out.size}")
+            if needs_reference(frame):
+                if ref is None:
+                    raise CorruptChunkError("its frame is coded against a reference chunk, but "
+                                            "the record reading it names none")
+                if frame_id(frame) != cid:
+                    raise CorruptChunkError("its frame does not match its id (bytes changed "
+                                            "on disk)")
+                return decode_frame(frame, loc.payload_length, out, ref)
             payload = decode_frame(frame, loc.payload_length, out)
         except CorruptChunkError as exc:
             raise CorruptChunkError(f"chunk {cid.hex()} in pack {loc.pack}: {exc}",
