@@ -314,9 +314,10 @@ def _decode_batch(blocks: list[_Block], buf: np.ndarray, ctx: np.ndarray | None,
             if t is not None:
                 tabmap[b, k] = len(rows) * SCALE
                 rows.append(t)
+    # int64 throughout the loop: mixed-width arithmetic makes numpy convert on every step
     sym_t = np.empty((len(rows), SCALE), np.uint8)
-    freq_t = np.empty((len(rows), SCALE), np.uint32)
-    bias_t = np.empty((len(rows), SCALE), np.uint32)
+    freq_t = np.empty((len(rows), SCALE), np.int64)
+    bias_t = np.empty((len(rows), SCALE), np.int64)
     slots = np.arange(SCALE, dtype=np.int64)
     for r, (syms, freqs) in enumerate(rows):
         sym_t[r] = np.repeat(syms, freqs)
@@ -328,10 +329,10 @@ def _decode_batch(blocks: list[_Block], buf: np.ndarray, ctx: np.ndarray | None,
     steps = -(-int(lens.max()) // LANES)
     full_steps = int(lens.min()) // LANES
     lane = np.arange(LANES, dtype=np.int64)
-    # every block's words, back to back, then LANES zeros (reads past a block's own words are
-    # caught by the final position check; the padding keeps them inside the array)
+    # every block's words, back to back, then one zero: reads past a block's own words are
+    # caught by the final position check, and index -1 (a block with no words yet) reads it
     nws = np.array([blk.nw for blk in blocks], np.int64)
-    words = np.zeros(int(nws.sum()) + LANES, np.uint32)
+    words = np.zeros(int(nws.sum()) + 1, np.int64)
     base = np.zeros(nb, np.int64)
     at = 0
     for b, blk in enumerate(blocks):
@@ -339,42 +340,48 @@ def _decode_batch(blocks: list[_Block], buf: np.ndarray, ctx: np.ndarray | None,
         words[at:at + blk.nw] = buf[blk.wpos:blk.wpos + 2 * blk.nw].view("<u2")
         at += blk.nw
     limit = words.size - 1
-    # j = index within the block of the symbol lane l decodes at step t
-    j = (np.arange(steps, dtype=np.int64)[:, None] * LANES + lane).ravel()  # (steps*LANES,)
+    # idx[t] = table row base + slot of the symbol lane l of block b decodes at step t
+    idx = np.empty((steps, nb * LANES), np.int64)
     if ctx is None:
-        rowbase = np.repeat(tabmap[:, 0], LANES)  # (nb*LANES,)
-        rowgrid = None
+        idx[:] = np.repeat(tabmap[:, 0], LANES)
     else:
+        j = (np.arange(steps, dtype=np.int64)[:, None] * LANES + lane).ravel()
         starts = np.array([blk.start for blk in blocks], np.int64)
         pos = np.minimum(starts[:, None] + j[None, :], out.size - 1)  # (nb, steps*LANES)
-        rowgrid = tabmap[np.arange(nb)[:, None], ctx[pos]]
-        rowgrid = rowgrid.reshape(nb, steps, LANES).transpose(1, 0, 2).reshape(steps, nb * LANES)
-        rowgrid = np.ascontiguousarray(rowgrid)
-    x = np.concatenate([blk.states for blk in blocks])
-    ptr = base.copy()
-    idx_grid = np.empty((steps, nb * LANES), np.intp)
+        rows_ = tabmap[np.arange(nb)[:, None], ctx[pos]]
+        idx[:] = rows_.reshape(nb, steps, LANES).transpose(1, 0, 2).reshape(steps, nb * LANES)
+    x = np.concatenate([blk.states for blk in blocks]).astype(np.int64)
+    ptr1 = (base - 1)[:, None]  # (nb, 1): position of the last word read, per block
+    c = np.empty((nb, LANES), np.int64)
+    flat = c.reshape(-1)
+    shifted = np.empty_like(x)
     for t in range(steps):
-        idx = (rowbase if rowgrid is None else rowgrid[t]) + (x & (SCALE - 1))
-        idx_grid[t] = idx
-        nx = freq_t[idx] * (x >> SCALE_BITS) + bias_t[idx]
-        need = nx < RANS_L
-        if t >= full_steps:
+        tail = t >= full_steps  # the last block's lanes past its end must stay as they are
+        if tail:
             active = ((t * LANES + lane)[None, :] < lens[:, None]).ravel()
+            before = x.copy()
+        row = idx[t]
+        row += x & (SCALE - 1)
+        x >>= SCALE_BITS
+        x *= freq_t[row]
+        x += bias_t[row]
+        need = x < RANS_L
+        if tail:
             need &= active
-        c = need.reshape(nb, LANES).cumsum(1)
-        r = (ptr[:, None] + c - 1).ravel()
-        np.clip(r, 0, limit, out=r)
-        w = words[r]
-        nx = np.where(need, (nx << 16) | w, nx)
-        if t >= full_steps:
-            nx = np.where(active, nx, x)
-        x = nx
-        ptr += c[:, -1]
-    if (ptr != base + nws).any():
+        np.cumsum(need.reshape(nb, LANES), axis=1, out=c)
+        c += ptr1
+        ptr1 = c[:, -1:].copy()
+        np.minimum(flat, limit, out=flat)
+        np.left_shift(x, 16, out=shifted)
+        shifted |= words[flat]
+        np.copyto(x, shifted, where=need)
+        if tail:
+            np.copyto(x, before, where=~active)
+    if (ptr1[:, 0] != base + nws - 1).any():
         raise CorruptChunkError("rANS stream length disagrees with its symbols")
     if (x != RANS_L).any():
         raise CorruptChunkError("rANS final state is wrong")
-    syms = sym_t[idx_grid].reshape(steps, nb, LANES).transpose(1, 0, 2).reshape(nb, -1)
+    syms = sym_t[idx].reshape(steps, nb, LANES).transpose(1, 0, 2).reshape(nb, -1)
     for b, blk in enumerate(blocks):
         out[blk.start:blk.start + blk.len] = syms[b, :blk.len]
 
