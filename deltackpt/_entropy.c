@@ -189,11 +189,58 @@ static void build_dtable(const uint32_t *f, uint32_t *t) {
 /* ---------------------------------------------------------------------------------------- */
 /* Encoder                                                                                   */
 
+/* Encoding symbol: x / f is a multiply-high by rcp (exact for every 32-bit x, see
+ * make_esym), and the new state is x + q * (4096 - f) + C. */
+typedef struct {
+    uint64_t rcp;      /* floor((2^64 - 1) / f) + 1 for f >= 2; 0 for f = 1 */
+    uint32_t one;      /* 0xFFFFFFFF for f = 1 (then q = x), else 0 */
+    uint32_t freq;
+    uint32_t cum;
+    uint32_t cmpl;     /* 4096 - f */
+} ESym;
+
 typedef struct {
     uint32_t freq[MAX_CTX][256];
-    uint32_t cum[MAX_CTX][256];
     uint32_t count[MAX_CTX][256];
+    ESym sym[MAX_CTX][256];
 } EncTables;
+
+/* q = floor(x / f) for x < 2^32, 1 <= f <= 4096: with m = floor((2^64 - 1) / f) + 1 we have
+ * m f = 2^64 + e, 0 <= e < f, so x m / 2^64 = x / f + x e / (f 2^64) and the error term is
+ * below 2^-32 < 1 / f: it cannot carry the quotient past the next integer. */
+static inline uint32_t esym_div(const ESym *e, uint32_t x) {
+#ifdef __SIZEOF_INT128__
+    return (uint32_t)(((unsigned __int128)x * e->rcp) >> 64) + (x & e->one);
+#else
+    return x / e->freq;
+#endif
+}
+
+static void make_esym(ESym *e, uint32_t f, uint32_t cum) {
+    e->freq = f;
+    e->cum = cum;
+    e->cmpl = SCALE - f;
+    e->one = f == 1 ? 0xFFFFFFFFu : 0;
+    e->rcp = f == 1 ? 0 : UINT64_MAX / f + 1;
+}
+
+/* L(f) = 2^16 log2(f), truncated, by repeated squaring in integers (same on every machine):
+ * the writer's estimate of a block's coded size uses it. spec/FORMAT.md gives the algorithm. */
+static uint32_t log2_q16_table[SCALE + 1];
+
+static uint32_t log2_q16(uint32_t f) {
+    int e = 31 - __builtin_clz(f);
+    uint64_t m = (uint64_t)f << (31 - e);  /* [2^31, 2^32) */
+    uint32_t r = (uint32_t)e << 16;
+    for (int b = 15; b >= 0; b--) {
+        m = (m * m) >> 31;                 /* [2^31, 2^33) */
+        if (m >= (1ull << 32)) {
+            m >>= 1;
+            r |= 1u << b;
+        }
+    }
+    return r;
+}
 
 /* Histograms of one block, per context. Returns the mask of contexts present. */
 static uint32_t histogram(const uint8_t *src, const uint8_t *ctx, size_t len, int nctx,
@@ -229,6 +276,7 @@ static size_t encode_rans(const uint8_t *src, const uint8_t *ctx, size_t len, in
                           uint8_t *words) {
     size_t pos = 1 + 2;
     int nsyms[MAX_CTX];
+    uint64_t cost = 0;  /* coded size estimate, 2^-16 bits */
     for (int k = 0; k < nctx; k++) {
         if (!(mask >> k & 1)) continue;
         uint64_t total = 0;
@@ -236,29 +284,34 @@ static size_t encode_rans(const uint8_t *src, const uint8_t *ctx, size_t len, in
         nsyms[k] = normalise(et->count[k], total, et->freq[k]);
         uint32_t c = 0;
         for (int s = 0; s < 256; s++) {
-            et->cum[k][s] = c;
-            c += et->freq[k][s];
+            uint32_t f = et->freq[k][s];
+            make_esym(&et->sym[k][s], f ? f : 1, c);
+            if (f) cost += (uint64_t)et->count[k][s] * ((SCALE_BITS << 16) - log2_q16_table[f]);
+            c += f;
         }
         pos += table_size(et->freq[k], nsyms[k]);
     }
     pos += 4 + 4 * LANES;
-    if (pos >= limit) return 0;
-    /* words are produced last-to-first, into the top of `words` going down */
-    uint8_t *w = words + 2 * len;
+    /* a block the estimate says will not shrink is stored without trying */
+    if (pos + ((cost + (1u << 19) - 1) >> 19) >= limit) return 0;
+    /* words are produced last-to-first, going down from the top of `words`; each step stores
+     * one word below the current end whether it is needed or not (branch-free), so `words`
+     * has one spare word at the bottom */
+    uint8_t *const top = words + 2 + 2 * len;
+    uint8_t *w = top;
     uint32_t st[LANES];
     for (int l = 0; l < LANES; l++) st[l] = RANS_L;
+    const ESym *tab = et->sym[0];
     for (size_t i = len; i-- > 0;) {
-        int k = ctx ? ctx[i] : 0;
-        uint32_t s = src[i], f = et->freq[k][s];
+        const ESym *e = ctx ? &et->sym[ctx[i]][src[i]] : &tab[src[i]];
         uint32_t x = st[i % LANES];
-        if ((x >> 20) >= f) {
-            w -= 2;
-            wr16(w, (uint16_t)x);
-            x >>= 16;
-        }
-        st[i % LANES] = ((x / f) << SCALE_BITS) + x % f + et->cum[k][s];
+        uint32_t need = (x >> 20) >= e->freq;
+        wr16(w - 2, (uint16_t)x);
+        w -= 2 * need;
+        x >>= need << 4;
+        st[i % LANES] = x + esym_div(e, x) * e->cmpl + e->cum;
     }
-    size_t nw = (size_t)(words + 2 * len - w) / 2;
+    size_t nw = (size_t)(top - w) / 2;
     size_t total = pos + 2 * nw;
     if (total >= limit) return 0;
     uint8_t *p = o;
@@ -324,7 +377,7 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     size_t nblocks = (n + bsize - 1) / bsize;
     size_t cap = HEADER + n + nblocks * 2;
     out = malloc(cap);
-    words = malloc(2 * (n < bsize ? n : bsize) + 2);
+    words = malloc(2 * (n < bsize ? n : bsize) + 4);
     et = malloc(sizeof *et);
     if (!out || !words || !et) {
         PyErr_NoMemory();
@@ -732,6 +785,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_entropy", NULL, -1,
 
 PyMODINIT_FUNC PyInit__entropy(void) {
     init_avx2();
+    for (uint32_t f = 1; f <= SCALE; f++) log2_q16_table[f] = log2_q16(f);
     cost_bits[0] = 0;
     for (int f = 1; f <= (int)SCALE; f++) cost_bits[f] = SCALE_BITS - log2((double)f);
     PyObject *m = PyModule_Create(&module);

@@ -321,6 +321,25 @@ def _rans_block(tables: list[bytes], states: list[int], words: list[int],
 L16 = [1 << 16] * entropy.LANES
 
 
+def _log2_q16(f: int) -> int:
+    """spec/FORMAT.md's L(f): 2^16 log2 f by repeated squaring, in integers."""
+    e = f.bit_length() - 1
+    m = f << (31 - e)
+    r = e << 16
+    for b in range(15, -1, -1):
+        m = (m * m) >> 31
+        if m >= 1 << 32:
+            m >>= 1
+            r |= 1 << b
+    return r
+
+
+def test_log2_q16_is_close_to_log2() -> None:
+    import math
+    for f in range(1, 4097):
+        assert 0 <= math.log2(f) * 65536 - _log2_q16(f) < 2, f
+
+
 def _reference_encode(plane: np.ndarray, ctx: np.ndarray | None, nctx: int,
                       block_log2: int) -> bytes:
     """A second encoder written from spec/FORMAT.md alone (slow; small planes)."""
@@ -334,16 +353,20 @@ def _reference_encode(plane: np.ndarray, ctx: np.ndarray | None, nctx: int,
             out += bytes([entropy.MODE_CONST, sym[0]])
             continue
         block = bytearray()
-        mask = 0
+        mask = cost = 0
         freq, cum = {}, {}
         for k in sorted(set(cx)):
             mask |= 1 << k
-            f = _reference_normalise(np.bincount([s for s, c in zip(sym, cx) if c == k],
-                                                 minlength=256))
+            counts = np.bincount([s for s, c in zip(sym, cx) if c == k], minlength=256)
+            f = _reference_normalise(counts)
             present = [v for v in range(256) if f[v]]
             block += _table(present, [int(f[v]) for v in present])
+            cost += sum(int(counts[v]) * (12 * 65536 - _log2_q16(int(f[v]))) for v in present)
             freq[k] = f
             cum[k] = np.concatenate([[0], np.cumsum(f)[:-1]])
+        if 3 + len(block) + 4 + 4 * entropy.LANES + -(-cost // 2**19) >= 1 + len(sym):
+            out += bytes([entropy.MODE_RAW, *sym])  # the estimate says it will not shrink
+            continue
         states = [1 << 16] * entropy.LANES
         words: list[int] = []
         for i in reversed(range(len(sym))):
