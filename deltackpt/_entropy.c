@@ -749,7 +749,7 @@ static PyObject *py_estimate(PyObject *self, PyObject *args) {
                 if (et->count[k][v]) bits += et->count[k][v] * cost_bits[et->freq[k][v]];
         }
         for (int v = 0; v < 256; v++) distinct += any[v] != 0;
-        bytes += bits / 8;
+        bytes += bits / 8 - LANES;  /* each lane's final state holds about a byte of it */
         if (distinct == 1) bytes = 2;
         else if (bytes >= 1 + (double)len) bytes = 1 + (double)len;
         total += bytes;
