@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if not entropy.can_encode():
         print("deltackpt._entropy is not built (or DELTACKPT_NATIVE=0): nothing to measure")
         return 2
-    repeat = args.repeat or (2 if args.quick else 9)
+    repeat = args.repeat or (1 if args.quick else 9)
     numpy_repeat = 1 if args.quick else 3
     ref, new, desc = training_states(args.quick)
     rows = []

@@ -457,7 +457,10 @@ static void init_avx2(void) {
     }
 }
 
-#define AVX2_LANES8(X, OFF, CTXLOAD)                                                        \
+/* Two phases per group of 32: first the four vectors' table gathers and state updates (all
+ * independent, so their latencies overlap), then the renormalisations, which share the word
+ * pointer and must run in lane order. */
+#define AVX2_STEP8(X, OFF, CTXLOAD)                                                         \
     do {                                                                                    \
         __m256i slot = _mm256_and_si256(X, m_slot);                                         \
         CTXLOAD(OFF);                                                                       \
@@ -466,6 +469,10 @@ static void init_avx2(void) {
         __m256i f = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(e, 8), m_slot), one); \
         X = _mm256_add_epi32(_mm256_mullo_epi32(f, _mm256_srli_epi32(X, SCALE_BITS)),      \
                              _mm256_srli_epi32(e, 20));                                     \
+    } while (0)
+
+#define AVX2_RENORM8(X)                                                                     \
+    do {                                                                                    \
         __m256i need = _mm256_cmpeq_epi32(_mm256_srli_epi32(X, 16), zero);                  \
         unsigned m = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(need));              \
         __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));            \
@@ -496,10 +503,14 @@ static void init_avx2(void) {
         size_t i = 0;                                                                       \
         for (; i + LANES <= len && (size_t)(end - p) >= 2 * LANES; i += LANES) {            \
             __m256i E0, E8, E16, E24;                                                       \
-            AVX2_LANES8(x0, 0, CTXLOAD);                                                    \
-            AVX2_LANES8(x1, 8, CTXLOAD);                                                    \
-            AVX2_LANES8(x2, 16, CTXLOAD);                                                   \
-            AVX2_LANES8(x3, 24, CTXLOAD);                                                   \
+            AVX2_STEP8(x0, 0, CTXLOAD);                                                     \
+            AVX2_STEP8(x1, 8, CTXLOAD);                                                     \
+            AVX2_STEP8(x2, 16, CTXLOAD);                                                    \
+            AVX2_STEP8(x3, 24, CTXLOAD);                                                    \
+            AVX2_RENORM8(x0);                                                               \
+            AVX2_RENORM8(x1);                                                               \
+            AVX2_RENORM8(x2);                                                               \
+            AVX2_RENORM8(x3);                                                               \
             const __m256i mff = _mm256_set1_epi32(0xff);                                    \
             __m256i a = _mm256_packus_epi32(_mm256_and_si256(E0, mff),                      \
                                             _mm256_and_si256(E8, mff));                     \
@@ -738,7 +749,7 @@ static PyObject *py_estimate(PyObject *self, PyObject *args) {
                 if (et->count[k][v]) bits += et->count[k][v] * cost_bits[et->freq[k][v]];
         }
         for (int v = 0; v < 256; v++) distinct += any[v] != 0;
-        bytes += bits / 8;
+        bytes += bits / 8 - LANES;  /* each lane's final state holds about a byte of it */
         if (distinct == 1) bytes = 2;
         else if (bytes >= 1 + (double)len) bytes = 1 + (double)len;
         total += bytes;

@@ -401,7 +401,7 @@ def _estimate_numpy(plane: np.ndarray, ctx: np.ndarray | None, nctx: int,
         if np.count_nonzero(counts.sum(0)) == 1:
             total += 2
             continue
-        size = 1 + 2 + 4 + 4 * LANES
+        size = 1 + 2 + 4 + 4 * LANES - LANES  # each final state holds about a byte of it
         for c in counts[counts.sum(1) > 0]:
             present = c > 0
             nsym = int(present.sum())

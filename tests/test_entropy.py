@@ -593,3 +593,17 @@ def test_native_decoder_releases_the_gil() -> None:
         sys.setswitchinterval(old)
     assert during > 0, "no Python thread ran while the coder worked: the GIL was held"
     assert np.array_equal(out, plane)
+
+
+@needs_native
+def test_bench_entropy_quick_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The benchmark behind benchmarks/results/entropy.md still runs (it checks round trips)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        import bench_entropy
+    finally:
+        sys.path.pop(0)
+    assert bench_entropy.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "| params | 3 |" in out and "| exp_avg_sq | 2 |" in out
+    assert entropy.native_in_use(), "the benchmark left the native decoder switched off"
