@@ -42,6 +42,7 @@ _HEAD = struct.Struct("<BBHQ")      # version, planes, flags (v1: reserved), pay
 _PLANE_V1 = struct.Struct("<BQ")    # method, body size
 _PLANE_V2 = struct.Struct("<BBBBQ")  # method, mode, context, reserved, body size
 _MAP = 256                          # context map: one bucket per value of the reference top byte
+_MAP_SAMPLE = 1 << 16               # the map is ranked from about this many evenly spread bytes
 _SAMPLE = 16 * 1024
 _SAMPLES = 2
 _SAMPLE_MIN_PLANE = 8 * _SAMPLE
@@ -49,7 +50,8 @@ _GIVE_UP_RATIO = 0.96               # a sample compressing worse than this: stor
 _KEEP_RATIO = 0.98                  # a coded plane must be at least 2% smaller to be kept
 _LITERAL_BIAS = 1.02                # a literal plane within 2% of its XOR wins: no chain for it
 _ZSTD_TRY = 0.3                     # rANS under this ratio: also try zstd (runs, repeats)
-_SAMPLE_BLOCK = 64 * 1024           # estimates of planes above _SAMPLE_PLANE look at
+_NOISE = 0.995                      # an order-0 estimate above this share of the plane: noise
+_SAMPLE_BLOCK = 32 * 1024           # estimates of planes above _SAMPLE_PLANE look at
 _SAMPLE_BLOCKS = 4                  # this many evenly spread blocks of this size
 _SAMPLE_PLANE = 2 * _SAMPLE_BLOCKS * _SAMPLE_BLOCK
 
@@ -112,6 +114,15 @@ def _estimate(plane: np.ndarray, ctx: np.ndarray | None = None, nctx: int = 1) -
     return scale * entropy.estimate(sample, ctx, nctx)
 
 
+def _zstd_may_win(plane: np.ndarray, level: int, coded: int) -> bool:
+    """Whether zstd on the sample comes within 5% of the rANS body's share of it (planes with
+    long runs, such as the XOR of rows that did not change, which order-0 statistics miss)."""
+    sample, scale = _sample(plane)
+    if sample is plane:
+        return True
+    return scale * len(_compressor(level).compress(memoryview(sample).cast("B"))) < 1.05 * coded
+
+
 def _code_plane(plane: np.ndarray, level: int, ctx: np.ndarray | None, nctx: int,
                 e0: float | None = None) -> tuple[int, int, bytes | memoryview]:
     """``(method, context, body)`` for one plane: rANS (with the reference's contexts when
@@ -123,14 +134,15 @@ def _code_plane(plane: np.ndarray, level: int, ctx: np.ndarray | None, nctx: int
         return method, CTX_NONE, body
     if e0 is None:
         e0 = _estimate(plane)
-    ec = _estimate(plane, ctx, nctx) if ctx is not None else e0 + 1
+    # contexts cannot make noise compress: skip their estimate for planes order 0 cannot code
+    ec = _estimate(plane, ctx, nctx) if ctx is not None and e0 < _NOISE * m else e0 + 1
     if min(e0, ec) >= _KEEP_RATIO * m:
         return METHOD_STORED, CTX_NONE, memoryview(plane).cast("B")
     use_ctx = ctx is not None and ec < e0
     body: bytes | memoryview = entropy.encode(plane, ctx if use_ctx else None,
                                               nctx if use_ctx else 1)
     method, context = METHOD_RANS, CTX_REFERENCE if use_ctx else CTX_NONE
-    if len(body) < _ZSTD_TRY * m:
+    if len(body) < _ZSTD_TRY * m and _zstd_may_win(plane, level, len(body)):
         z = _compressor(level).compress(memoryview(plane).cast("B"))
         if len(z) < len(body):
             method, context, body = METHOD_ZSTD, CTX_NONE, z
@@ -142,7 +154,7 @@ def _code_plane(plane: np.ndarray, level: int, ctx: np.ndarray | None, nctx: int
 def context_map(top: np.ndarray) -> np.ndarray:
     """The 256-entry bucket map for a reference top plane: its ``MAX_CONTEXTS - 1`` most common
     byte values get buckets 1, 2, ... (ties: the smaller value first), every other value 0."""
-    counts = np.bincount(_sample(top)[0], minlength=256)
+    counts = np.bincount(top[::max(1, top.size // _MAP_SAMPLE)], minlength=256)
     order = np.lexsort((np.arange(256), -counts))[:MAX_CONTEXTS - 1]
     cmap = np.zeros(256, np.uint8)
     used = order[counts[order] > 0]
@@ -150,7 +162,7 @@ def context_map(top: np.ndarray) -> np.ndarray:
     return cmap
 
 
-def contexts(cmap: np.ndarray, top: np.ndarray) -> np.ndarray:
+def context_of(cmap: np.ndarray, top: np.ndarray) -> np.ndarray:
     """``cmap[top]``, bytewise (``bytes.translate`` is several times faster than a gather)."""
     return np.frombuffer(memoryview(top).tobytes().translate(cmap.tobytes()), np.uint8)
 
@@ -166,12 +178,13 @@ def _normal_word(word: int, n: int) -> int:
 
 
 def encode_frame(payload: np.ndarray, word: int, level: int,
-                 ref: np.ndarray | None = None) -> bytes:
+                 ref: np.ndarray | None = None, contexts: bool = True) -> bytes:
     """Frame ``payload`` (a 1-D uint8 array) as ``word`` byte planes.
 
     With ``ref`` (the reference chunk, same length) each plane is stored as itself or XORed
     with ``ref``'s plane, whichever codes smaller (ties go to the literal plane, which a reader
-    rebuilds without the reference), and planes may be coded in contexts of ``ref``'s top byte.
+    rebuilds without the reference), and (``contexts``) planes may be coded in contexts of
+    ``ref``'s top byte.
     A frame that ends up using neither is self-contained (:func:`needs_reference` is False).
     """
     n = payload.size
@@ -186,10 +199,10 @@ def encode_frame(payload: np.ndarray, word: int, level: int,
         rplanes = _planes_of(ref, word, "frame-ref")
         xors = scratch(n, "frame-xor").reshape(word, m)
         np.bitwise_xor(planes, rplanes, out=xors)
-        if word >= 2 and m and entropy.can_encode():
+        if contexts and word >= 2 and m and entropy.can_encode():
             cmap = context_map(rplanes[word - 1])
             nctx = int(cmap.max()) + 1
-            ctx = contexts(cmap, rplanes[word - 1]) if nctx > 1 else None
+            ctx = context_of(cmap, rplanes[word - 1]) if nctx > 1 else None
             if ctx is None:
                 cmap = None
     descs, bodies = [], []
@@ -342,7 +355,7 @@ def decode_plane(frame: Frame, k: int, ref_top: np.ndarray | None = None,
             if ref_top is None or frame.cmap is None:
                 raise CorruptChunkError("plane coded in the reference's contexts, which the "
                                         "reader does not have")
-            ctx = contexts(frame.cmap, ref_top)
+            ctx = context_of(frame.cmap, ref_top)
         return entropy.decode(plane.body, m, ctx, frame.nctx if ctx is not None else 1, out)
     try:
         if zstandard.frame_content_size(plane.body) != m:

@@ -15,7 +15,8 @@ import xxhash
 
 from .errors import (BrokenChainError, CorruptChunkError, DeltaCkptError, DigestMismatchError,
                      StepNotFoundError)
-from .frame import CTX_REFERENCE, MODE_LITERAL, MODE_XOR, Frame, decode_plane, parse_frame
+from .frame import (CTX_REFERENCE, METHOD_STORED, MODE_LITERAL, MODE_XOR, Frame, decode_plane,
+                    parse_frame)
 from .manifest import Manifest, TensorEntry
 from .planes import merge
 from .scratch import scratch as buffer
@@ -236,26 +237,42 @@ class Reconstructor:
                              if modes[top] == MODE_LITERAL and j <= min(need_top))
         m = n // p
         acc = buffer(n, "planes").reshape(p, m)
+        rows: list[np.ndarray] = list(acc)  # a literal stored plane is used where it lies
         tmp = buffer(m, "plane")
         lane = np.uint64 if m % 8 == 0 else np.uint8
         try:
             for j, (modes, f) in enumerate(links):
-                ref_top = acc[top] if j else None
+                ref_top = rows[top] if j else None
                 for k in range(p):
                     if j < start[k]:
                         continue
-                    if modes[k] == MODE_LITERAL and not (k == top and ref_top is not None):
-                        decode_plane(f, k, ref_top, out=acc[k])
-                    elif modes[k] == MODE_LITERAL:  # the top plane is its own context source
-                        acc[k] = decode_plane(f, k, ref_top, out=tmp)
-                    else:
-                        row = acc[k].view(lane)
-                        np.bitwise_xor(row, decode_plane(f, k, ref_top, out=tmp).view(lane),
-                                       out=row)
+                    stored = f.planes[k].method == METHOD_STORED
+                    if modes[k] == MODE_LITERAL:
+                        if stored:
+                            rows[k] = decode_plane(f, k)  # a view of the frame just read
+                        elif k == top and ref_top is not None:  # its own context source
+                            rows[k] = acc[k]
+                            acc[k] = decode_plane(f, k, ref_top, out=tmp)
+                        else:
+                            rows[k] = decode_plane(f, k, ref_top, out=acc[k])
+                        continue
+                    delta = decode_plane(f, k, ref_top, out=None if stored else tmp)
+                    if rows[k] is not acc[k]:
+                        acc[k] = rows[k]
+                        rows[k] = acc[k]
+                    row = acc[k].view(lane)
+                    np.bitwise_xor(row, delta.view(lane), out=row)
         except DeltaCkptError:
             return False
-        merge(list(acc), p, out)
+        merge(rows, p, out)
         return xxhash.xxh3_128(out).digest() == chain[0][1].chunks[i].digest
+
+    @staticmethod
+    def proven_by_chunks(entry: TensorEntry) -> bool:
+        """Whether checking every chunk (as :meth:`chunk_into` does) already checked the
+        tensor: a one-chunk tensor whose digest is its chunk's (hashing it again is a second
+        pass over the same bytes)."""
+        return len(entry.chunks) == 1 and entry.chunks[0].digest == entry.digest
 
     def check(self, step: int, entry: TensorEntry, data: np.ndarray) -> None:
         """Raise DigestMismatchError unless ``data`` hashes to the tensor's save-time digest."""

@@ -580,8 +580,9 @@ class Repository:
                              lambda job: chunk_size(m.tensors[job[0]].chunk_bytes,
                                                     bufs[job[0]].size)):
             pass
+        whole = [i for i in wanted if not rebuild.proven_by_chunks(m.tensors[i])]
         for _ in bounded_map(self._pool, lambda i: rebuild.check(step, m.tensors[i], bufs[i]),
-                             wanted, 4 * self.policy.workers, lambda i: bufs[i].size):
+                             whole, 4 * self.policy.workers, lambda i: bufs[i].size):
             pass
         for i in wanted:
             values[i] = self._finish(values[i], m.tensors[i], map_location)  # type: ignore

@@ -335,7 +335,8 @@ class StepEncoder:
         """A chunk framed against its reference plane by plane (codec ``pxor``). The frame
         already chose, per plane, the cheaper of the plane itself and its XOR, so no raw frame
         is tried; one that uses the reference in no plane *is* the raw chunk's frame."""
-        frame = encode_frame(chunk, t.etype.word, self.policy.zstd_level, ref=ref)
+        frame = encode_frame(chunk, t.etype.word, self.policy.zstd_level, ref=ref,
+                             contexts=self.policy.contexts)
         if not needs_reference(frame):
             return ChunkRef(digest, 0, None, digest, 1), self.store.put_frame(digest, frame,
                                                                                chunk.size)

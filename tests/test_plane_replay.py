@@ -134,3 +134,44 @@ def test_damaged_middle_link_is_named(tmp_path: Any, where: str, codec: str) -> 
         with pytest.raises(IntegrityError) as err:
             repo.load(5)
     assert err.value.step == 3 and err.value.path == path, str(err.value)
+
+
+def _adam_walk(steps: int, seed: int) -> list[dict[str, Any]]:
+    """Values of many magnitudes moved by steps of one absolute size (as Adam's are): the
+    frames code their high planes in contexts of the reference's exponent byte, and some
+    steps change so much that a plane is cheaper literal than as a delta."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(20000, generator=g) * torch.exp(torch.empty(20000).uniform_(-6, 2,
+                                                                           generator=g))
+    out = []
+    for s in range(steps):
+        v = v + (1e-1 if s % 3 == 2 else 1e-3) * torch.randn(v.shape, generator=g)
+        out.append({"w": v.clone(), "h": v.to(torch.bfloat16)})
+    return out
+
+
+def test_context_coded_chains_replay_in_planes(tmp_path: Any, spy: list[bool],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltackpt import entropy
+    from deltackpt.frame import CTX_REFERENCE, parse_frame
+    if not entropy.can_encode():
+        pytest.skip("the rANS coder is not built here")
+    states = _adam_walk(7, seed=5)
+    with deltackpt.open(tmp_path / "r", keyframe_every=100, chunk_bytes=1 << 16) as repo:
+        for step, state in enumerate(states, 1):
+            repo.save(step, state)
+    with deltackpt.open(tmp_path / "r", mode="r") as repo:
+        contexts = 0
+        for step in range(2, 8):
+            for rec in repo.manifest(step).tensor("w").chunks:
+                frame, loc = repo.store.read_frame(rec.id)
+                f = parse_frame(frame, loc.payload_length)
+                contexts += sum(p.context == CTX_REFERENCE for p in f.planes)
+        assert contexts, "the test needs context-coded planes"
+        fast = [repo.load(s) for s in range(1, 8)]
+    assert spy and all(spy)
+    monkeypatch.setattr(Reconstructor, "_replay_planes", lambda *a: False)
+    with deltackpt.open(tmp_path / "r", mode="r") as repo:
+        for s, want in enumerate(fast, 1):
+            assert_bitexact(repo.load(s), want)
+            assert_bitexact(want, states[s - 1])

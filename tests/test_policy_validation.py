@@ -27,6 +27,7 @@ WRONG_TYPES: dict[str, Any] = {
     "delta_gain": st.one_of(st.booleans(), st.text(max_size=3), st.none(),
                             st.lists(st.floats(), max_size=2)),
     "fsync": st.one_of(st.integers(), st.none(), st.text(max_size=3), st.floats()),
+    "contexts": st.one_of(st.integers(), st.none(), st.text(max_size=3), st.floats()),
     "rules": st.one_of(st.integers(), st.text(min_size=1, max_size=3), st.booleans(),
                        st.lists(st.integers(), min_size=1, max_size=2)),
 }
