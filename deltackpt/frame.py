@@ -49,7 +49,7 @@ _SAMPLE_MIN_PLANE = 8 * _SAMPLE
 _GIVE_UP_RATIO = 0.96               # a sample compressing worse than this: store the plane raw
 _KEEP_RATIO = 0.98                  # a coded plane must be at least 2% smaller to be kept
 _LITERAL_BIAS = 1.02                # a literal plane within 2% of its XOR wins: no chain for it
-_ZSTD_TRY = 0.3                     # rANS under this ratio: also try zstd (runs, repeats)
+_ZSTD_WHOLE = 32 * 1024             # planes up to this size are zstd'd whole to compare
 _NOISE = 0.995                      # an order-0 estimate above this share of the plane: noise
 _SAMPLE_BLOCK = 32 * 1024           # estimates of planes above _SAMPLE_PLANE look at
 _SAMPLE_BLOCKS = 4                  # this many evenly spread blocks of this size
@@ -114,20 +114,23 @@ def _estimate(plane: np.ndarray, ctx: np.ndarray | None = None, nctx: int = 1) -
     return scale * entropy.estimate(sample, ctx, nctx)
 
 
-def _zstd_may_win(plane: np.ndarray, level: int, coded: int) -> bool:
-    """Whether zstd on the sample comes within 5% of the rANS body's share of it (planes with
-    long runs, such as the XOR of rows that did not change, which order-0 statistics miss)."""
+def _zstd_may_win(plane: np.ndarray, level: int, coded: float) -> bool:
+    """Whether zstd on a sample comes within 5% of ``coded`` bytes' share of it: repeats and
+    long runs (tiled values, rows that did not change) that order-0 statistics cannot see."""
+    m = plane.size
     sample, scale = _sample(plane)
-    if sample is plane:
+    if m <= _ZSTD_WHOLE:
         return True
+    if sample is plane:
+        sample, scale = plane[:_ZSTD_WHOLE], m / _ZSTD_WHOLE
     return scale * len(_compressor(level).compress(memoryview(sample).cast("B"))) < 1.05 * coded
 
 
 def _code_plane(plane: np.ndarray, level: int, ctx: np.ndarray | None, nctx: int,
                 e0: float | None = None) -> tuple[int, int, bytes | memoryview]:
     """``(method, context, body)`` for one plane: rANS (with the reference's contexts when
-    they pay) where the coder is built, zstd for planes with runs rANS cannot see, else stored.
-    ``e0``: the plane's order-0 estimate, when the caller has it already."""
+    they pay) where the coder is built, zstd where a sample says its matches pay more, else
+    stored. ``e0``: the plane's order-0 estimate, when the caller has it already."""
     m = plane.size
     if not m or not entropy.can_encode():
         method, body = _zstd_or_stored(plane, level)
@@ -136,18 +139,18 @@ def _code_plane(plane: np.ndarray, level: int, ctx: np.ndarray | None, nctx: int
         e0 = _estimate(plane)
     # contexts cannot make noise compress: skip their estimate for planes order 0 cannot code
     ec = _estimate(plane, ctx, nctx) if ctx is not None and e0 < _NOISE * m else e0 + 1
-    if min(e0, ec) >= _KEEP_RATIO * m:
-        return METHOD_STORED, CTX_NONE, memoryview(plane).cast("B")
-    use_ctx = ctx is not None and ec < e0
-    body: bytes | memoryview = entropy.encode(plane, ctx if use_ctx else None,
-                                              nctx if use_ctx else 1)
-    method, context = METHOD_RANS, CTX_REFERENCE if use_ctx else CTX_NONE
-    if len(body) < _ZSTD_TRY * m and _zstd_may_win(plane, level, len(body)):
-        z = _compressor(level).compress(memoryview(plane).cast("B"))
-        if len(z) < len(body):
+    view = memoryview(plane).cast("B")
+    method, context, body = METHOD_STORED, CTX_NONE, view
+    if min(e0, ec) < _KEEP_RATIO * m:
+        use_ctx = ctx is not None and ec < e0
+        body = entropy.encode(plane, ctx if use_ctx else None, nctx if use_ctx else 1)
+        method, context = METHOD_RANS, CTX_REFERENCE if use_ctx else CTX_NONE
+    if _zstd_may_win(plane, level, min(len(body), _KEEP_RATIO * m)):
+        z = _compressor(level).compress(view)
+        if len(z) < min(len(body), _KEEP_RATIO * m):
             method, context, body = METHOD_ZSTD, CTX_NONE, z
     if len(body) >= _KEEP_RATIO * m:
-        return METHOD_STORED, CTX_NONE, memoryview(plane).cast("B")
+        return METHOD_STORED, CTX_NONE, view
     return method, context, body
 
 
