@@ -369,6 +369,71 @@ class _Unflattener:
             return out
         raise ValueError(f"unknown node tag {tag!r}")
 
+    def decode_whole(self, node: Any) -> Any:
+        """:meth:`decode` of the whole tree: a fast pass that tracks no paths, and, if it
+        meets anything wrong or unusual, the full decoder again from the root, which raises
+        the error naming the path (leaf callbacks may then run twice)."""
+        try:
+            return self._fast(node, 0)
+        except Exception:  # noqa: BLE001 -- the full decoder below decides what it was
+            pass
+        return self.decode(node, "", 0, True)
+
+    def _fast(self, node: Any, depth: int) -> Any:
+        """The common nodes (containers, tensors, str/int/float/bool/none) without paths;
+        any other node goes to :meth:`decode`. Raises on anything malformed."""
+        if type(node) is not list or not node or depth > MAX_DEPTH + 1:
+            raise _Retry
+        tag = node[0]
+        n = len(node)
+        if tag == "tensor" or tag == "ndarray":
+            i = node[1]
+            if n != 2 or type(i) is not int or i < 0:
+                raise _Retry
+            return self.leaf(i)
+        if tag == "str":
+            if n != 2 or type(node[1]) is not str:
+                raise _Retry
+            return node[1]
+        if tag == "int":
+            text = node[1]
+            if n != 2 or type(text) is not str or "x" in text:
+                raise _Retry
+            return int(text)
+        if tag == "float":
+            if n != 2 or type(node[1]) is not str:
+                raise _Retry
+            return _unf64(node[1])
+        if tag == "dict" or tag == "odict":
+            items = node[1]
+            if type(items) is not list or n != (2 if tag == "dict" else 3):
+                raise _Retry
+            out: dict[Any, Any] = {} if tag == "dict" else OrderedDict()
+            fast = self._fast
+            for pair in items:
+                if type(pair) is not list or len(pair) != 2:
+                    raise _Retry
+                k = pair[0]
+                if type(k) is list and len(k) == 2 and type(k[1]) is str and k[0] == "str":
+                    k = k[1]
+                elif type(k) is list and len(k) == 2 and type(k[1]) is str and k[0] == "int" \
+                        and "x" not in k[1]:
+                    k = int(k[1])
+                else:
+                    k = self.decode_key(k, "")
+                out[k] = fast(pair[1], depth + 1)
+            if tag == "odict" and node[2] is not None:
+                out._metadata = fast(node[2], depth + 1)  # type: ignore[attr-defined]
+            return out
+        if tag == "list" or tag == "tuple":
+            items = node[1]
+            if type(items) is not list or n != 2:
+                raise _Retry
+            fast = self._fast
+            got = [fast(x, depth + 1) for x in items]
+            return got if tag == "list" else tuple(got)
+        return self.decode(node, "", depth, True)
+
     def decode_key(self, node: Any, path: str, depth: int = 0) -> Any:
         if depth > MAX_DEPTH:
             raise ValueError(f"dict key nested deeper than {MAX_DEPTH} tuples")
@@ -380,6 +445,10 @@ class _Unflattener:
                                                            "odict", "generator"):
             raise ValueError(f"{node[0]!r} cannot be a dict key")
         return self.decode(node, path, MAX_DEPTH, True)
+
+
+class _Retry(Exception):
+    """The fast decoding pass met a node it leaves to the full decoder."""
 
 
 class _Unavailable(UnsupportedValueError):
@@ -453,6 +522,8 @@ def unflatten(node: Node, leaf: Callable[[int], Any],
     """
     whole, _ = _selected("", select)
     try:
+        if select is None:
+            return _Unflattener(leaf, None).decode_whole(node)
         return _Unflattener(leaf, select).decode(node, "", 0, whole)
     except _Unavailable as exc:
         raise UnsupportedValueError(exc.detail, path=exc.path) from None
@@ -467,6 +538,9 @@ def leaf_indices(node: Node, select: Sequence[str] | None = None,
     def record(i: int) -> None:
         wanted.add(i)
 
+    if select is None:  # (nothing to match)
+        _Unflattener(record, None, dry=True).decode_whole(node)
+        return wanted
     whole, _ = _selected("", select)
     seen: set[str] | None = set() if matched is not None else None
     _Unflattener(record, select, dry=True, seen=seen).decode(node, "", 0, whole)

@@ -85,8 +85,10 @@ def corpus(tmp_path_factory) -> dict[str, Any]:
         for s in range(3):
             repo.save(s, rich_state(s))
     with deltackpt.open(root, "r", workers=1) as repo:
-        manifests = {s: open(os.path.join(root, "steps", f"{s:020d}.json"), "rb").read()
-                     for s in range(3)}
+        written = {s: open(os.path.join(root, "steps", f"{s:020d}.json"), "rb").read()
+                   for s in range(3)}
+        # the JSON targets fuzz version 1 (still read); the binary ones what writers write
+        manifests = {s: Manifest.from_bytes(b, s).to_bytes(1) for s, b in written.items()}
         m = repo.manifest(2)
         gen_state = repo.load(2)["gen"].get_state()
         # leaf values for the tree decoder: the generator's state where it needs one
@@ -105,8 +107,8 @@ def corpus(tmp_path_factory) -> dict[str, Any]:
     extra = [encode_frame(np.frombuffer(bytes(range(256)) * 8, np.uint8).copy(), w, 1)
              for w in (1, 2, 4, 8)]
     frames += [(f, 2048) for f in extra]
-    return Corpus({"root": root, "manifests": manifests, "docs": {s: checksum.load(b, "m")
-                                                           for s, b in manifests.items()},
+    return Corpus({"root": root, "manifests": manifests, "written": written,
+                   "docs": {s: checksum.load(b, "m") for s, b in manifests.items()},
             "values": values, "indexes": indexes, "packs": packs, "frames": frames})
 
 

@@ -1,10 +1,12 @@
-"""Golden fixtures: a committed format-v1 repository and per-codec encoded frames.
+"""Golden fixtures: committed repositories of every manifest version and per-codec frames.
 
-Every run opens the committed repository read-only and checks each step against expected values
-stored WITHOUT deltackpt (safetensors + tagged JSON), re-encodes the same states and compares
-every deterministic byte (manifest tensor entries, chunk ids, codec configs, frames), and decodes
-each registered codec's committed payload. A silent format change fails here; an intended one
-regenerates the fixtures with tests/golden/make_golden.py (see its docstring).
+Every run opens each committed repository (``v1/``: JSON manifests written by the code before
+manifest version 2; ``v2/``: binary manifests) read-only and checks each step against expected
+values stored WITHOUT deltackpt (safetensors + tagged JSON), re-encodes the same states and
+compares every deterministic byte (manifest tensor entries, chunk ids, codec configs, frames)
+with both, and decodes each registered codec's committed payload. A silent format change fails
+here; an intended one regenerates the current version's fixtures with
+tests/golden/make_golden.py (see its docstring).
 """
 from __future__ import annotations
 
@@ -28,12 +30,20 @@ import deltackpt
 from deltackpt.codecs import get_codec, registered_codecs
 from deltackpt.dtypes import element_type
 from deltackpt.frame import decode_frame, encode_frame
+from deltackpt.manifest import MAGIC, MANIFEST_VERSION
 from deltackpt.store.packs import decode_index
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
-REPO = os.path.join(GOLDEN, "v1", "repo")
-EXPECTED = os.path.join(GOLDEN, "v1", "expected")
+VERSIONS = ["v1", "v2"]   # every manifest version's committed repository
 CODECS = os.path.join(GOLDEN, "codecs")
+
+
+def repo_dir(version: str) -> str:
+    return os.path.join(GOLDEN, version, "repo")
+
+
+def expected_dir(version: str) -> str:
+    return os.path.join(GOLDEN, version, "expected")
 
 
 @cache
@@ -47,27 +57,27 @@ def make_golden() -> Any:
 
 
 @cache
-def expected_doc() -> dict[str, Any]:
-    with open(os.path.join(EXPECTED, "states.json"), encoding="utf-8") as f:
+def expected_doc(version: str = "v2") -> dict[str, Any]:
+    with open(os.path.join(expected_dir(version), "states.json"), encoding="utf-8") as f:
         return json.load(f)
 
 
 @cache
-def expected_tensors() -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(EXPECTED, "tensors.safetensors"))
+def expected_tensors(version: str = "v2") -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(expected_dir(version), "tensors.safetensors"))
 
 
 def _float(bits: str) -> float:
     return struct.unpack(">d", bytes.fromhex(bits))[0]
 
 
-def decode_expected(node: dict[str, Any], cache: dict[str, Any]) -> Any:
+def decode_expected(node: dict[str, Any], cache: dict[str, Any], version: str = "v2") -> Any:
     """Rebuild an expected value from the deltackpt-independent description."""
     t = node["T"]
     if t == "tensor":
         key = node["key"]
         if key not in cache:
-            value = expected_tensors()[key].clone()
+            value = expected_tensors(version)[key].clone()
             assert str(value.dtype).removeprefix("torch.") == node["dtype"]
             assert list(value.shape) == node["shape"]
             if node["parameter"]:
@@ -79,7 +89,7 @@ def decode_expected(node: dict[str, Any], cache: dict[str, Any]) -> Any:
     if t == "ndarray":
         key = node["key"]
         if key not in cache:
-            raw = expected_tensors()[key].numpy().tobytes()
+            raw = expected_tensors(version)[key].numpy().tobytes()
             cache[key] = np.frombuffer(raw, dtype=np.dtype(node["dtype"])) \
                 .reshape(node["shape"]).copy()
         return cache[key]
@@ -106,21 +116,22 @@ def decode_expected(node: dict[str, Any], cache: dict[str, Any]) -> Any:
     if t == "device":
         return torch.device(node["v"])
     if t == "list":
-        return [decode_expected(x, cache) for x in node["items"]]
+        return [decode_expected(x, cache, version) for x in node["items"]]
     if t == "tuple":
-        return tuple(decode_expected(x, cache) for x in node["items"])
+        return tuple(decode_expected(x, cache, version) for x in node["items"])
     if t in ("dict", "odict"):
         out: dict[Any, Any] = {} if t == "dict" else OrderedDict()
         for k, v in node["items"]:
-            out[decode_expected(k, cache)] = decode_expected(v, cache)
+            out[decode_expected(k, cache, version)] = decode_expected(v, cache, version)
         if t == "odict" and node["metadata"] is not None:
-            out._metadata = decode_expected(node["metadata"], cache)  # type: ignore[attr-defined]
+            out._metadata = decode_expected(  # type: ignore[attr-defined]
+                node["metadata"], cache, version)
         return out
     raise AssertionError(f"unknown expected node {t!r}")
 
 
-def expected_state(step: int) -> Any:
-    return decode_expected(expected_doc()["states"][str(step)], {})
+def expected_state(step: int, version: str = "v2") -> Any:
+    return decode_expected(expected_doc(version)["states"][str(step)], {}, version)
 
 
 def _leaf_objects(node: dict[str, Any], value: Any, out: dict[str, list[Any]]) -> None:
@@ -148,13 +159,15 @@ def _snapshot(root: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-# ---------------------------------------------------------------------- the committed repo
-def test_golden_files_present_and_small():
-    doc = expected_doc()
+# ---------------------------------------------------------------------- the committed repos
+@pytest.mark.parametrize("version", VERSIONS)
+def test_golden_files_present_and_small(version):
+    doc = expected_doc(version)
     assert doc["steps"] == make_golden().STEPS
-    files = [os.path.join(d, f) for d, _, fs in os.walk(REPO) for f in fs]
+    assert doc["format"] == int(version[1:])
+    files = [os.path.join(d, f) for d, _, fs in os.walk(repo_dir(version)) for f in fs]
     assert sum(os.path.getsize(f) for f in files) < 100_000
-    names = {os.path.relpath(f, REPO).split(os.sep)[0] for f in files}
+    names = {os.path.relpath(f, repo_dir(version)).split(os.sep)[0] for f in files}
     assert names == {"deltackpt.json", "packs", "index", "steps"}   # no lock, tmp, txn
 
 
@@ -176,23 +189,59 @@ def test_golden_fixtures_not_gitignored():
         f"golden fixtures ignored by git (would not be committed):\n{out.stdout}"
 
 
-@pytest.fixture(scope="module")
-def golden_repo():
-    before = _snapshot(REPO)
-    repo = deltackpt.open(REPO, "r")
+def test_golden_current_version_present():
+    """make_golden writes the directory of the version this deltackpt writes."""
+    assert make_golden().VERSION == MANIFEST_VERSION
+    assert f"v{MANIFEST_VERSION}" in VERSIONS
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_golden_manifests_are_of_their_version(version):
+    """v1 holds JSON manifests (written by the code before version 2), v2 binary ones."""
+    steps = os.path.join(repo_dir(version), "steps")
+    for name in sorted(os.listdir(steps)):
+        with open(os.path.join(steps, name), "rb") as f:
+            head = f.read(64)
+        assert head.startswith(MAGIC) == (version == "v2"), name
+        if version == "v1":
+            assert head.startswith(b'{"format":"deltackpt.manifest","version":1')
+
+
+def test_golden_expected_states_agree():
+    """Both versions' fixtures describe the very same states (only the manifests differ)."""
+    a, b = expected_doc("v1"), expected_doc("v2")
+    assert a["states"] == b["states"] and a["phases"] == b["phases"]
+
+
+def test_golden_packs_and_indexes_identical():
+    """Manifest version 2 changed no other file: the chunks, packs' frames and the config
+    format of both fixtures are the same."""
+    assert set(_frames(repo_dir("v1"))) == set(_frames(repo_dir("v2")))
+    for version in VERSIONS:
+        with open(os.path.join(repo_dir(version), "deltackpt.json"), "rb") as f:
+            assert f.read().startswith(b'{"format":"deltackpt","version":1,')
+
+
+@pytest.fixture(scope="module", params=VERSIONS)
+def golden_repo(request):
+    root = repo_dir(request.param)
+    before = _snapshot(root)
+    repo = deltackpt.open(root, "r")
+    repo.golden_version = request.param
     yield repo
     repo.close()
-    assert _snapshot(REPO) == before, "reading the golden repository modified it"
+    assert _snapshot(root) == before, "reading the golden repository modified it"
 
 
 @pytest.mark.parametrize("step", make_golden().STEPS)
 @pytest.mark.usefixtures("plane_backend")
 def test_golden_step_loads_bitexact(golden_repo, step):
+    version = golden_repo.golden_version
     loaded = golden_repo.load(step)
-    assert_bitexact(loaded, expected_state(step))
+    assert_bitexact(loaded, expected_state(step, version))
     # tensors shared in the saved state come back as one object; others are distinct
     objs: dict[str, list[Any]] = {}
-    _leaf_objects(expected_doc()["states"][str(step)], loaded, objs)
+    _leaf_objects(expected_doc(version)["states"][str(step)], loaded, objs)
     for key, same in objs.items():
         assert all(o is same[0] for o in same), f"{key}: shared tensor not re-tied"
     firsts = [id(v[0]) for v in objs.values()]
@@ -225,6 +274,17 @@ def test_golden_covers_what_it_claims(golden_repo):
                  "complex64", "float16", "float32"]:
         assert ("torch", want) in dtypes, want
     assert ("numpy", "<f4") in dtypes and ("numpy", "<i2") in dtypes
+
+
+def test_golden_v1_and_v2_manifests_say_the_same():
+    """Every field of every step's manifest, parsed from v1 JSON and from v2 binary, is equal
+    (the random txn, pack ids and times aside, and stored_bytes, which counts the manifest)."""
+    with deltackpt.open(repo_dir("v1"), "r") as r1, deltackpt.open(repo_dir("v2"), "r") as r2:
+        for s in make_golden().STEPS:
+            a, b = r1.manifest(s).to_doc(), r2.manifest(s).to_doc()
+            for d in (a, b):
+                del d["txn"], d["packs"], d["time"], d["stats"]["stored_bytes"]
+            assert a == b, f"step {s}"
 
 
 def test_generator_still_builds_the_expected_states():
@@ -261,11 +321,12 @@ def reencoded(tmp_path_factory) -> str:
     return root
 
 
-def _same_zstd() -> bool:
-    return list(zstandard.ZSTD_VERSION) == expected_doc()["zstd_version"]
+def _same_zstd(version: str = "v2") -> bool:
+    return list(zstandard.ZSTD_VERSION) == expected_doc(version)["zstd_version"]
 
 
 def test_reencode_manifests_identical(golden_repo, reencoded):
+    version = golden_repo.golden_version
     with deltackpt.open(reencoded, "r") as new:
         assert new.steps() == golden_repo.steps()
         for s in golden_repo.steps():
@@ -279,18 +340,24 @@ def test_reencode_manifests_identical(golden_repo, reencoded):
             for key in ("logical_bytes", "new_chunks", "reused_chunks"):
                 assert new_m.stats[key] == old_m.stats[key], f"step {s}: stats {key}"
             assert len(new_m.packs) == len(old_m.packs)
-            if _same_zstd():
-                assert new_m.stats["stored_bytes"] == old_m.stats["stored_bytes"]
+            if _same_zstd(version):
+                # stored_bytes counts the manifest's own size, which differs between versions
+                # (and, compressed, with the random txn and pack ids): the rest must not
+                def own(root: str, s: int = s) -> int:
+                    return os.path.getsize(os.path.join(root, "steps", f"{s:020d}.json"))
+                assert new_m.stats["stored_bytes"] - own(reencoded) \
+                    == old_m.stats["stored_bytes"] - own(repo_dir(version))
 
 
-def test_reencode_frames_identical(reencoded):
-    old, new = _frames(REPO), _frames(reencoded)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_reencode_frames_identical(reencoded, version):
+    old, new = _frames(repo_dir(version)), _frames(reencoded)
     assert set(new) == set(old), "a different set of chunks was stored"
     for cid, frame in old.items():
         plen = struct.unpack_from("<Q", frame, 4)[0]
         assert _frame_structure(new[cid]) == _frame_structure(frame), cid.hex()
         assert np.array_equal(decode_frame(new[cid], plen), decode_frame(frame, plen))
-        if _same_zstd():
+        if _same_zstd(version):
             assert new[cid] == frame, f"frame of chunk {cid.hex()} changed"
 
 

@@ -39,6 +39,7 @@ from deltackpt import checksum
 from deltackpt.errors import (BrokenChainError, CorruptChunkError, CorruptFileError,
                               DeltaCkptError, FormatVersionError, IntegrityError,
                               MissingChunkError, StepNotFoundError, UnsupportedValueError)
+from deltackpt.manifest import Manifest
 from deltackpt.store.packs import encode_index
 
 STEPS = (0, 1, 2)
@@ -63,11 +64,14 @@ def _mpath(root: str, step: int) -> str:
 
 
 def read_doc(root: str, step: int) -> dict[str, Any]:
+    """The manifest of ``step`` (either version) as a version-1 JSON document."""
     with open(_mpath(root, step), "rb") as f:
-        return checksum.load(f.read(), "manifest")
+        return Manifest.from_bytes(f.read(), step).to_doc()
 
 
 def write_doc(root: str, step: int, doc: dict[str, Any]) -> None:
+    """``doc`` as a version-1 (checksummed JSON) manifest: readers take both versions, and
+    JSON can hold any wrong type; tests/test_hostile_manifest.py attacks version 2."""
     with open(_mpath(root, step), "wb") as f:
         f.write(checksum.dump(doc))
 

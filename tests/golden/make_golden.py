@@ -4,14 +4,19 @@
     python tests/golden/make_golden.py --codecs   # codec fixtures only (e.g. after adding one)
 
 Only rerun this when the on-disk format changes ON PURPOSE (a new format version gets a new
-directory, v2/, ...; old ones stay so every later reader keeps restoring them), or to add the
-fixture of a newly registered codec. Everything is deterministic (fixed seeds, one writer
-thread) except what the format itself randomises: manifest timestamps, txn ids and pack ids.
+directory, v3/, ...; old ones stay so every later reader keeps restoring them), or to add the
+fixture of a newly registered codec. It writes the directory of the version this deltackpt
+writes (VERSION) and never touches older ones. Everything is deterministic (fixed seeds, one
+writer thread) except what the format itself randomises: manifest timestamps, txn ids and pack
+ids.
 
 Layout:
-  v1/repo/                     a repository written by this deltackpt (format version 1)
-  v1/expected/tensors.safetensors
-  v1/expected/states.json      every step's expected state, in a format that does NOT depend on
+  v1/repo/                     written by deltackpt before manifest version 2 (JSON manifests,
+                               version 1); kept as committed, never regenerated
+  v2/repo/                     the same phases and states written by this deltackpt (binary
+                               manifests, version 2; packs, indexes and config as in v1)
+  v<N>/expected/tensors.safetensors
+  v<N>/expected/states.json    every step's expected state, in a format that does NOT depend on
                                deltackpt: tensors by key in the safetensors file, plain values as
                                tagged JSON (floats as big-endian IEEE-754 hex), plus facts
                                recorded at generation time (zstd version, policy phases)
@@ -32,7 +37,8 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VERSION_DIR = os.path.join(HERE, "v1")
+VERSION = 2  # the manifest version this deltackpt writes: the directory main() (re)writes
+VERSION_DIR = os.path.join(HERE, f"v{VERSION}")
 REPO_DIR = os.path.join(VERSION_DIR, "repo")
 EXPECTED_DIR = os.path.join(VERSION_DIR, "expected")
 CODEC_DIR = os.path.join(HERE, "codecs")
@@ -201,7 +207,7 @@ def write_expected(out_dir: str) -> None:
     states = {str(s): _Encoder(f"s{s}", tensors).enc(build_state(s)) for s in STEPS}
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "tensors.safetensors"))
-    doc = {"format": 1, "steps": STEPS, "phases": [[s, p] for s, p in PHASES],
+    doc = {"format": VERSION, "steps": STEPS, "phases": [[s, p] for s, p in PHASES],
            "common": COMMON, "zstd_version": list(zstandard.ZSTD_VERSION),
            "torch_version": torch.__version__, "states": states}
     with open(os.path.join(out_dir, "states.json"), "w", encoding="utf-8") as f:
@@ -318,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     write_codec_fixtures(CODEC_DIR)
     total = sum(os.path.getsize(os.path.join(d, f))
                 for d, _, fs in os.walk(REPO_DIR) for f in fs)
-    print(f"v1/repo: {total} bytes")
+    print(f"v{VERSION}/repo: {total} bytes")
 
 
 if __name__ == "__main__":
