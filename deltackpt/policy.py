@@ -21,10 +21,33 @@ MiB = 1 << 20
 LOSSLESS = "lossless"
 DROP = "drop"
 PRESETS = ("lossless", "balanced", "archive")
+#: the most threads the default ``workers`` picks, however many CPUs the process may use.
+#: Memory per worker is bounded by ``chunk_bytes``, not by the state: a busy save worker holds at
+#: most ~5 x ``chunk_bytes`` (two scratch buffers kept per thread, the delta frame, the raw
+#: frame tried when a delta hardly pays, its joined bytes) plus a zstd context (~1.3 MiB), i.e.
+#: ~21 MiB at the default 4 MiB chunks: at most ~1.35 GiB at the peak of a save with 64 workers
+#: (measured ~7.5 MiB per worker, since workers are rarely all at their peak at once). Between
+#: saves each pool thread keeps its scratch: 2 x ``chunk_bytes`` after saves, 3 x after loads
+#: (up to 768 MiB for 64 threads while the repository is open; threads start only as chunks
+#: keep them busy). Past ~64 threads the pipeline is bound by memory bandwidth (every chunk is
+#: read and written several times: hash, delta, planes, zstd, reference copy) and by the one
+#: thread that feeds the workers, not by cores; ``workers=`` can still ask for more.
+MAX_DEFAULT_WORKERS = 64
 
 
 class UnknownOptionError(PolicyError, TypeError):
     """An option name that does not exist; also a TypeError, like any unknown keyword."""
+
+
+def default_workers() -> int:
+    """The default ``workers``: the CPUs this process may run on (its affinity mask where the OS
+    has one, e.g. under ``taskset`` or a container's cpuset; else the machine's core count),
+    at most :data:`MAX_DEFAULT_WORKERS`."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity API here (macOS, Windows)
+        n = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_WORKERS, n))
 
 
 def _refuse(owner: str, option: str, value: Any, accepted: str) -> PolicyError:
@@ -133,8 +156,9 @@ class Policy:
     contexts: bool = True
     #: a delta chunk is stored only if its frame is at most this fraction of the raw frame
     delta_gain: float = 0.9
-    #: encoder/decoder threads (numpy, zstandard and xxhash release the GIL)
-    workers: int = max(1, min(8, os.cpu_count() or 1))
+    #: encoder/decoder threads (numpy, zstandard and xxhash release the GIL); default: the
+    #: CPUs this process may use, at most MAX_DEFAULT_WORKERS (see :func:`default_workers`)
+    workers: int = field(default_factory=default_workers)
     #: a pack file is closed and a new one started past this size
     max_pack_bytes: int = 1 << 30
     #: on reopen, "rebuild" the writer's reference from the latest step, or start a "keyframe"
