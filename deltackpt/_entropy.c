@@ -186,6 +186,21 @@ static void build_dtable(const uint32_t *f, uint32_t *t) {
     }
 }
 
+/* Compact decoding table of one context, for the context decoder (a 4-byte-per-slot table
+ * per context is 16 KiB, and 16 of them do not stay in L1): sym[slot] = symbol (4 KiB), and
+ * info[symbol] = freq | cum << 16 (1 KiB, of which only the lines of the symbols present are
+ * touched). The state update is then x' = freq * (x >> 12) + slot - cum. */
+static void build_ctable(const uint32_t *f, uint8_t *sym, uint32_t *info) {
+    uint32_t cum = 0;
+    for (uint32_t s = 0; s < 256; s++) {
+        uint32_t fs = f[s];
+        if (!fs) continue;
+        memset(sym + cum, (int)s, fs);
+        info[s] = fs | cum << 16;
+        cum += fs;
+    }
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* Encoder                                                                                   */
 
@@ -437,6 +452,15 @@ done:
 /* ---------------------------------------------------------------------------------------- */
 /* Decoder                                                                                   */
 
+/* Decoding tables: order 0 uses one 4-byte-per-slot table; contexts the compact ones. */
+typedef struct {
+    uint32_t *tabs;    /* SCALE entries (order 0) */
+    uint8_t *sym;      /* nctx * SCALE symbols + 4 bytes of padding (the gathers read 4 bytes) */
+    uint32_t *info;    /* nctx * 256: freq | cum << 16 */
+    const uint8_t *cmap;  /* contexts mapped here from the reference's top bytes: the map, */
+    uint32_t *cmap32;     /* and the same widened to 32 bits for the AVX2 gather */
+} DecTables;
+
 /* AVX2 decoder (x86-64, chosen at run time): the 32 lanes as four vectors of eight states;
  * a table gather per vector, and the words the lanes that renormalise need are loaded as
  * eight consecutive words and moved into place with a permutation picked by the lane mask.
@@ -483,19 +507,56 @@ static void init_avx2(void) {
     } while (0)
 
 #define NO_CTX(OFF) ((void)0)
-#define WITH_CTX(OFF)                                                                       \
-    slot = _mm256_or_si256(slot, _mm256_slli_epi32(_mm256_cvtepu8_epi32(                    \
-        _mm_loadl_epi64((const __m128i *)(ctx + i + OFF))), SCALE_BITS))
+#define O0_STEP8(X, OFF) AVX2_STEP8(X, OFF, NO_CTX)
 
-#define AVX2_DECODER(NAME, CTXLOAD)                                                         \
+/* Context step: slot -> symbol from the context's byte table (a 32-bit gather at byte
+ * offsets, masked; the tables carry 4 bytes of padding), then symbol -> freq | cum << 16.
+ * The contexts met are ORed into `seen` (the caller checks them against the block's mask). */
+#define CTX_STEP8(X, OFF, CTXGET)                                                           \
+    do {                                                                                    \
+        __m256i slot = _mm256_and_si256(X, m_slot);                                         \
+        __m256i c = CTXGET(OFF);                                                            \
+        seen = _mm256_or_si256(seen, _mm256_sllv_epi32(one, c));                            \
+        __m256i s = _mm256_and_si256(                                                       \
+            _mm256_i32gather_epi32((const int *)sym,                                        \
+                                   _mm256_or_si256(_mm256_slli_epi32(c, SCALE_BITS), slot), 1), \
+            mff);                                                                           \
+        E##OFF = s;                                                                         \
+        __m256i inf = _mm256_i32gather_epi32((const int *)info,                             \
+                                             _mm256_or_si256(_mm256_slli_epi32(c, 8), s), 4); \
+        X = _mm256_add_epi32(                                                               \
+            _mm256_mullo_epi32(_mm256_and_si256(inf, m16), _mm256_srli_epi32(X, SCALE_BITS)), \
+            _mm256_sub_epi32(slot, _mm256_srli_epi32(inf, 16)));                           \
+    } while (0)
+/* contexts from the context array, or mapped from the reference's top bytes (the map is
+ * L1-resident and its gather does not depend on the states, so it runs ahead) */
+#define CTX_ARRAY(OFF) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ctx + i + OFF)))
+#define CTX_MAPPED(OFF)                                                                     \
+    _mm256_i32gather_epi32((const int *)cmap32,                                             \
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(top + i + OFF))), 4)
+#define CTXA_STEP8(X, OFF) CTX_STEP8(X, OFF, CTX_ARRAY)
+#define CTXM_STEP8(X, OFF) CTX_STEP8(X, OFF, CTX_MAPPED)
+
+#define AVX2_DECODER(NAME, STEP)                                                            \
     __attribute__((target("avx2,popcnt")))                                                  \
-    static size_t NAME(const uint32_t *tabs, const uint8_t *ctx, uint32_t *st,             \
-                       const uint8_t **pp, const uint8_t *end, uint8_t *out, size_t len) {  \
+    static size_t NAME(const DecTables *dt, const uint8_t *ctx, const uint8_t *top,         \
+                       uint32_t *st, const uint8_t **pp, const uint8_t *end, uint8_t *out,  \
+                       size_t len, uint32_t *seenp) {                                       \
+        const uint32_t *tabs = dt->tabs, *info = dt->info, *cmap32 = dt->cmap32;            \
+        const uint8_t *sym = dt->sym;                                                       \
+        (void)tabs;                                                                         \
+        (void)sym;                                                                          \
+        (void)info;                                                                         \
+        (void)cmap32;                                                                       \
         (void)ctx;                                                                          \
+        (void)top;                                                                          \
         const uint8_t *p = *pp;                                                             \
         const __m256i m_slot = _mm256_set1_epi32(SCALE - 1), one = _mm256_set1_epi32(1);    \
         const __m256i zero = _mm256_setzero_si256();                                        \
+        const __m256i mff = _mm256_set1_epi32(0xff), m16 = _mm256_set1_epi32(0xffff);       \
         const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);                    \
+        (void)m16;                                                                          \
+        __m256i seen = zero;                                                                \
         __m256i x0 = _mm256_loadu_si256((const __m256i *)st);                               \
         __m256i x1 = _mm256_loadu_si256((const __m256i *)(st + 8));                         \
         __m256i x2 = _mm256_loadu_si256((const __m256i *)(st + 16));                        \
@@ -503,15 +564,14 @@ static void init_avx2(void) {
         size_t i = 0;                                                                       \
         for (; i + LANES <= len && (size_t)(end - p) >= 2 * LANES; i += LANES) {            \
             __m256i E0, E8, E16, E24;                                                       \
-            AVX2_STEP8(x0, 0, CTXLOAD);                                                     \
-            AVX2_STEP8(x1, 8, CTXLOAD);                                                     \
-            AVX2_STEP8(x2, 16, CTXLOAD);                                                    \
-            AVX2_STEP8(x3, 24, CTXLOAD);                                                    \
+            STEP(x0, 0);                                                                    \
+            STEP(x1, 8);                                                                    \
+            STEP(x2, 16);                                                                   \
+            STEP(x3, 24);                                                                   \
             AVX2_RENORM8(x0);                                                               \
             AVX2_RENORM8(x1);                                                               \
             AVX2_RENORM8(x2);                                                               \
             AVX2_RENORM8(x3);                                                               \
-            const __m256i mff = _mm256_set1_epi32(0xff);                                    \
             __m256i a = _mm256_packus_epi32(_mm256_and_si256(E0, mff),                      \
                                             _mm256_and_si256(E8, mff));                     \
             __m256i b = _mm256_packus_epi32(_mm256_and_si256(E16, mff),                     \
@@ -523,62 +583,111 @@ static void init_avx2(void) {
         _mm256_storeu_si256((__m256i *)(st + 8), x1);                                       \
         _mm256_storeu_si256((__m256i *)(st + 16), x2);                                      \
         _mm256_storeu_si256((__m256i *)(st + 24), x3);                                      \
+        uint32_t sv[8];                                                                     \
+        _mm256_storeu_si256((__m256i *)sv, seen);                                           \
+        for (int k = 0; k < 8; k++) *seenp |= sv[k];                                        \
         *pp = p;                                                                            \
         return i;                                                                           \
     }
 
-AVX2_DECODER(decode_avx2_o0, NO_CTX)
-AVX2_DECODER(decode_avx2_ctx, WITH_CTX)
+AVX2_DECODER(decode_avx2_o0, O0_STEP8)
+AVX2_DECODER(decode_avx2_ctx, CTXA_STEP8)
+AVX2_DECODER(decode_avx2_map, CTXM_STEP8)
 #else
 static void init_avx2(void) {}
 #endif
 
-/* Decode len symbols of one block. Fast groups of LANES symbols while at least LANES words
- * remain (at most one word per symbol, so no bounds check inside); the rest checked. */
-static int decode_block(const uint32_t *tabs, const uint8_t *ctx, uint32_t *st,
-                        const uint8_t **pp, const uint8_t *end, uint8_t *out, size_t len) {
+/* Scalar loop of a context block from symbol i on: fast groups of LANES symbols while at
+ * least LANES words remain (at most one word per symbol, so no bounds check inside), then
+ * the rest checked. Contexts from ctx, or cmap[top] where `mapped`; those met are ORed into
+ * *seenp. Inlined twice, with `mapped` a constant. */
+static inline int decode_ctx_scalar(const DecTables *dt, const uint8_t *ctx, const uint8_t *top,
+                                    const int mapped, uint32_t *st, const uint8_t **pp,
+                                    const uint8_t *end, uint8_t *out, size_t len, size_t i,
+                                    uint32_t *seenp) {
+    const uint8_t *p = *pp, *sym = dt->sym, *cmap = dt->cmap;
+    const uint32_t *info = dt->info;
+    uint32_t seen = 0;
+    for (; i + LANES <= len && (size_t)(end - p) >= 2 * LANES; i += LANES) {
+        for (int l = 0; l < LANES; l++) {
+            uint32_t x = st[l], k = mapped ? cmap[top[i + l]] : ctx[i + l];
+            uint32_t slot = x & (SCALE - 1);
+            uint32_t s = sym[k << SCALE_BITS | slot];
+            uint32_t inf = info[k << 8 | s];
+            seen |= 1u << k;
+            out[i + l] = (uint8_t)s;
+            x = (inf & 0xffff) * (x >> SCALE_BITS) + slot - (inf >> 16);
+            uint32_t need = x < RANS_L;  /* arithmetic, not a branch: unpredictable */
+            uint32_t w = rd16(p);
+            x = x << (need << 4) | (w & (0u - need));
+            p += 2 * need;
+            st[l] = x;
+        }
+    }
+    int rc = 0;
+    for (; i < len; i++) {
+        uint32_t *sp = &st[i % LANES], x = *sp;
+        uint32_t k = mapped ? cmap[top[i]] : ctx[i], slot = x & (SCALE - 1);
+        uint32_t s = sym[k << SCALE_BITS | slot];
+        uint32_t inf = info[k << 8 | s];
+        seen |= 1u << k;
+        out[i] = (uint8_t)s;
+        x = (inf & 0xffff) * (x >> SCALE_BITS) + slot - (inf >> 16);
+        if (x < RANS_L) {
+            if (end - p < 2) {
+                rc = -1;
+                for (i++; i < len; i++) seen |= 1u << (mapped ? cmap[top[i]] : ctx[i]);
+                break;
+            }
+            x = x << 16 | rd16(p);
+            p += 2;
+        }
+        *sp = x;
+    }
+    *seenp |= seen;
+    *pp = p;
+    return rc;
+}
+
+/* Decode len symbols of one block: order 0 (ctx and top NULL), contexts from ctx, or
+ * contexts cmap[top]. *seenp gets the mask of the contexts met (every one of the block's,
+ * whatever else goes wrong, so the caller can check it first). */
+static int decode_block(const DecTables *dt, const uint8_t *ctx, const uint8_t *top,
+                        uint32_t *st, const uint8_t **pp, const uint8_t *end, uint8_t *out,
+                        size_t len, uint32_t *seenp) {
     const uint8_t *p = *pp;
     size_t i = 0;
+    *seenp = 0;
 #ifdef HAVE_AVX2
     if (use_avx2) {
-        i = ctx ? decode_avx2_ctx(tabs, ctx, st, &p, end, out, len)
-                : decode_avx2_o0(tabs, ctx, st, &p, end, out, len);
-    } else
+        i = ctx ? decode_avx2_ctx(dt, ctx, top, st, &p, end, out, len, seenp)
+            : top ? decode_avx2_map(dt, ctx, top, st, &p, end, out, len, seenp)
+                  : decode_avx2_o0(dt, ctx, top, st, &p, end, out, len, seenp);
+    }
 #endif
-    if (!ctx) {
-        const uint32_t *t = tabs;
-        for (; i + LANES <= len && (size_t)(end - p) >= 2 * LANES; i += LANES) {
-            for (int l = 0; l < LANES; l++) {
-                uint32_t x = st[l];
-                uint32_t e = t[x & (SCALE - 1)];
-                out[i + l] = (uint8_t)e;
-                x = ((e >> 8 & 0xfff) + 1) * (x >> SCALE_BITS) + (e >> 20);
-                uint32_t need = x < RANS_L;  /* arithmetic, not a branch: unpredictable */
-                uint32_t w = rd16(p);
-                x = x << (need << 4) | (w & (0u - need));
-                p += 2 * need;
-                st[l] = x;
-            }
-        }
-    } else {
-        for (; i + LANES <= len && (size_t)(end - p) >= 2 * LANES; i += LANES) {
-            for (int l = 0; l < LANES; l++) {
-                uint32_t x = st[l];
-                uint32_t e = tabs[(uint32_t)ctx[i + l] << SCALE_BITS | (x & (SCALE - 1))];
-                out[i + l] = (uint8_t)e;
-                x = ((e >> 8 & 0xfff) + 1) * (x >> SCALE_BITS) + (e >> 20);
-                uint32_t need = x < RANS_L;  /* arithmetic, not a branch: unpredictable */
-                uint32_t w = rd16(p);
-                x = x << (need << 4) | (w & (0u - need));
-                p += 2 * need;
-                st[l] = x;
-            }
+    if (ctx || top) {
+        *pp = p;
+        return ctx ? decode_ctx_scalar(dt, ctx, top, 0, st, pp, end, out, len, i, seenp)
+                   : decode_ctx_scalar(dt, ctx, top, 1, st, pp, end, out, len, i, seenp);
+    }
+    *seenp = 1;
+    const uint32_t *t = dt->tabs;
+    for (; i + LANES <= len && (size_t)(end - p) >= 2 * LANES; i += LANES) {
+        for (int l = 0; l < LANES; l++) {
+            uint32_t x = st[l];
+            uint32_t e = t[x & (SCALE - 1)];
+            out[i + l] = (uint8_t)e;
+            x = ((e >> 8 & 0xfff) + 1) * (x >> SCALE_BITS) + (e >> 20);
+            uint32_t need = x < RANS_L;  /* arithmetic, not a branch: unpredictable */
+            uint32_t w = rd16(p);
+            x = x << (need << 4) | (w & (0u - need));
+            p += 2 * need;
+            st[l] = x;
         }
     }
     for (; i < len; i++) {
         uint32_t *sp = &st[i % LANES], x = *sp;
-        uint32_t k = ctx ? ctx[i] : 0;
-        uint32_t e = tabs[k << SCALE_BITS | (x & (SCALE - 1))];
+        uint32_t e = t[x & (SCALE - 1)];
         out[i] = (uint8_t)e;
         x = ((e >> 8 & 0xfff) + 1) * (x >> SCALE_BITS) + (e >> 20);
         if (x < RANS_L) {
@@ -592,8 +701,12 @@ static int decode_block(const uint32_t *tabs, const uint8_t *ctx, uint32_t *st,
     return 0;
 }
 
-static const char *decode_body(const uint8_t *body, size_t size, const uint8_t *ctx, int nctx,
-                               uint8_t *out, size_t n, uint32_t *tabs) {
+/* ctx: the plane's contexts, or NULL; or, with dt->cmap set, top: the reference's top plane,
+ * whose bytes the map turns into contexts as the decoder goes. */
+static const char *decode_body(const uint8_t *body, size_t size, const uint8_t *ctx,
+                               const uint8_t *top, int nctx, uint8_t *out, size_t n,
+                               DecTables *dt) {
+    const uint8_t *cmap = dt->cmap;
     if (size < HEADER) return "rANS body shorter than its header";
     if (body[0] != VERSION) return "unknown rANS body version";
     int block_log2 = body[1];
@@ -603,6 +716,12 @@ static const char *decode_body(const uint8_t *body, size_t size, const uint8_t *
     if (body[3]) return "rANS body has non-zero reserved bits";
     if (rd64(body + 4) != (uint64_t)n) return "rANS body declares another plane length";
     if (ctx && ctx_out_of_range(ctx, n, nctx)) return "a context value is >= the context count";
+    if (cmap && ctx_out_of_range(cmap, 256, nctx)) {  /* only the values top holds matter */
+        uint8_t used[256] = {0};
+        for (size_t i = 0; i < n; i++) used[top[i]] = 1;
+        for (int v = 0; v < 256; v++)
+            if (used[v] && cmap[v] >= nctx) return "a context value is >= the context count";
+    }
     const uint8_t *p = body + HEADER, *end = body + size;
     size_t bsize = (size_t)1 << block_log2;
     uint32_t f[256];
@@ -622,19 +741,20 @@ static const char *decode_body(const uint8_t *body, size_t size, const uint8_t *
             uint32_t mask = rd16(p);
             p += 2;
             if (!mask || mask >> nctx) return "rANS block has a bad context mask";
+            int has_ctx = ctx || top;
             for (int k = 0; k < nctx; k++) {
                 if (!(mask >> k & 1)) continue;
                 const char *err = read_table(&p, end, f);
                 if (err) return err;
-                build_dtable(f, tabs + ((size_t)k << SCALE_BITS));
+                if (has_ctx)
+                    build_ctable(f, dt->sym + ((size_t)k << SCALE_BITS), dt->info + k * 256);
+                else
+                    build_dtable(f, dt->tabs);
             }
-            const uint8_t *bc = ctx ? ctx + start : NULL;
-            uint32_t seen = 1;
-            if (bc) {
-                seen = 0;
-                for (size_t i = 0; i < len; i++) seen |= 1u << bc[i];
-            }
-            if (seen != mask) return "rANS block's context mask disagrees with the contexts";
+            /* the contexts a block holds are checked against its mask as it decodes (a
+             * context the mask lacks decodes through a stale or zero table, harmlessly) */
+            static const char *const mask_err =
+                "rANS block's context mask disagrees with the contexts";
             if ((size_t)(end - p) < 4 + 4 * LANES) return "rANS body truncated";
             size_t nw = rd32(p);
             p += 4;
@@ -646,8 +766,11 @@ static const char *decode_body(const uint8_t *body, size_t size, const uint8_t *
             if (nw > len) return "rANS block has more words than symbols";
             if ((size_t)(end - p) / 2 < nw) return "rANS body truncated in a stream";
             const uint8_t *wend = p + 2 * nw;
-            if (decode_block(tabs, bc, st, &p, wend, out + start, len) < 0)
-                return "rANS stream ends early";
+            uint32_t seen;
+            int rc = decode_block(dt, ctx ? ctx + start : NULL, top ? top + start : NULL, st, &p,
+                                  wend, out + start, len, &seen);
+            if (seen != mask) return mask_err;
+            if (rc < 0) return "rANS stream ends early";
             if (p != wend) return "rANS stream has unread words";
             for (int l = 0; l < LANES; l++)
                 if (st[l] != RANS_L) return "rANS final state is wrong";
@@ -659,20 +782,33 @@ static const char *decode_body(const uint8_t *body, size_t size, const uint8_t *
     return NULL;
 }
 
+/* decode(body, ctx, nctx, out): ctx is None, a context array as long as out, or a pair
+ * (cmap, top): a 256-byte map and the reference's top plane (as long as out), the contexts
+ * being cmap[top], mapped in the decoder's own pass. */
 static PyObject *py_decode(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer body, ctxb = {0}, outb;
+    Py_buffer body, ctxb = {0}, mapb = {0}, outb;
     PyObject *ctxobj;
     int nctx;
     if (!PyArg_ParseTuple(args, "y*Oiw*", &body, &ctxobj, &nctx, &outb)) return NULL;
-    int has_ctx = ctxobj != Py_None;
-    if (has_ctx && PyObject_GetBuffer(ctxobj, &ctxb, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&body);
-        PyBuffer_Release(&outb);
-        return NULL;
-    }
+    int has_ctx = 0, has_map = 0;
     PyObject *result = NULL;
-    uint32_t *tabs = NULL;
+    DecTables dt = {0};
+    if (PyTuple_Check(ctxobj)) {
+        PyObject *mo, *to;
+        if (!PyArg_ParseTuple(ctxobj, "OO;ctx pair must be (cmap, top)", &mo, &to)) goto done;
+        if (PyObject_GetBuffer(mo, &mapb, PyBUF_SIMPLE) < 0) goto done;
+        has_map = 1;
+        if (PyObject_GetBuffer(to, &ctxb, PyBUF_SIMPLE) < 0) goto done;
+        has_ctx = 1;
+        if (mapb.len != 256) {
+            PyErr_SetString(PyExc_ValueError, "cmap must have 256 bytes");
+            goto done;
+        }
+    } else if (ctxobj != Py_None) {
+        if (PyObject_GetBuffer(ctxobj, &ctxb, PyBUF_SIMPLE) < 0) goto done;
+        has_ctx = 1;
+    }
     if (nctx < 1 || nctx > MAX_CTX) {
         PyErr_Format(PyExc_ValueError, "nctx must be in 1..16, got %d", nctx);
         goto done;
@@ -681,22 +817,40 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "ctx must be None (nctx 1) or as long as out");
         goto done;
     }
-    tabs = malloc(sizeof(uint32_t) * SCALE * (size_t)nctx);
-    if (!tabs) {
+    size_t n = (size_t)outb.len;
+    if (has_ctx) {
+        dt.sym = calloc((size_t)nctx * SCALE + 4, 1);
+        dt.info = calloc((size_t)nctx * 256, sizeof *dt.info);
+        if (has_map) {
+            dt.cmap = mapb.buf;
+            dt.cmap32 = malloc(256 * sizeof *dt.cmap32);
+            if (dt.cmap32)
+                for (int v = 0; v < 256; v++) dt.cmap32[v] = dt.cmap[v];
+        }
+        if (!dt.sym || !dt.info || (has_map && !dt.cmap32)) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    } else if (!(dt.tabs = malloc(sizeof(uint32_t) * SCALE))) {
         PyErr_NoMemory();
         goto done;
     }
     const char *err;
+    const uint8_t *cbuf = has_ctx && !has_map ? ctxb.buf : NULL;
+    const uint8_t *top = has_map ? ctxb.buf : NULL;
     Py_BEGIN_ALLOW_THREADS
-    err = decode_body(body.buf, (size_t)body.len, has_ctx ? ctxb.buf : NULL, nctx, outb.buf,
-                      (size_t)outb.len, tabs);
+    err = decode_body(body.buf, (size_t)body.len, cbuf, top, nctx, outb.buf, n, &dt);
     Py_END_ALLOW_THREADS
     result = err ? PyUnicode_FromString(err) : Py_NewRef(Py_None);
 done:
-    free(tabs);
+    free(dt.tabs);
+    free(dt.sym);
+    free(dt.info);
+    free(dt.cmap32);
     PyBuffer_Release(&body);
     PyBuffer_Release(&outb);
     if (has_ctx) PyBuffer_Release(&ctxb);
+    if (has_map) PyBuffer_Release(&mapb);
     return result;
 }
 

@@ -127,11 +127,16 @@ def estimate(plane: np.ndarray, ctx: np.ndarray | None = None, nctx: int = 1, *,
     return _estimate_numpy(plane, ctx, nctx, block_log2)
 
 
-def decode(body: bytes | memoryview, n: int, ctx: np.ndarray | None = None, nctx: int = 1,
+def decode(body: bytes | memoryview, n: int,
+           ctx: np.ndarray | tuple[np.ndarray, np.ndarray] | None = None, nctx: int = 1,
            out: np.ndarray | None = None) -> np.ndarray:
     """Invert :func:`encode`: the ``n``-byte plane (into ``out`` if given). ``n``, ``ctx`` and
     ``nctx`` come from the caller's trusted header; any body that does not decode to exactly
     ``n`` bytes under them raises :class:`CorruptChunkError` (``out`` may then hold garbage).
+
+    ``ctx`` may also be a pair ``(cmap, top)``: a 256-byte map and an ``n``-byte plane (not
+    overlapping ``out``), the contexts being ``cmap[top]``; the compiled decoder maps them as
+    it goes, without building the context array.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
@@ -141,7 +146,21 @@ def decode(body: bytes | memoryview, n: int, ctx: np.ndarray | None = None, nctx
         _check_array("out", out, n)
         if not out.flags.writeable:
             raise ValueError("out must be writeable")
-    _check_ctx(out, ctx, nctx)
+    if isinstance(ctx, tuple):
+        if len(ctx) != 2:
+            raise ValueError("a ctx pair must be (cmap, top)")
+        cmap = _check_array("cmap", ctx[0], 256)
+        top = _check_array("top", ctx[1], n)
+        if isinstance(nctx, bool) or not isinstance(nctx, int) or not 1 <= nctx <= MAX_CTX:
+            raise ValueError(f"nctx must be an int in 1..{MAX_CTX}, got {nctx!r}")
+        if not _use_native:
+            ctx = np.frombuffer(top.tobytes().translate(cmap.tobytes()), np.uint8)
+        elif np.may_share_memory(top, out):
+            raise ValueError("top must not overlap out")
+        else:
+            ctx = (cmap, top)
+    else:
+        _check_ctx(out, ctx, nctx)
     if _use_native:
         err = _native.decode(body, ctx, nctx, out)
         if err is not None:

@@ -358,7 +358,10 @@ def decode_plane(frame: Frame, k: int, ref_top: np.ndarray | None = None,
             if ref_top is None or frame.cmap is None:
                 raise CorruptChunkError("plane coded in the reference's contexts, which the "
                                         "reader does not have")
-            ctx = context_of(frame.cmap, ref_top)
+            if out is not None and np.may_share_memory(out, ref_top):
+                ctx = context_of(frame.cmap, ref_top)
+            else:  # the decoder maps the reference's top bytes itself
+                ctx = (frame.cmap, np.ascontiguousarray(ref_top, dtype=np.uint8).reshape(-1))
         return entropy.decode(plane.body, m, ctx, frame.nctx if ctx is not None else 1, out)
     try:
         if zstandard.frame_content_size(plane.body) != m:

@@ -54,10 +54,23 @@ def _decode_with(which: str, body: bytes, n: int, ctx: np.ndarray | None,
             _native_mod().set_simd(old_simd)
 
 
+def _as_map(ctx: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cmap, top) with cmap[top] == ctx (ctx < 16); cmap has values >= nctx that top avoids."""
+    cmap = (np.arange(256) & 15).astype(np.uint8)
+    rng = np.random.default_rng(n)
+    top = (ctx + 16 * rng.integers(0, 16, n)).astype(np.uint8)
+    assert np.array_equal(cmap[top], ctx)
+    return cmap, top
+
+
 def _decode_all(body: bytes, n: int, ctx: np.ndarray | None = None,
                 nctx: int = 1) -> np.ndarray | str:
     """Decode with every decoder; they must agree (same bytes, or all refuse the body)."""
     results = {w: _decode_with(w, body, n, ctx, nctx) for w in _decoders()}
+    if ctx is not None:  # the same contexts as (cmap, top), mapped inside the decoder
+        pair = _as_map(ctx, n)
+        for w in _decoders():
+            results[w + "-map"] = _decode_with(w, body, n, pair, nctx)
     first = next(iter(results.values()))
     for which, got in results.items():
         if isinstance(first, str) or isinstance(got, str):
@@ -140,6 +153,32 @@ def test_constant_and_compressible_sizes() -> None:
     assert len(entropy.encode(two)) < n / 10
     uniform = rng.integers(0, 256, n, dtype=np.uint8)
     assert len(entropy.encode(uniform)) == 12 + n + (n >> entropy.BLOCK_LOG2_ORDER0)  # raw
+
+
+@needs_native
+def test_mapped_contexts_out_of_range_or_overlapping() -> None:
+    rng = np.random.default_rng(5)
+    plane = rng.integers(0, 4, 5000, dtype=np.uint8)
+    ctx = (plane % 3).astype(np.uint8)
+    body = entropy.encode(plane, ctx, 3)
+    cmap, top = _as_map(ctx, plane.size)
+    assert np.array_equal(entropy.decode(body, plane.size, (cmap, top), 3), plane)
+    bad = cmap.copy()
+    bad[top[100]] = 3  # a value top holds maps past the context count
+    assert _decode_all(body, plane.size, None, 1) == "corrupt"
+    for which in _decoders():
+        assert _decode_with(which, body, plane.size, (bad, top), 3) == "corrupt"
+    wrong = cmap.copy()
+    wrong[top[100]] = (ctx[100] + 1) % 3  # contexts in range, but not the encoder's
+    for which in _decoders():
+        got = _decode_with(which, body, plane.size, (wrong, top), 3)
+        assert isinstance(got, str) or not np.array_equal(got, plane)
+    with pytest.raises(ValueError):
+        entropy.decode(body, plane.size, (cmap[:255], top), 3)
+    with pytest.raises(ValueError):
+        entropy.decode(body, plane.size, (cmap, top[:-1]), 3)
+    with pytest.raises(ValueError):
+        entropy.decode(body, plane.size, (cmap, top), 3, out=top)
 
 
 def test_bad_arguments() -> None:
