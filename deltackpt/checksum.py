@@ -1,7 +1,8 @@
 """Checksummed text files: a JSON document followed by one ``xxh3-128 <hex>`` trailer line.
 
-Used for the repository config and the step manifests, so that a flipped byte anywhere in them
-is detected rather than silently changing a plain value or a chunk reference.
+Used for the repository config, journals and version-1 step manifests (version 2 has its own
+binary framing, manifest.py), so that a flipped byte anywhere in them is detected rather than
+silently changing a plain value or a chunk reference.
 """
 from __future__ import annotations
 

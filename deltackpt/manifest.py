@@ -26,7 +26,8 @@ from .codecs import get_codec
 from .codecs._floats import is_float
 from .codecs.base import Codec
 from .dtypes import ElementType, element_type
-from .errors import CodecError, CorruptFileError, FormatVersionError, UnsupportedValueError
+from .errors import (CodecError, CorruptFileError, DeltaCkptError, FormatVersionError,
+                     UnsupportedValueError)
 
 MANIFEST_FORMAT = "deltackpt.manifest"
 MANIFEST_VERSION = 2           # what writers write
@@ -333,7 +334,7 @@ def _zstd() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
 
 
 def _encode_v2(m: Manifest) -> bytes:
-    """Version-2 bytes of ``m`` (spec/FORMAT.md, "Manifest version 2")."""
+    """Version-2 bytes of ``m`` (spec/FORMAT.md, "Manifest", "Version 2")."""
     etypes: dict[tuple[str, str], int] = {}
     devices: dict[str, int] = {}
     flags, et, dev, ranks, nbytes, cbytes, dims = [], [], [], [], [], [], []
@@ -370,7 +371,7 @@ def _encode_v2(m: Manifest) -> bytes:
            "chunks": len(codec)}
     if any(len(x) != 16 for x in ids) or any(len(x) != 16 for x in digs) \
             or any(len(t.digest) != 16 for t in m.tensors):
-        raise ValueError("chunk ids and digests are 16 bytes")
+        raise DeltaCkptError(f"step {m.step}: a chunk id or digest is not 16 bytes")
     text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     body = b"".join([
         struct.pack("<I", len(text)), text, bytes(flags), _col(et, "<u4"), _col(dev, "<u4"),
