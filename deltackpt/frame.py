@@ -50,6 +50,7 @@ _GIVE_UP_RATIO = 0.96               # a sample compressing worse than this: stor
 _KEEP_RATIO = 0.98                  # a coded plane must be at least 2% smaller to be kept
 _LITERAL_BIAS = 1.02                # a literal plane within 2% of its XOR wins: no chain for it
 _ZSTD_WHOLE = 32 * 1024             # planes up to this size are zstd'd whole to compare
+_TINY = 4096                        # planes below this: XOR (with a reference) and zstd/stored
 _NOISE = 0.995                      # an order-0 estimate above this share of the plane: noise
 _SAMPLE_BLOCK = 32 * 1024           # estimates of planes above _SAMPLE_PLANE look at
 _SAMPLE_BLOCKS = 4                  # this many evenly spread blocks of this size
@@ -132,7 +133,7 @@ def _code_plane(plane: np.ndarray, level: int, ctx: np.ndarray | None, nctx: int
     they pay) where the coder is built, zstd where a sample says its matches pay more, else
     stored. ``e0``: the plane's order-0 estimate, when the caller has it already."""
     m = plane.size
-    if not m or not entropy.can_encode():
+    if m < _TINY or not entropy.can_encode():  # tiny: per-block tables cost more than they save
         method, body = _zstd_or_stored(plane, level)
         return method, CTX_NONE, body
     if e0 is None:
@@ -202,7 +203,7 @@ def encode_frame(payload: np.ndarray, word: int, level: int,
         rplanes = _planes_of(ref, word, "frame-ref")
         xors = scratch(n, "frame-xor").reshape(word, m)
         np.bitwise_xor(planes, rplanes, out=xors)
-        if contexts and word >= 2 and m and entropy.can_encode():
+        if contexts and word >= 2 and m >= _TINY and entropy.can_encode():
             cmap = context_map(rplanes[word - 1])
             nctx = int(cmap.max()) + 1
             ctx = context_of(cmap, rplanes[word - 1]) if nctx > 1 else None
@@ -214,7 +215,10 @@ def encode_frame(payload: np.ndarray, word: int, level: int,
     for k in range(word):
         mode, plane = MODE_LITERAL, planes[k]
         e0 = None
-        if xors is not None:
+        if xors is not None and m < _TINY:  # no estimates: such planes cost bytes, not time
+            if np.count_nonzero(xors[k]) < 0.9 * np.count_nonzero(planes[k]):
+                mode, plane = MODE_XOR, xors[k]
+        elif xors is not None:
             e0, dx = _estimate(planes[k]), _estimate(xors[k])
             if dx * _LITERAL_BIAS < e0:
                 mode, plane, e0 = MODE_XOR, xors[k], dx

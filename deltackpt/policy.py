@@ -133,21 +133,22 @@ class Rule:
 
 @dataclass(frozen=True)
 class Policy:
-    #: codec for chunks that changed since the reference: "xor" (a reader replays a chain of
-    #: XOR deltas plane by plane, so deep chains load fastest) or "diff" (integer difference,
-    #: zigzag: a few % smaller on slowly drifting floats, each link replayed in full); any
-    #: registered lossless reference codec id works
+    #: codec for chunks that changed since the reference: "pxor" (each byte plane stored as
+    #: itself or XORed with the reference's, whichever codes smaller; a reader replays only the
+    #: planes that ride the chain), "xor" (every plane XORed) or "diff" (integer difference,
+    #: zigzag; each link replayed in full); any registered lossless reference codec id works
     codec: str = "pxor"
     #: what deltas are taken against: "previous" (the last save) or "keyframe" (the last
     #: keyframe: rebuilds replay at most 2 entries, deltas are a little larger)
     reference: str = "previous"
     #: a keyframe every N saves; with reference="previous" a rebuild replays at most N entries
-    keyframe_every: int = 10
+    keyframe_every: int = 20
     #: with reference="previous": at most this many deltas between any step and its keyframe;
     #: the save after a step at the bound is a delta against the keyframe (which the writer
     #: keeps as a second in-memory reference), so chains restart short between keyframes.
-    #: 0: no bound but the keyframe interval
-    max_chain: int = 0
+    #: 0: no bound but the keyframe interval. The default (4 with keyframes every 20 saves)
+    #: stores as much as a plain chain with keyframes every 10 (benchmarks/bench_references.py)
+    max_chain: int = 4
     #: chunk size in bytes (rounded down to whole elements); the unit of dedup and parallelism
     chunk_bytes: int = 4 * MiB
     zstd_level: int = 1

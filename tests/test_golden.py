@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 import deltackpt
 from deltackpt.codecs import get_codec, registered_codecs
 from deltackpt.dtypes import element_type
-from deltackpt.frame import decode_frame, encode_frame
+from deltackpt.frame import FRAME_VERSION, decode_frame, encode_frame, needs_reference
 from deltackpt.manifest import MAGIC, MANIFEST_VERSION
 from deltackpt.store.packs import decode_index
 
@@ -214,9 +214,16 @@ def test_golden_expected_states_agree():
 
 
 def test_golden_packs_and_indexes_identical():
-    """Manifest version 2 changed no other file: the chunks, packs' frames and the config
-    format of both fixtures are the same."""
-    assert set(_frames(repo_dir("v1"))) == set(_frames(repo_dir("v2")))
+    """Format 2 (manifest and frame version 2) stores the chunks of format 1: a chunk id both
+    hold (these codecs' ids are payload hashes) decodes to the same payload from either frame
+    version, and the config format is unchanged."""
+    old, new = _frames(repo_dir("v1")), _frames(repo_dir("v2"))
+    common = set(old) & set(new)
+    assert len(common) >= len(old) // 2, "most chunks are stored alike (raw ids are digests)"
+    for cid in common:
+        plen = struct.unpack_from("<Q", old[cid], 4)[0]
+        assert old[cid][0] == 1 and new[cid][0] == 2, cid.hex()
+        assert np.array_equal(decode_frame(new[cid], plen), decode_frame(old[cid], plen))
     for version in VERSIONS:
         with open(os.path.join(repo_dir(version), "deltackpt.json"), "rb") as f:
             assert f.read().startswith(b'{"format":"deltackpt","version":1,')
@@ -278,12 +285,18 @@ def test_golden_covers_what_it_claims(golden_repo):
 
 def test_golden_v1_and_v2_manifests_say_the_same():
     """Every field of every step's manifest, parsed from v1 JSON and from v2 binary, is equal
-    (the random txn, pack ids and times aside, and stored_bytes, which counts the manifest)."""
+    (the random txn, pack ids and times aside, and the stored bytes). Chunk records agree in
+    what they rebuild to (their digests); a v2 writer may store a chunk raw where v1 stored a
+    delta or the reverse, as its rANS frames have other sizes, so ids, codecs, refs and depths
+    may differ, and so may the chunk counts."""
     with deltackpt.open(repo_dir("v1"), "r") as r1, deltackpt.open(repo_dir("v2"), "r") as r2:
         for s in make_golden().STEPS:
             a, b = r1.manifest(s).to_doc(), r2.manifest(s).to_doc()
             for d in (a, b):
-                del d["txn"], d["packs"], d["time"], d["stats"]["stored_bytes"]
+                del d["txn"], d["packs"], d["time"], d["stats"]
+                for t in d["tensors"]:
+                    t["chunks"] = [c[3] for c in t["chunks"]]  # the digests
+                d["codecs"] = None  # the tables list the codecs the records use
             assert a == b, f"step {s}"
 
 
@@ -309,9 +322,11 @@ def _frames(root: str) -> dict[bytes, bytes]:
 
 
 def _frame_structure(frame: bytes) -> tuple[Any, ...]:
-    version, nplanes, reserved, n = struct.unpack_from("<BBHQ", frame, 0)
-    methods = [frame[12 + 9 * k] for k in range(nplanes)]
-    return version, nplanes, reserved, n, tuple(methods)
+    version, nplanes, flags, n = struct.unpack_from("<BBHQ", frame, 0)
+    width = 9 if version == 1 else 12   # plane descriptor: method, [mode, context, 0,] size
+    methods = [frame[12 + width * k:12 + width * k + (1 if version == 1 else 3)]
+               for k in range(nplanes)]
+    return version, nplanes, flags, n, tuple(methods)
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +341,11 @@ def _same_zstd(version: str = "v2") -> bool:
 
 
 def test_reencode_manifests_identical(golden_repo, reencoded):
+    """Today's writer writes exactly the current version's fixture (older versions' writers
+    made other choices: they are covered by loading and verifying them)."""
     version = golden_repo.golden_version
+    if version != f"v{make_golden().VERSION}":
+        pytest.skip("an older version's fixture: its writer is gone")
     with deltackpt.open(reencoded, "r") as new:
         assert new.steps() == golden_repo.steps()
         for s in golden_repo.steps():
@@ -351,14 +370,21 @@ def test_reencode_manifests_identical(golden_repo, reencoded):
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_reencode_frames_identical(reencoded, version):
+    """Today's writer stores the same chunks as every fixture; byte-identical frames are
+    required of the current version only (older fixtures hold older frame versions)."""
     old, new = _frames(repo_dir(version)), _frames(reencoded)
-    assert set(new) == set(old), "a different set of chunks was stored"
+    current = version == f"v{make_golden().VERSION}"
+    if current:
+        assert set(new) == set(old), "a different set of chunks was stored"
     for cid, frame in old.items():
+        if cid not in new:
+            continue
         plen = struct.unpack_from("<Q", frame, 4)[0]
-        assert _frame_structure(new[cid]) == _frame_structure(frame), cid.hex()
         assert np.array_equal(decode_frame(new[cid], plen), decode_frame(frame, plen))
-        if _same_zstd(version):
-            assert new[cid] == frame, f"frame of chunk {cid.hex()} changed"
+        if current:
+            assert _frame_structure(new[cid]) == _frame_structure(frame), cid.hex()
+            if _same_zstd(version):
+                assert new[cid] == frame, f"frame of chunk {cid.hex()} changed"
 
 
 # --------------------------------------------------------------------------- codec fixtures
@@ -402,8 +428,9 @@ def test_codec_fixture_decodes(cid):
             np.frombuffer(bytes.fromhex(case["ref"]), np.uint8).copy()
         payload = np.frombuffer(bytes.fromhex(case["payload"]), np.uint8).copy()
         frame = bytes.fromhex(case["frame"])
-        # the committed frame decodes to the committed payload
-        got = decode_frame(frame, payload.size)
+        # the committed frame decodes to the committed payload (against the reference chunk,
+        # for a frame_reference codec's frame)
+        got = decode_frame(frame, payload.size, ref=ref if needs_reference(frame) else None)
         assert np.array_equal(got, payload), f"{where}: frame decodes differently"
         assert _frame_structure(frame)[1] in (1, case["word"]), where
         # and the committed payload decodes to the committed bytes
@@ -417,5 +444,7 @@ def test_codec_fixture_decodes(cid):
             assert np.asarray(enc, np.uint8).tobytes().hex() == case["payload"], \
                 f"{where}: encode changed"
             assert word == case["word"], where
-        if _same_zstd():
-            assert encode_frame(payload, case["word"], 1) == frame, f"{where}: framing changed"
+        if _same_zstd() and frame[0] == FRAME_VERSION:  # older frames: decode-only coverage
+            assert encode_frame(payload, case["word"], 1,
+                                ref=ref if codec.frame_reference else None) == frame, \
+                f"{where}: framing changed"

@@ -14,7 +14,8 @@ Layout:
   v1/repo/                     written by deltackpt before manifest version 2 (JSON manifests,
                                version 1); kept as committed, never regenerated
   v2/repo/                     the same phases and states written by this deltackpt (binary
-                               manifests, version 2; packs, indexes and config as in v1)
+                               manifests, version 2; chunk frames version 2, rANS-coded planes;
+                               the same chunk ids as v1, config as in v1)
   v<N>/expected/tensors.safetensors
   v<N>/expected/states.json    every step's expected state, in a format that does NOT depend on
                                deltackpt: tensors by key in the safetensors file, plain values as
@@ -263,7 +264,9 @@ def _case(codec: Any, dtype: str, kind: str, seed: int) -> dict[str, Any] | None
     return {"kind": kind, "dtype": et.name, "config": codec.get_config(), "word": int(word),
             "data": data.tobytes().hex(), "ref": None if refb is None else refb.tobytes().hex(),
             "payload": payload.tobytes().hex(),
-            "frame": encode_frame(payload, int(word), 1).hex(),
+            # a frame_reference codec's frame is coded against the reference chunk
+            "frame": encode_frame(payload, int(word), 1,
+                                  ref=refb if codec.frame_reference else None).hex(),
             "decoded": np.asarray(decoded, dtype=np.uint8).tobytes().hex()}
 
 
