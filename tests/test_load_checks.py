@@ -61,7 +61,6 @@ def test_a_tensor_digest_unlike_its_chunks_still_fails(tmp_path: Path, step: int
     entry["digest"] = "0" * 32
     with open(path, "wb") as f:
         f.write(checksum.dump(doc))
-    with deltackpt.open(root, "r") as r:
-        with pytest.raises(DigestMismatchError) as exc:
-            r.load(step)
+    with deltackpt.open(root, "r") as r, pytest.raises(DigestMismatchError) as exc:
+        r.load(step)
     assert exc.value.path == "small" and exc.value.step == step
