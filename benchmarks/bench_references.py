@@ -4,10 +4,11 @@ Workload (a) of ``benchmarks/suite.py`` (a dense fp32 GPT trained with AdamW) sa
 repository per structure, the same checkpoints in a rotating order per save, and with
 ``torch.save`` as the baseline:
 
-* ``chain k=10`` (today's default) and ``chain k=16``: each step against the previous one;
-* ``max_chain=N k=16``: chains of at most N deltas, restarting from the keyframe (the writer
-  keeps the keyframe's state as a second reference: two copies at most);
-* ``keyframe k=16``: every step against its keyframe.
+* the default (codec ``pxor``, ``max_chain=4``, a keyframe every 20 saves): chains of at most
+  4 deltas, restarting from the keyframe (the writer keeps the keyframe's state as a second
+  reference: two copies at most);
+* ``pxor`` with contexts off, as plain chains (k=20, k=10), and with ``max_chain=2``;
+* the previous default: ``xor`` chains with a keyframe every 10 saves.
 
 Per structure: logical over stored bytes (the repository on disk), worst and mean number of
 deltas a step replays, median save time, and every step's load time (median of the rounds) as
@@ -37,11 +38,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import suite  # noqa: E402  (workload definitions shared with the suite)
 
 STRUCTURES: dict[str, dict[str, Any]] = {
-    "chain k=10 (default)": {"keyframe_every": 10},
-    "chain k=16": {"keyframe_every": 16},
-    "max_chain=3 k=16": {"keyframe_every": 16, "max_chain": 3},
-    "max_chain=4 k=16": {"keyframe_every": 16, "max_chain": 4},
-    "keyframe k=16": {"keyframe_every": 16, "reference": "keyframe"},
+    "default (pxor, max_chain=4, k=20)": {},
+    "pxor, contexts off": {"contexts": False},
+    "pxor chain k=20": {"max_chain": 0},
+    "pxor chain k=10": {"max_chain": 0, "keyframe_every": 10},
+    "pxor max_chain=2 k=20": {"max_chain": 2},
+    "old default (xor chain k=10)": {"codec": "xor", "max_chain": 0, "keyframe_every": 10},
 }
 
 

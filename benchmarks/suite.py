@@ -1551,7 +1551,8 @@ def main(argv: list[str] | None = None) -> int:
         pol = deltackpt.Policy()
         chunk_window = 2 * 4 * pol.workers * pol.chunk_bytes
         targets = check_targets(ws, rows, chunk_window, baseline)
-        meta = {"config": config, "baseline": _baseline_meta(baseline), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "torch": torch.__version__,
+        meta = {"config": config, "baseline": _baseline_meta(baseline),
+                "date": time.strftime("%Y-%m-%d %H:%M %Z"), "torch": torch.__version__,
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                            f"{platform.system()} {platform.release()}",
                 "python": platform.python_version(), "deltackpt": deltackpt.__version__,

@@ -27,11 +27,12 @@ PRESETS = ("lossless", "balanced", "archive")
 #: frame tried when a delta hardly pays, its joined bytes) plus a zstd context (~1.3 MiB), i.e.
 #: ~21 MiB at the default 4 MiB chunks: at most ~1.35 GiB at the peak of a save with 64 workers
 #: (measured ~7.5 MiB per worker, since workers are rarely all at their peak at once). Between
-#: saves each pool thread keeps its scratch: 2 x ``chunk_bytes`` after saves, 3 x after loads
-#: (up to 768 MiB for 64 threads while the repository is open; threads start only as chunks
-#: keep them busy). Past ~64 threads the pipeline is bound by memory bandwidth (every chunk is
-#: read and written several times: hash, delta, planes, zstd, reference copy) and by the one
-#: thread that feeds the workers, not by cores; ``workers=`` can still ask for more.
+#: calls each pool thread keeps its scratch: 2 x ``chunk_bytes`` for saves ("delta", "frame"),
+#: 2 more once it has loaded ("payload", "planes"): up to 1 GiB for 64 threads while the
+#: repository is open (threads start only as chunks keep them busy). Past ~64 threads the
+#: pipeline is bound by memory bandwidth (every chunk is read and written several times: hash,
+#: delta, planes, zstd, reference copy) and by the one thread that feeds the workers, not by
+#: cores; ``workers=`` can still ask for more.
 MAX_DEFAULT_WORKERS = 64
 
 

@@ -285,7 +285,8 @@ class Reconstructor:
         """Whether checking every chunk (as :meth:`chunk_into` does) already checked the
         tensor: a one-chunk tensor whose digest is its chunk's (hashing it again is a second
         pass over the same bytes)."""
-        return len(entry.chunks) == 1 and entry.chunks[0].digest == entry.digest
+        return len(entry.chunks) == 1 and entry.chunks[0].digest == entry.digest \
+            and entry.chunk_span(0) == (0, entry.nbytes)
 
     def check(self, step: int, entry: TensorEntry, data: np.ndarray) -> None:
         """Raise DigestMismatchError unless ``data`` hashes to the tensor's save-time digest."""
