@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import deltackpt
-from deltackpt import checksum
 from deltackpt.errors import DigestMismatchError
+from deltackpt.manifest import Manifest
 from deltackpt.reconstruct import Reconstructor
 
 
@@ -55,12 +55,12 @@ def test_a_tensor_digest_unlike_its_chunks_still_fails(tmp_path: Path, step: int
     root = _repo(tmp_path)
     path = glob.glob(os.path.join(root, "steps", f"{step:020d}.json"))[0]
     with open(path, "rb") as f:
-        doc = checksum.load(f.read(), "manifest")
-    entry = next(t for t in doc["tensors"] if t["path"] == "small")
-    assert entry["digest"] == entry["chunks"][0][3]
-    entry["digest"] = "0" * 32
+        m = Manifest.from_bytes(f.read(), step)
+    entry = m.tensor("small")
+    assert entry is not None and entry.digest == entry.chunks[0].digest
+    entry.digest = bytes(16)
     with open(path, "wb") as f:
-        f.write(checksum.dump(doc))
+        f.write(m.to_bytes())  # a valid, checksummed manifest saying something wrong
     with deltackpt.open(root, "r") as r, pytest.raises(DigestMismatchError) as exc:
         r.load(step)
     assert exc.value.path == "small" and exc.value.step == step
