@@ -37,7 +37,8 @@ from deltackpt.store.packs import decode_index
 STEPS = (10, 20, 30, 40)
 POLICY = dict(chunk_bytes=256, keyframe_every=3, workers=1)
 _FRAME_HEAD = struct.Struct("<BBHQ")
-_PLANE = struct.Struct("<BQ")
+_PLANE_V1 = struct.Struct("<BQ")     # frame version 1: method, size
+_PLANE_V2 = struct.Struct("<BBBBQ")  # frame version 2: method, mode, context, 0, size
 _PACK_HEAD_SIZE = 16
 _ENTRY_HEAD_SIZE = 24
 
@@ -181,13 +182,20 @@ def pack_regions(pack: bytes, entries) -> dict[int, tuple[str, Any]]:
         _v, nplanes, _r, n = _FRAME_HEAD.unpack_from(pack, off)
         for i in (0, 1, 4, 5, 6, 7, 8, 9, 10, 11):
             labels[off + i] = ("frame-head", None)
-        labels[off + 2] = labels[off + 3] = ("frame-reserved", None)
-        pos = off + _FRAME_HEAD.size + nplanes * _PLANE.size
+        labels[off + 2] = labels[off + 3] = ("frame-reserved", None)  # v2: the flags
+        desc = _PLANE_V1 if _v == 1 else _PLANE_V2
+        pos = off + _FRAME_HEAD.size + nplanes * desc.size
         for i in range(off + _FRAME_HEAD.size, pos):
             labels[i] = ("plane-table", None)
-        for k in range(nplanes):
-            method, size = _PLANE.unpack_from(pack, off + _FRAME_HEAD.size + k * _PLANE.size)
-            kind = "zstd-body" if method == 1 else "stored-body"
+        table = [desc.unpack_from(pack, off + _FRAME_HEAD.size + k * desc.size)
+                 for k in range(nplanes)]
+        if _v == 2 and any(t[2] for t in table):  # a context map follows the table
+            for i in range(pos, pos + 256):
+                labels[i] = ("context-map", None)
+            pos += 256
+        for t in table:
+            method, size = t[0], t[-1]
+            kind = {1: "zstd-body", 2: "rans-body"}.get(method, "stored-body")
             for i in range(pos, pos + size):
                 labels[i] = (kind, (pos, size, n // nplanes))
             pos += size
@@ -202,7 +210,7 @@ def _bit(i: int) -> int:
 
 _PACK_STRIDE = {"pack-head": 1, "pack-reserved": 1, "frame-head": 1, "frame-reserved": 1,
                 "pack-trailer": 2, "entry-head": 2, "plane-table": 3, "zstd-body": 11,
-                "stored-body": 11}
+                "stored-body": 11, "rans-body": 11, "context-map": 11}
 
 
 def sample_positions(rel: str, data: bytes, entries=None) -> list[int]:
