@@ -143,13 +143,13 @@ class Policy:
     #: keyframe: rebuilds replay at most 2 entries, deltas are a little larger)
     reference: str = "previous"
     #: a keyframe every N saves; with reference="previous" a rebuild replays at most N entries
-    keyframe_every: int = 20
+    keyframe_every: int = 10
     #: with reference="previous": at most this many deltas between any step and its keyframe;
     #: the save after a step at the bound is a delta against the keyframe (which the writer
     #: keeps as a second in-memory reference), so chains restart short between keyframes.
-    #: 0: no bound but the keyframe interval. The default (4 with keyframes every 20 saves)
-    #: stores as much as a plain chain with keyframes every 10 (benchmarks/bench_references.py)
-    max_chain: int = 4
+    #: 0: no bound but the keyframe interval. max_chain=4 with keyframe_every=20 stores about
+    #: as much as the default chain (benchmarks/bench_references.py) with half the worst depth
+    max_chain: int = 0
     #: chunk size in bytes (rounded down to whole elements); the unit of dedup and parallelism
     chunk_bytes: int = 4 * MiB
     zstd_level: int = 1
