@@ -4,10 +4,10 @@ Workload (a) of ``benchmarks/suite.py`` (a dense fp32 GPT trained with AdamW) sa
 repository per structure, the same checkpoints in a rotating order per save, and with
 ``torch.save`` as the baseline:
 
-* the default (codec ``pxor``, ``max_chain=4``, a keyframe every 20 saves): chains of at most
-  4 deltas, restarting from the keyframe (the writer keeps the keyframe's state as a second
-  reference: two copies at most);
-* ``pxor`` with contexts off, as plain chains (k=20, k=10), and with ``max_chain=2``;
+* the default (codec ``pxor``, each step against the previous one, a keyframe every 10 saves),
+  and with contexts off;
+* ``max_chain=N k=20``: chains of at most N deltas, restarting from the keyframe (the writer
+  keeps the keyframe's state as a second reference: two copies at most);
 * the previous default: ``xor`` chains with a keyframe every 10 saves.
 
 Per structure: logical over stored bytes (the repository on disk), worst and mean number of
@@ -38,12 +38,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import suite  # noqa: E402  (workload definitions shared with the suite)
 
 STRUCTURES: dict[str, dict[str, Any]] = {
-    "default (pxor, max_chain=4, k=20)": {},
+    "default (pxor chain k=10)": {},
     "pxor, contexts off": {"contexts": False},
-    "pxor chain k=20": {"max_chain": 0},
-    "pxor chain k=10": {"max_chain": 0, "keyframe_every": 10},
-    "pxor max_chain=2 k=20": {"max_chain": 2},
-    "old default (xor chain k=10)": {"codec": "xor", "max_chain": 0, "keyframe_every": 10},
+    "pxor max_chain=4 k=20": {"max_chain": 4, "keyframe_every": 20},
+    "pxor max_chain=2 k=20": {"max_chain": 2, "keyframe_every": 20},
+    "old default (xor chain k=10)": {"codec": "xor"},
 }
 
 

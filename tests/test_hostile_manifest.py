@@ -122,7 +122,9 @@ def genuine(tmp_path_factory) -> dict[str, Any]:
     Parameter and a generator; its manifests' bytes."""
     root = str(tmp_path_factory.mktemp("v2") / "repo")
     rules = [Rule("model/w", {"id": "quant", "bits": 8, "block": 64})]
-    with deltackpt.open(root, chunk_bytes=256, keyframe_every=10, workers=1,
+    # codec xor: its delta_gain rule stores the small "np" tensor raw at every step (pxor
+    # would XOR its exponent plane), which the chunk-record cases below mutate
+    with deltackpt.open(root, chunk_bytes=256, keyframe_every=10, workers=1, codec="xor",
                         rules=rules) as repo:
         for s in range(3):
             repo.save(s, state_for(s))

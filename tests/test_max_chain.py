@@ -186,7 +186,7 @@ def test_bench_references_quick_runs(capsys: pytest.CaptureFixture[str]) -> None
         sys.path.remove(bench)
     assert bench_references.main(["--quick"]) == 0
     out = capsys.readouterr().out
-    assert "| max_chain=3 k=16 |" in out and "| chain k=10 (default) |" in out
+    assert "| pxor max_chain=4 k=20 |" in out and "| default (pxor chain k=10) |" in out
 
 
 def test_lossy_tiers_with_bounded_chains(tmp_path):
