@@ -119,9 +119,9 @@ def _zstd_may_win(plane: np.ndarray, level: int, coded: float) -> bool:
     """Whether zstd on a sample comes within 5% of ``coded`` bytes' share of it: repeats and
     long runs (tiled values, rows that did not change) that order-0 statistics cannot see."""
     m = plane.size
-    sample, scale = _sample(plane)
     if m <= _ZSTD_WHOLE:
         return True
+    sample, scale = _sample(plane)
     if sample is plane:
         sample, scale = plane[:_ZSTD_WHOLE], m / _ZSTD_WHOLE
     return scale * len(_compressor(level).compress(memoryview(sample).cast("B"))) < 1.05 * coded
@@ -194,7 +194,7 @@ def encode_frame(payload: np.ndarray, word: int, level: int,
     n = payload.size
     word = _normal_word(word, n)
     planes = _planes_of(payload, word, "frame")
-    m = n // word if word else 0
+    m = n // word
     xors = rplanes = ctx = cmap = None
     nctx = 1
     if ref is not None:
@@ -205,10 +205,9 @@ def encode_frame(payload: np.ndarray, word: int, level: int,
         np.bitwise_xor(planes, rplanes, out=xors)
         if contexts and word >= 2 and m >= _TINY and entropy.can_encode():
             cmap = context_map(rplanes[word - 1])
-            nctx = int(cmap.max()) + 1
-            ctx = context_of(cmap, rplanes[word - 1]) if nctx > 1 else None
-            if ctx is None:
-                cmap = None
+            if cmap.any():  # more than one context
+                nctx = int(cmap.max()) + 1
+                ctx = context_of(cmap, rplanes[word - 1])
     descs, bodies = [], []
     flags = 0
     any_ctx = False

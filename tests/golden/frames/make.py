@@ -11,6 +11,7 @@ change (with a new frame version). Inputs come from xxh3 in counter mode, not a 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -23,11 +24,14 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", ".."))
 
 from deltackpt.frame import encode_frame, needs_reference, parse_frame  # noqa: E402
 
-
-def _bytes(seed: int, n: int) -> np.ndarray:
-    out = b"".join(xxhash.xxh3_128(i.to_bytes(8, "little"), seed=seed).digest()
-                   for i in range(-(-n // 16)))
-    return np.frombuffer(out[:n], np.uint8).copy()
+# the rANS fixtures' input generator (xxh3 in counter mode), loaded by path: both scripts are
+# called make.py
+_spec = importlib.util.spec_from_file_location(
+    "entropy_make", os.path.join(HERE, "..", "entropy", "make.py"))
+assert _spec is not None and _spec.loader is not None
+_entropy_make = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_entropy_make)
+_bytes = _entropy_make._bytes
 
 
 def _normal(seed: int, n: int) -> np.ndarray:
