@@ -19,7 +19,8 @@ class Raw(Codec):
     def decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
                nbytes: int) -> np.ndarray:
         if payload.size != nbytes:
-            raise CorruptChunkError(f"raw payload has {payload.size} bytes, expected {nbytes}")
+            raise CorruptChunkError(f"{self.codec_id} payload has {payload.size} bytes, expected "
+                                    f"{nbytes}")
         return payload
 
     def max_payload(self, nbytes: int, etype: ElementType) -> int | None:
