@@ -42,7 +42,7 @@ STRUCTURES: dict[str, dict[str, Any]] = {
     "pxor, contexts off": {"contexts": False},
     "pxor max_chain=4 k=20": {"max_chain": 4, "keyframe_every": 20},
     "pxor max_chain=2 k=20": {"max_chain": 2, "keyframe_every": 20},
-    "old default (xor chain k=10)": {"codec": "xor"},
+    "xor chain k=10 (old default codec)": {"codec": "xor"},
 }
 
 
