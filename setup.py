@@ -3,13 +3,13 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[
     Extension(
-        "deltackpt._planes", ["deltackpt/_planes.c"],
+        "deltackpt.format._planes", ["deltackpt/format/_planes.c"],
         extra_compile_args=["-O3", "-std=c11"],
-        optional=True,  # no compiler: install anyway; deltackpt.planes falls back to numpy
+        optional=True,  # no compiler: install anyway; deltackpt.format.planes falls back to numpy
     ),
     Extension(
-        "deltackpt._entropy", ["deltackpt/_entropy.c"],
+        "deltackpt.format._entropy", ["deltackpt/format/_entropy.c"],
         extra_compile_args=["-O3", "-std=c11"],
-        optional=True,  # no compiler: deltackpt.entropy decodes with numpy, encodes nothing
+        optional=True,  # no compiler: deltackpt.format.entropy decodes with numpy, encodes nothing
     ),
 ])

@@ -1,6 +1,6 @@
 """Asynchronous saves of a CUDA training state: how long the training loop is blocked.
 
-A GPT of deltackpt.demo trained with AdamW on the GPU; every ``--every`` steps the state is
+A GPT of deltackpt.cli.demo trained with AdamW on the GPU; every ``--every`` steps the state is
 saved three ways, side by side in one run: ``torch.save`` (which copies every tensor to the
 host, then writes), ``deltackpt`` blocking, and ``deltackpt`` with ``blocking=False`` (the loop
 waits for one copy into pinned staging memory; encoding and writing run in the background
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import deltackpt
-from deltackpt.demo import GPTConfig, TinyGPT
+from deltackpt.cli.demo import GPTConfig, TinyGPT
 
 
 def _host_copy(x: Any) -> Any:

@@ -1,8 +1,8 @@
-"""rANS plane coder (deltackpt/entropy.py) vs zstd level 1 on the byte planes of real deltas.
+"""rANS plane coder (deltackpt/format/entropy.py) vs zstd level 1 on the byte planes of real deltas.
 
-A small GPT (deltackpt.demo, 4 layers, dim 256) trains with AdamW from a fixed seed; the fp32
+A small GPT (deltackpt.cli.demo, 4 layers, dim 256) trains with AdamW from a fixed seed; the fp32
 tensors of two consecutive steps, grouped as parameters, exp_avg and exp_avg_sq, are XORed and
-split into byte planes (deltackpt.planes.split). For every plane, in ONE run with the methods
+split into byte planes (deltackpt.format.planes.split). For every plane, in ONE run with the methods
 interleaved per repeat:
 
 * zstd level 1 (zstandard, one thread): ratio, compress and decompress MB/s;
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import zstandard
 
-from deltackpt import entropy, planes
-from deltackpt.demo import GPTConfig, Trainer
+from deltackpt.cli.demo import GPTConfig, Trainer
+from deltackpt.format import entropy, planes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import suite  # noqa: E402  (write_results, _git_commit)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     if not entropy.can_encode():
-        print("deltackpt._entropy is not built (or DELTACKPT_NATIVE=0): nothing to measure")
+        print("deltackpt.format._entropy is not built (or DELTACKPT_NATIVE=0): nothing to measure")
         return 2
     repeat = args.repeat or (1 if args.quick else 9)
     numpy_repeat = 1 if args.quick else 3
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _simd() -> bool:
-    from deltackpt import _entropy
+    from deltackpt.format import _entropy
     on = _entropy.set_simd(True)
     _entropy.set_simd(on)
     return bool(on)

@@ -1,6 +1,6 @@
 """Foundation figures: deltackpt (lossless) vs torch.save / torch.load, side by side, one run.
 
-Workload: the 3.2M-parameter char-level transformer of deltackpt.demo (4 layers, d=256),
+Workload: the 3.2M-parameter char-level transformer of deltackpt.cli.demo (4 layers, d=256),
 AdamW + cosine schedule, fp32, a checkpoint (model + optimizer + scheduler + RNG) every 10 steps;
 once with every parameter trained ("dense") and once with all but the output layer frozen
 ("frozen"). Each checkpoint is written both ways; sizes are file bytes on disk, times are
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import deltackpt
-from deltackpt.demo import GPTConfig, Trainer
+from deltackpt.cli.demo import GPTConfig, Trainer
 
 
 def _fsync_file(path: str) -> None:

@@ -1,6 +1,6 @@
 """Lossy tiers: disk saved vs resume fidelity, per codec setting, one training run per workload.
 
-Workload 1 ("transformer"): the 3.2M-parameter char-level transformer of deltackpt.demo
+Workload 1 ("transformer"): the 3.2M-parameter char-level transformer of deltackpt.cli.demo
 (4 layers, d=256, context 128; the model of bench_foundation.py), AdamW + cosine schedule, fp32,
 trained once; a checkpoint (model + optimizer + scheduler + data RNG + step) every 5 steps, 100
 saves. Each checkpoint is written as a torch.save file (the baseline) and into one repository per
@@ -43,9 +43,9 @@ import xxhash
 from torch import nn
 
 import deltackpt
-from deltackpt.demo import GPTConfig, Trainer
-from deltackpt.policy import Rule
-from deltackpt.tree import flatten
+from deltackpt.cli.demo import GPTConfig, Trainer
+from deltackpt.engine.policy import Rule
+from deltackpt.format.tree import flatten
 
 #: published compression ratios quoted in the issue (literature, not measured here)
 PUBLISHED = (("LC-Checkpoint", "~28x"), ("DynaQuant", "39x"), ("ExCP", "~70x"))

@@ -42,9 +42,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import deltackpt
-from deltackpt.manifest import Manifest, manifest_name
-from deltackpt.policy import Rule
-from deltackpt.tree import leaf_indices, unflatten
+from deltackpt.engine.policy import Rule
+from deltackpt.format.tree import leaf_indices, unflatten
+from deltackpt.store.manifest import Manifest, manifest_name
 
 
 def _states(quick: bool, saves: int, every: int) -> list[tuple[int, Any]]:

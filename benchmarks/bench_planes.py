@@ -1,4 +1,4 @@
-"""Byte-plane kernels: the C extension (deltackpt/_planes.c) vs numpy, side by side, one run.
+"""Byte-plane kernels: the C extension (deltackpt/format/_planes.c) vs numpy, side by side, one run.
 
 Two parts, every figure a ratio between the two paths measured interleaved in this run:
 1. the kernels alone: ``planes.split`` / ``planes.merge`` on one 4 MiB chunk (the default
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 import deltackpt
-from deltackpt import planes
+from deltackpt.format import planes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import suite  # noqa: E402  (workload definitions shared with the suite)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     if not planes.native_available():
-        print("deltackpt._planes is not built (or DELTACKPT_NATIVE=0): nothing to compare")
+        print("deltackpt.format._planes is not built (or DELTACKPT_NATIVE=0): nothing to compare")
         return 2
     root = tempfile.mkdtemp(prefix="deltackpt-planes-")
     try:

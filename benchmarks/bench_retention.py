@@ -1,6 +1,6 @@
 """Retention: the cost of rebuilding any step stays bounded as a run grows, and gc reclaims space.
 
-Workload: deltackpt.demo.Trainer with its default tiny config (char-level transformer, 2
+Workload: deltackpt.cli.demo.Trainer with its default tiny config (char-level transformer, 2
 layers, d=64: ~117k parameters; model + AdamW state + scheduler + RNG = ~1.4 MB per
 checkpoint), trained on CPU with a checkpoint after *every* training step, 1,000 saves by
 default, into a repository with the default policy (lossless, ``diff`` deltas against the
@@ -38,8 +38,8 @@ from typing import Any
 import torch
 
 import deltackpt
-from deltackpt.demo import GPTConfig, Trainer
-from deltackpt.retention import KeepEvery, KeepLast
+from deltackpt.cli.demo import GPTConfig, Trainer
+from deltackpt.engine.retention import KeepEvery, KeepLast
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace, root: str) -> dict[str, Any]:
     pt_kept = sum(os.path.getsize(pt_files[s]) for s in kept)
     after = measure_loads(repo_dir, pt_files, args.repeat)
     return {
-        "workload": {"model": "deltackpt.demo.Trainer, default GPTConfig "
+        "workload": {"model": "deltackpt.cli.demo.Trainer, default GPTConfig "
                               f"({sum(p.numel() for p in trainer.model.parameters())} "
                               "parameters), AdamW, a save after every training step",
                      "saves": args.saves, "state_bytes_torch_save": state_bytes,

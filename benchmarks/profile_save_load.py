@@ -41,8 +41,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import deltackpt  # noqa: E402
 from suite import make_workloads  # noqa: E402
+
+import deltackpt  # noqa: E402
 
 
 def checkpoints(quick: bool) -> list[tuple[int, Any]]:

@@ -17,7 +17,7 @@ Methods (each checkpoint of a run is written by every method, in a rotating orde
 
 Workloads (generated locally from fixed seeds, no downloads):
 
-a) dense pre-training of the char transformer of deltackpt.demo with AdamW, fp32
+a) dense pre-training of the char transformer of deltackpt.cli.demo with AdamW, fp32
 b) the same with bf16 mixed precision: bf16 model weights rounded from fp32 master params that
    AdamW updates; the checkpoint holds the bf16 model and the fp32 master + optimizer (forward
    and backward run in fp32 on the bf16-rounded weights: bf16 matmuls are emulated, several times
@@ -92,7 +92,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import deltackpt
-from deltackpt.demo import GPTConfig, Trainer
+from deltackpt.cli.demo import GPTConfig, Trainer
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -513,7 +513,7 @@ def _git_commit() -> str:
 
 
 def _policies() -> dict[str, Any]:
-    from deltackpt.policy import preset
+    from deltackpt.engine.policy import preset
     return {"lossless": deltackpt.Policy().to_dict(), "balanced": preset("balanced").to_dict(),
             "archive": preset("archive").to_dict()}
 

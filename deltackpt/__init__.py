@@ -11,24 +11,39 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
-from .errors import (BrokenChainError, CodecError, CorruptChunkError, CorruptFileError,
-                     DeltaCkptError, DeltaCkptWarning, DigestMismatchError, FormatVersionError,
-                     IntegrityError, LockedError, MissingChunkError, PolicyError, ReadOnlyError,
-                     RepositoryNotFoundError, SelectionError, StepExistsError,
-                     StepNotFoundError, UnsupportedValueError)
+from .errors import (
+    BrokenChainError,
+    CodecError,
+    CorruptChunkError,
+    CorruptFileError,
+    DeltaCkptError,
+    DeltaCkptWarning,
+    DigestMismatchError,
+    FormatVersionError,
+    IntegrityError,
+    LockedError,
+    MissingChunkError,
+    PolicyError,
+    ReadOnlyError,
+    RepositoryNotFoundError,
+    SelectionError,
+    StepExistsError,
+    StepNotFoundError,
+    UnsupportedValueError,
+)
 
 if TYPE_CHECKING:
     from .codecs import Codec, get_codec, register_codec
-    from .policy import Policy
+    from .engine.policy import Policy
+    from .ops.verify import Problem, VerifyReport
     from .repository import Repository, SaveInfo
-    from .rng import rng_state, set_rng_state
-    from .verify import Problem, VerifyReport
+    from .runtime.rng import rng_state, set_rng_state
 
 #: names imported on first use (PEP 562), so ``deltackpt --help`` starts without numpy or torch
 _LAZY = {"Codec": "codecs", "get_codec": "codecs", "register_codec": "codecs",
-         "Policy": "policy", "Repository": "repository", "SaveInfo": "repository",
-         "rng_state": "rng", "set_rng_state": "rng", "Problem": "verify",
-         "VerifyReport": "verify"}
+         "Policy": "engine.policy", "Repository": "repository", "SaveInfo": "repository",
+         "rng_state": "runtime.rng", "set_rng_state": "runtime.rng", "Problem": "ops.verify",
+         "VerifyReport": "ops.verify"}
 
 __version__ = "0.1.0"
 

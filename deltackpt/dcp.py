@@ -4,13 +4,21 @@
 >>> dcp.save(state_dict, storage_writer=deltackpt.dcp.Writer("runs/exp1", step))
 >>> dcp.load(state_dict, storage_reader=deltackpt.dcp.Reader("runs/exp1", step))
 
-Implemented in :mod:`deltackpt.integrations.dcp`; importing this module imports
+Implemented in :mod:`deltackpt.integrations.distributed`; importing this module imports
 ``torch.distributed.checkpoint``.
 """
 from __future__ import annotations
 
-from .integrations.dcp import (DOC_FORMAT, DOC_VERSION, Reader, StorageInfo, Writer, close,
-                               prune, rank_path)
+from .integrations.distributed import (
+                                       DOC_FORMAT,
+                                       DOC_VERSION,
+                                       Reader,
+                                       StorageInfo,
+                                       Writer,
+                                       close,
+                                       prune,
+                                       rank_path,
+)
 
 __all__ = ["DOC_FORMAT", "DOC_VERSION", "Reader", "StorageInfo", "Writer", "close", "prune",
            "rank_path"]

@@ -15,40 +15,55 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import numpy as np
 
-from . import checksum, hugepages
-from .dtypes import TORCH_DTYPES, element_type, storage_dtype
-from .errors import (CorruptFileError, DeltaCkptError, DeltaCkptWarning, FormatVersionError,
-                     IntegrityError, ReadOnlyError, RepositoryNotFoundError, SelectionError,
-                     StepExistsError, StepNotFoundError, UnsupportedValueError)
-from .manifest import (MAX_STEP, Manifest, TensorEntry, manifest_name,
-                       parse_manifest_name)
-from .policy import Policy
-from .reconstruct import ChunkCache, Reconstructor
-from .store.base import Backend
+from .engine.policy import Policy
+from .engine.reconstruct import ChunkCache, Reconstructor
+from .engine.retention import Retention, StepView, parse_time, plan
+from .engine.staging import StagingPool, materialize, stage
+from .engine.writer import RefState, RefTensor, StepEncoder, bounded_map, chunk_size
+from .errors import (
+    CorruptFileError,
+    DeltaCkptError,
+    DeltaCkptWarning,
+    FormatVersionError,
+    IntegrityError,
+    ReadOnlyError,
+    RepositoryNotFoundError,
+    SelectionError,
+    StepExistsError,
+    StepNotFoundError,
+    UnsupportedValueError,
+)
+from .format import checksum
+from .format.dtypes import TORCH_DTYPES, element_type, storage_dtype
+from .format.tree import Leaf, flatten, leaf_indices, top_level_labels, unflatten
+from .ops.gc import GCReport, delete_steps, sweep
+from .ops.stepdiff import StepUsage, TensorDiff, diff_steps, usage
+from .ops.verify import VerifyReport
+from .ops.verify import verify as verify_repo
+from .runtime import hugepages
+from .store.backend import Backend
 from .store.local import LocalBackend
+from .store.manifest import (
+    MAX_STEP,
+    Manifest,
+    TensorEntry,
+    manifest_name,
+    parse_manifest_name,
+)
 from .store.packs import ChunkStore, index_name, pack_name
-from .tree import flatten, leaf_indices, top_level_labels, unflatten
-from .diff import StepUsage, TensorDiff, diff_steps, usage
-from .gc import GCReport, delete_steps, sweep
-from .retention import Retention, StepView, parse_time, plan
-from .verify import VerifyReport
-from .verify import verify as verify_repo
-from .tree import Leaf
-from .staging import StagingPool, materialize, stage
-from .writer import RefState, RefTensor, StepEncoder, bounded_map, chunk_size
 
 if TYPE_CHECKING:
     import torch
 else:
-    from ._lazy import torch
+    from .runtime.lazy import torch
 
 REPO_FORMAT = "deltackpt"
 REPO_VERSION = 1
@@ -661,7 +676,7 @@ class Repository:
         return usage
 
     def diff(self, a: int, b: int) -> list[TensorDiff]:
-        """Per-tensor report between steps ``a`` and ``b`` (see :mod:`deltackpt.diff`)."""
+        """Per-tensor report between steps ``a`` and ``b`` (see :mod:`deltackpt.ops.stepdiff`)."""
         self._check_open()
         self._barrier()
         return diff_steps(self, a, b)
@@ -766,9 +781,9 @@ class Repository:
             self._key = None          # rebuilt from disk when a chain restarts
 
     def repair(self, todo: Any = None) -> Any:
-        """Carry out the recoverable actions of a :func:`deltackpt.repair.plan` (default: a
+        """Carry out the recoverable actions of a :func:`deltackpt.ops.repair.plan` (default: a
         fresh one), after every save queued before; returns the plan of what is left."""
-        from .repair import apply
+        from .ops.repair import apply
 
         return apply(self, todo)
 
@@ -786,7 +801,7 @@ class Repository:
         """Write ``step`` (default: the latest) as a ``.safetensors`` or ``.pt`` file, or a
         checkpoint folder (``fmt``: ``auto``, ``pt``, ``safetensors``, ``hf-folder``); a step
         imported from a file or folder goes back to that form. Returns the path written."""
-        from .export import export_step
+        from .interop.export import export_step
 
         self._check_open()
         self._raise_pending()

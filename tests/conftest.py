@@ -30,9 +30,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(params=["native", "numpy"])
 def plane_backend(request: pytest.FixtureRequest) -> str:
     """Runs a test once with the compiled byte-plane kernels and once with numpy's."""
-    from deltackpt import planes
+    from deltackpt.format import planes
     if request.param == "native" and not planes.native_available():
-        pytest.skip("deltackpt._planes was not built (no C compiler at install)")
+        pytest.skip("deltackpt.format._planes was not built (no C compiler at install)")
     old = planes.set_native(request.param == "native")
     yield request.param
     planes.set_native(old)

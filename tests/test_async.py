@@ -5,11 +5,10 @@ import copy
 
 import pytest
 import torch
+from _util import assert_bitexact
 
 import deltackpt
 from deltackpt.errors import StepExistsError
-
-from _util import assert_bitexact
 
 
 def _state(seed: int) -> dict:
@@ -164,8 +163,8 @@ def test_async_failure_releases_its_buffer(tmp_path, monkeypatch):
 def test_staged_copies_are_exact_and_detached_from_the_originals(dtype):
     """The staging fast path (raw memmove now, a typed view of the buffer later) keeps dtype, shape,
     strides and bytes, and later in-place changes to the originals do not reach the copy."""
-    from deltackpt.staging import StagingPool, materialize, stage
-    from deltackpt.tree import flatten
+    from deltackpt.engine.staging import StagingPool, materialize, stage
+    from deltackpt.format.tree import flatten
 
     g = torch.Generator().manual_seed(7)
     base = torch.randn(6, 5, 4, generator=g, dtype=torch.float64) * 100

@@ -14,16 +14,20 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _util import assert_bitexact
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
-                                 rule)
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 import deltackpt
+from deltackpt.engine.retention import KeepLast
 from deltackpt.errors import ReadOnlyError, StepExistsError
-from deltackpt.retention import KeepLast
-
-from _util import assert_bitexact
 
 POLICY = dict(chunk_bytes=2048, keyframe_every=4, workers=2, fsync=False)
 

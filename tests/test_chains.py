@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deltackpt
+from deltackpt.engine.reconstruct import Reconstructor
 from deltackpt.errors import (
     DeltaCkptError,
     IntegrityError,
@@ -31,8 +32,7 @@ from deltackpt.errors import (
     StepExistsError,
     StepNotFoundError,
 )
-from deltackpt.manifest import manifest_name
-from deltackpt.reconstruct import Reconstructor
+from deltackpt.store.manifest import manifest_name
 from deltackpt.store.packs import pack_name
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

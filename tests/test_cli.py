@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
+from _util import assert_bitexact
 
 import deltackpt
-from deltackpt.cli import main
-from deltackpt.export import read_file, step_from_name
-
-from _util import assert_bitexact
+from deltackpt.cli.main import main
+from deltackpt.interop.export import read_file, step_from_name
 
 
 def _state(i: int) -> dict:

@@ -55,7 +55,7 @@ def test_import_deltackpt_is_lazy_and_complete():
 
 def test_torch_free_dtype_table_matches_torch():
     """The element types read without torch are exactly what torch itself says."""
-    from deltackpt import dtypes
+    from deltackpt.format import dtypes
 
     for name, (size, cplx, flt) in dtypes._CORE_TORCH.items():
         d = dtypes.TORCH_DTYPES[name]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import deltackpt
-from deltackpt.cli import build_parser, main
+from deltackpt.cli.main import build_parser, main
 from deltackpt.store.packs import _PACK_HEAD, _PACK_TAIL
 
 LONG = "/a/very/long/absolute/path/that/the/meta/json/holds/checkpoint-dir/pytorch_model.bin"
@@ -231,7 +231,7 @@ def test_gc_dry_run_estimate(repo_path, tmp_path, capsys):
 
 
 def deltackpt_keep(steps: list[int]):
-    from deltackpt.retention import KeepSteps
+    from deltackpt.engine.retention import KeepSteps
     return KeepSteps(steps)
 
 

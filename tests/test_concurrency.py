@@ -32,8 +32,8 @@ import torch
 from _util import assert_bitexact
 
 import deltackpt
+from deltackpt.engine.retention import KeepEvery, KeepLast
 from deltackpt.errors import LockedError, StepNotFoundError
-from deltackpt.retention import KeepEvery, KeepLast
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 POLICY: dict[str, Any] = dict(chunk_bytes=2048, max_pack_bytes=6000, keyframe_every=5,

@@ -312,7 +312,7 @@ def test_kill_during_recovery(repo):
 def _patch_chunk_jobs(monkeypatch, behaviour) -> None:
     """Route every chunk job of the writer through ``behaviour(orig, encoder, job)``, each on
     a worker thread (no chunk is small enough to be encoded inline)."""
-    from deltackpt import writer
+    from deltackpt.engine import writer
 
     orig = writer.StepEncoder._chunk
     monkeypatch.setattr(writer, "SMALL_CHUNK", 0)

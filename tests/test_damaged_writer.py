@@ -15,15 +15,20 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _util import assert_bitexact
 
 import deltackpt
-from deltackpt.errors import (CorruptFileError, DeltaCkptWarning, IntegrityError,
-                              RepositoryNotFoundError, SelectionError, UnsupportedValueError)
-from deltackpt.manifest import manifest_name
-from deltackpt.repair import plan as repair_plan
-from deltackpt.retention import KeepLast
-
-from _util import assert_bitexact
+from deltackpt.engine.retention import KeepLast
+from deltackpt.errors import (
+    CorruptFileError,
+    DeltaCkptWarning,
+    IntegrityError,
+    RepositoryNotFoundError,
+    SelectionError,
+    UnsupportedValueError,
+)
+from deltackpt.ops.repair import plan as repair_plan
+from deltackpt.store.manifest import manifest_name
 
 POLICY = dict(chunk_bytes=4096, keyframe_every=10, workers=2, fsync=False)
 
@@ -188,7 +193,7 @@ def test_meta_takes_numbers_from_a_training_loop(tmp_path):
 
 
 def test_log_lists_the_steps_around_an_unreadable_manifest(tmp_path, capsys):
-    from deltackpt.cli import main
+    from deltackpt.cli.main import main
 
     root = _saved(tmp_path, 4)
     _flip_manifest(root, 1)
@@ -224,8 +229,8 @@ def test_delete_leaves_partly_live_packs_to_gc_unless_asked(tmp_path):
 
 
 def test_du_around_an_unreadable_manifest_still_adds_up(tmp_path, capsys):
-    from deltackpt.cli import main
-    from deltackpt.diff import account
+    from deltackpt.cli.main import main
+    from deltackpt.ops.stepdiff import account
 
     root = _saved(tmp_path, 4)
     _flip_manifest(root, 1)

@@ -25,7 +25,7 @@ import deltackpt  # noqa: E402
 import deltackpt.dcp  # noqa: E402
 from deltackpt.dcp import Reader, Writer, rank_path  # noqa: E402
 from deltackpt.errors import DeltaCkptError, StepNotFoundError  # noqa: E402
-from deltackpt.integrations.dcp import doc_to_metadata, metadata_to_doc  # noqa: E402
+from deltackpt.integrations.distributed import doc_to_metadata, metadata_to_doc  # noqa: E402
 
 DTensor, Shard, Replicate = tensor_mod.DTensor, tensor_mod.Shard, tensor_mod.Replicate
 #: what dcp.save/load raise for a failure on any rank (a BaseException, not an Exception)

@@ -1,4 +1,4 @@
-"""rANS byte-plane coder (deltackpt/entropy.py, deltackpt/_entropy.c): round trips through both
+"""rANS byte-plane coder (deltackpt/format/entropy.py, deltackpt/format/_entropy.c): round trips through both
 decoders, the committed golden bodies, hostile bodies, and the size estimate."""
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
-import xxhash
 
-from deltackpt import entropy
 from deltackpt.errors import CorruptChunkError
+from deltackpt.format import entropy
 
 needs_native = pytest.mark.skipif(not entropy.can_encode(),
-                                  reason="deltackpt._entropy was not built (no C compiler)")
+                                  reason="deltackpt.format._entropy was not built (no C compiler)")
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "entropy")
 FUZZ_CASES = int(os.environ.get("DELTACKPT_FUZZ_EXAMPLES") or 0) or 3000
 
@@ -35,7 +35,7 @@ def _decoders() -> list[str]:
 
 
 def _native_mod():  # type: ignore[no-untyped-def]
-    from deltackpt import _entropy
+    from deltackpt.format import _entropy
     return _entropy
 
 
@@ -208,7 +208,7 @@ def test_native_built_where_required() -> None:
     """CI sets DELTACKPT_REQUIRE_NATIVE=1: a silent fallback to numpy there is a failure."""
     if os.environ.get("DELTACKPT_REQUIRE_NATIVE") != "1":
         pytest.skip("only checked where DELTACKPT_REQUIRE_NATIVE=1 (.ci/run sets it)")
-    assert entropy.native_available(), "the C extension deltackpt._entropy was not built"
+    assert entropy.native_available(), "the C extension deltackpt.format._entropy was not built"
 
 
 # --- golden bodies: version-1 bodies committed under tests/golden/entropy/ --------------------

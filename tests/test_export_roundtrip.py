@@ -11,16 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _util import assert_bitexact
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_roundtrip import generators, numpy_arrays, numpy_scalars, states_with_ties
 
 import deltackpt
 from deltackpt.errors import DeltaCkptError, UnsupportedValueError
-from deltackpt.export import PT_MARKER, decode_pt, encode_pt
-from deltackpt.importer import import_checkpoints
-
-from _util import assert_bitexact
-from test_roundtrip import generators, numpy_arrays, numpy_scalars, states_with_ties
+from deltackpt.interop.export import PT_MARKER, decode_pt, encode_pt
+from deltackpt.interop.importer import import_checkpoints
 
 
 def readme_state(seed: int = 0) -> dict[str, Any]:

@@ -30,11 +30,11 @@ import json
 import os
 import random
 import shutil
-import warnings
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -46,8 +46,8 @@ from _durable import KILLED, check_each_kill, hook_durable_ops, run_forked
 from _util import assert_bitexact
 
 import deltackpt
+from deltackpt.engine.retention import KeepEvery, KeepLast
 from deltackpt.errors import DeltaCkptError, DeltaCkptWarning
-from deltackpt.retention import KeepEvery, KeepLast
 from deltackpt.store import local
 from deltackpt.store.packs import decode_index
 
@@ -650,7 +650,7 @@ def dmg_probe(root: str) -> tuple[dict[int, BaseException | None], Any, Any]:
     """Load every step read-only (bit-exact or a DeltaCkptError, nothing else), verify, plan
     the repair; check that verify names every step that fails, and the tensor where the
     error names one."""
-    from deltackpt import repair
+    from deltackpt.ops import repair
 
     loads: dict[int, BaseException | None] = {}
     try:
@@ -689,7 +689,7 @@ def dmg_probe(root: str) -> tuple[dict[int, BaseException | None], Any, Any]:
 def _repair_and_check(root: str, todo: Any) -> set[int]:
     """Apply the plan with a writer; every step the plan did not give up on must then load
     bit-exactly and verify; returns the steps that load."""
-    from deltackpt import repair
+    from deltackpt.ops import repair
 
     lost = set(todo.lost_steps)
     with deltackpt.open(root, "a", **DMG_POLICY) as w:

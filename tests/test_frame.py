@@ -10,16 +10,27 @@ import os
 import struct
 
 import numpy as np
-import xxhash
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deltackpt import entropy, planes
 from deltackpt.errors import CorruptChunkError
-from deltackpt.frame import (CTX_REFERENCE, FLAG_REFERENCE, METHOD_RANS, METHOD_STORED,
-                             METHOD_ZSTD, MODE_LITERAL, MODE_XOR, context_map, decode_frame,
-                             encode_frame, needs_reference, parse_frame)
+from deltackpt.format import entropy, planes
+from deltackpt.format.frame import (
+    CTX_REFERENCE,
+    FLAG_REFERENCE,
+    METHOD_RANS,
+    METHOD_STORED,
+    METHOD_ZSTD,
+    MODE_LITERAL,
+    MODE_XOR,
+    context_map,
+    decode_frame,
+    encode_frame,
+    needs_reference,
+    parse_frame,
+)
 
 HEAD = struct.Struct("<BBHQ")
 PLANE = struct.Struct("<BBBBQ")

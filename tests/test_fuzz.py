@@ -34,16 +34,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deltackpt
-from deltackpt import checksum
 from deltackpt.codecs import get_codec
-from deltackpt.codecs._floats import is_float
-from deltackpt.dtypes import element_type
+from deltackpt.codecs.floats import is_float
 from deltackpt.errors import DeltaCkptError, UnsupportedValueError
-from deltackpt.frame import decode_frame, encode_frame
-from deltackpt.manifest import Manifest
-from deltackpt.store.base import Backend
+from deltackpt.format import checksum
+from deltackpt.format.dtypes import element_type
+from deltackpt.format.frame import decode_frame, encode_frame
+from deltackpt.format.tree import leaf_indices, unflatten
+from deltackpt.store.backend import Backend
+from deltackpt.store.manifest import Manifest
 from deltackpt.store.packs import decode_index, scan_pack
-from deltackpt.tree import leaf_indices, unflatten
 
 EXAMPLES = int(os.environ.get("DELTACKPT_FUZZ_EXAMPLES") or 4 * settings().max_examples)
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,

@@ -22,10 +22,9 @@ fsync is most of their time.
 """
 from __future__ import annotations
 
-import logging
-
 import functools
 import json
+import logging
 import math
 import operator
 import os
@@ -40,20 +39,34 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
-                                 rule, run_state_machine_as_test)
-
-import deltackpt
-from deltackpt.cli import main as cli_main
-from deltackpt.errors import DeltaCkptError, LockedError, StepNotFoundError
-from deltackpt.policy import Rule
-from deltackpt.retention import (AnyOf, KeepBest, KeepEvery, KeepLast, KeepNewerThan, KeepSteps,
-                                 Retention, StepView, plan)
-
 from _durable import KILLED, check_each_kill, hook_durable_ops, run_forked
 from _util import assert_bitexact
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+import deltackpt
+from deltackpt.cli.main import main as cli_main
+from deltackpt.engine.policy import Rule
+from deltackpt.engine.retention import (
+    AnyOf,
+    KeepBest,
+    KeepEvery,
+    KeepLast,
+    KeepNewerThan,
+    KeepSteps,
+    Retention,
+    StepView,
+    plan,
+)
+from deltackpt.errors import DeltaCkptError, LockedError, StepNotFoundError
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 LOSSY_RULE = Rule("*", {"id": "quant", "bits": 8})
@@ -913,7 +926,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def test_diff_sparse_change_is_exact_and_unchanged_tensors_read_nothing(tmp_path, monkeypatch):
-    from deltackpt.reconstruct import Reconstructor
+    from deltackpt.engine.reconstruct import Reconstructor
 
     path = str(tmp_path / "r")
     g = torch.Generator().manual_seed(1)

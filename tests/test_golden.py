@@ -28,9 +28,14 @@ from safetensors.torch import load_file
 
 import deltackpt
 from deltackpt.codecs import get_codec, registered_codecs
-from deltackpt.dtypes import element_type
-from deltackpt.frame import FRAME_VERSION, decode_frame, encode_frame, needs_reference
-from deltackpt.manifest import MAGIC, MANIFEST_VERSION
+from deltackpt.format.dtypes import element_type
+from deltackpt.format.frame import (
+    FRAME_VERSION,
+    decode_frame,
+    encode_frame,
+    needs_reference,
+)
+from deltackpt.store.manifest import MAGIC, MANIFEST_VERSION
 from deltackpt.store.packs import decode_index
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")

@@ -10,16 +10,23 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from _util import assert_bitexact  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback,  # noqa: E402
-                          TrainingArguments)
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 import deltackpt  # noqa: E402
-from deltackpt.cli import main  # noqa: E402
-from deltackpt.integrations.hf import (DeltaCheckpointCallback, materialize,  # noqa: E402
-                                       restore_checkpoint)
-
-from _util import assert_bitexact  # noqa: E402
+from deltackpt.cli.main import main  # noqa: E402
+from deltackpt.integrations.hf import (  # noqa: E402
+    DeltaCheckpointCallback,
+    materialize,
+    restore_checkpoint,
+)
 
 MAX_STEPS, SAVE_STEPS = 6, 2
 

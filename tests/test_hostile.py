@@ -1,7 +1,7 @@
 """Hostile repositories: crafted files that attack the reader (and a writer opening them).
 
 Every attack starts from a small genuine repository (a keyframe and two deltas) and rewrites
-one or more files *with valid checksums* (``deltackpt.checksum.dump``, recomputed index and pack
+one or more files *with valid checksums* (``deltackpt.format.checksum.dump``, recomputed index and pack
 digests), so the parsers behind the checksums are what gets tested. For each attack, opening the
 repository, listing, loading every step, ``history()`` and ``verify()`` must either work
 bit-exactly or raise a ``DeltaCkptError`` subclass -- never ``RecursionError``, ``MemoryError``,
@@ -35,11 +35,19 @@ import zstandard
 from _util import assert_bitexact
 
 import deltackpt
-from deltackpt import checksum
-from deltackpt.errors import (BrokenChainError, CorruptChunkError, CorruptFileError,
-                              DeltaCkptError, FormatVersionError, IntegrityError,
-                              MissingChunkError, StepNotFoundError, UnsupportedValueError)
-from deltackpt.manifest import Manifest
+from deltackpt.errors import (
+    BrokenChainError,
+    CorruptChunkError,
+    CorruptFileError,
+    DeltaCkptError,
+    FormatVersionError,
+    IntegrityError,
+    MissingChunkError,
+    StepNotFoundError,
+    UnsupportedValueError,
+)
+from deltackpt.format import checksum
+from deltackpt.store.manifest import Manifest
 from deltackpt.store.packs import encode_index
 
 STEPS = (0, 1, 2)

@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deltackpt
+from deltackpt.engine.policy import Rule
 from deltackpt.errors import CorruptFileError, DeltaCkptError, FormatVersionError
-from deltackpt.manifest import Manifest, manifest_name
-from deltackpt.policy import Rule
+from deltackpt.store.manifest import Manifest, manifest_name
 
 HEAD = struct.Struct("<8s16sIIQII4Q")   # spec: the 80-byte header
 MAGIC = b"DCKMANF\x00"

@@ -90,7 +90,7 @@ def test_generator_of_a_backend_absent_here(gen_repo, device, capsys):
     assert isinstance(err, UnsupportedValueError) and err.path == "g" and err.step == 0, err
     assert report.ok and device.split(":")[0] in report.unsupported[0]
     _agree(err, report)
-    from deltackpt.cli import main
+    from deltackpt.cli.main import main
     assert main(["verify", gen_repo]) == 0
     assert "note: step 0 is intact but cannot be loaded on this machine" in capsys.readouterr().out
 

@@ -10,16 +10,20 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from _util import assert_bitexact
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import deltackpt
-from deltackpt.cli import main
+from deltackpt.cli.main import main
 from deltackpt.errors import DeltaCkptError, StepExistsError, StepNotFoundError
-from deltackpt.export import export_steps, parse_steps, read_folder, write_folder
-from deltackpt.importer import assign_steps, discover, import_checkpoints
-
-from _util import assert_bitexact
+from deltackpt.interop.export import (
+    export_steps,
+    parse_steps,
+    read_folder,
+    write_folder,
+)
+from deltackpt.interop.importer import assign_steps, discover, import_checkpoints
 
 
 def _weights(i: int) -> OrderedDict:
@@ -219,7 +223,7 @@ def test_cli_import_reports_sizes(tmp_path, capsys):
     m = re.search(r"imported 3 checkpoint\(s\): (.+) on disk -> (.+) stored \(([\d.]+)x smaller\)",
                   out)
     assert m, out
-    from deltackpt.cli import human
+    from deltackpt.cli.main import human
 
     assert m.group(1) == human(before)
     with deltackpt.open(tmp_path / "repo", mode="r") as repo:
@@ -249,7 +253,7 @@ def test_frameworks_are_imported_lazily():
     import subprocess
     import sys
 
-    code = ("import sys, deltackpt, deltackpt.cli, deltackpt.importer, deltackpt.export, "
+    code = ("import sys, deltackpt, deltackpt.cli.main, deltackpt.interop.importer, deltackpt.interop.export, "
             "deltackpt.integrations.hf, deltackpt.integrations.lightning; "
             "bad = [m for m in ('transformers', 'lightning', 'pytorch_lightning', 'accelerate') "
             "if m in sys.modules]; assert not bad, bad")
@@ -261,7 +265,7 @@ def test_frameworks_are_imported_lazily():
 def test_folder_state_from_a_hostile_repository_cannot_escape_the_target(tmp_path, name):
     """A folder state is repository data: its file names must never reach outside the folder."""
     from deltackpt.errors import DeltaCkptError
-    from deltackpt.export import FOLDER_KEY, write_folder
+    from deltackpt.interop.export import FOLDER_KEY, write_folder
 
     state = {FOLDER_KEY: 1, "files": {name: {"type": "text", "text": "x", "size": 1,
                                               "xxh3": "0" * 32}}}

@@ -13,14 +13,12 @@ import torch
 pytest.importorskip("lightning")
 
 import lightning.pytorch as pl  # noqa: E402
+from _util import assert_bitexact  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.utilities.parsing import AttributeDict  # noqa: E402
 
 import deltackpt  # noqa: E402
-from deltackpt.integrations.lightning import (DeltaCheckpointIO, _read_index,  # noqa: E402
-                                             load)
-
-from _util import assert_bitexact  # noqa: E402
+from deltackpt.integrations.lightning import DeltaCheckpointIO, _read_index, load  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*exists and is not empty.*")

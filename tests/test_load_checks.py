@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import deltackpt
+from deltackpt.engine.reconstruct import Reconstructor
 from deltackpt.errors import DigestMismatchError
-from deltackpt.manifest import Manifest
-from deltackpt.reconstruct import Reconstructor
+from deltackpt.store.manifest import Manifest
 
 
 def _state(step: int) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from deltackpt.demo import Trainer
+from deltackpt.cli.demo import Trainer
 from deltackpt.integrations.loop import Checkpointer
 
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _util import assert_bitexact
 from hypothesis import given
 from hypothesis import strategies as st
 
 import deltackpt
-from deltackpt.cli import main
+from deltackpt.cli.main import main
 from deltackpt.codecs import NotApplicable, get_codec
-from deltackpt.dtypes import torch_type
-from deltackpt.policy import Policy, Rule, preset
-
-from _util import assert_bitexact
+from deltackpt.engine.policy import Policy, Rule, preset
+from deltackpt.format.dtypes import torch_type
 
 
 def _b(t: torch.Tensor) -> np.ndarray:
@@ -340,8 +339,8 @@ def test_rule_with_fallback_list_tries_codecs_in_order(tmp_path):
 def test_quant_payload_with_impossible_scales_is_corrupt(domain):
     """Scales the encoder can never write (non-finite; in the log domain, a delta wider than
     the dtype's bit patterns) are refused as corrupt instead of decoding to garbage."""
-    from deltackpt.dtypes import element_type
     from deltackpt.errors import CorruptChunkError
+    from deltackpt.format.dtypes import element_type
     codec = get_codec({"id": "quant", "bits": 8, "block": 4, "domain": domain})
     et = element_type("torch", "float32")
     x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(torch.uint8).numpy().copy()

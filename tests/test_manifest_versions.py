@@ -17,10 +17,10 @@ import pytest
 from _util import assert_bitexact
 
 import deltackpt
-from deltackpt.cli import main as cli_main
-from deltackpt.manifest import MAGIC, Manifest, manifest_name
-from deltackpt.repair import apply as repair_apply
-from deltackpt.repair import plan as repair_plan
+from deltackpt.cli.main import main as cli_main
+from deltackpt.ops.repair import apply as repair_apply
+from deltackpt.ops.repair import plan as repair_plan
+from deltackpt.store.manifest import MAGIC, Manifest, manifest_name
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 V1_REPO = os.path.join(GOLDEN, "v1", "repo")
@@ -115,7 +115,7 @@ def test_delete_rebases_v1_dependents_into_v2(mixed):
 
 
 def test_gc_retention_over_mixed_versions(mixed):
-    from deltackpt.retention import KeepLast
+    from deltackpt.engine.retention import KeepLast
     with deltackpt.open(mixed, "a", **MG.COMMON) as repo:
         report = repo.gc(KeepLast(4))
         assert report.deleted_steps == [0, 1, 2, 3, 4, 5]

@@ -13,12 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _util import assert_bitexact
 
 import deltackpt
+from deltackpt.engine.writer import StepEncoder
 from deltackpt.repository import Repository
-from deltackpt.writer import StepEncoder
-
-from _util import assert_bitexact
 
 
 def make_states(seed: int, n: int) -> list[dict[str, Any]]:

@@ -7,16 +7,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _util import assert_bitexact
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deltackpt
 from deltackpt.codecs import get_codec
-from deltackpt.dtypes import numpy_type, torch_type
-from deltackpt.frame import decode_frame, encode_frame
+from deltackpt.format.dtypes import numpy_type, torch_type
+from deltackpt.format.frame import decode_frame, encode_frame
 from deltackpt.store.packs import ChunkStore
-
-from _util import assert_bitexact
 
 
 def _state(seed: int, n: int = 6000) -> dict[str, Any]:
@@ -159,7 +158,7 @@ def test_bounded_map_batches_small_items_keeps_order_and_errors(sizes: list[int]
     the first failing item's error is raised and no task outlives the call."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from deltackpt.writer import BATCH_BYTES, SMALL_CHUNK, _tasks, bounded_map
+    from deltackpt.engine.writer import BATCH_BYTES, SMALL_CHUNK, _tasks, bounded_map
 
     items = list(enumerate(sizes))
     tasks = list(_tasks(items, lambda it: it[1]))
@@ -189,7 +188,7 @@ def test_bounded_map_batches_small_items_keeps_order_and_errors(sizes: list[int]
 
 
 def test_huge_page_advice_leaves_buffers_usable() -> None:
-    from deltackpt import hugepages
+    from deltackpt.runtime import hugepages
 
     buf = np.empty(9 << 20, np.uint8)[3:]  # unaligned start, spans several 2 MiB pages
     hugepages.advise(buf)

@@ -16,8 +16,8 @@ import torch
 from _util import assert_bitexact
 
 import deltackpt
+from deltackpt.engine.reconstruct import Reconstructor
 from deltackpt.errors import IntegrityError
-from deltackpt.reconstruct import Reconstructor
 from deltackpt.store.packs import pack_name
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -152,8 +152,8 @@ def _adam_walk(steps: int, seed: int) -> list[dict[str, Any]]:
 
 def test_context_coded_chains_replay_in_planes(tmp_path: Any, spy: list[bool],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from deltackpt import entropy
-    from deltackpt.frame import CTX_REFERENCE, parse_frame
+    from deltackpt.format import entropy
+    from deltackpt.format.frame import CTX_REFERENCE, parse_frame
     if not entropy.can_encode():
         pytest.skip("the rANS coder is not built here")
     states = _adam_walk(7, seed=5)

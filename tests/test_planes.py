@@ -1,6 +1,6 @@
 """Byte-plane grouping: the compiled kernels give numpy's bytes, and both invert exactly.
 
-The kernels (deltackpt/_planes.c) write through raw pointers, so besides equality these tests
+The kernels (deltackpt/format/_planes.c) write through raw pointers, so besides equality these tests
 check what they must refuse: sizes that do not match, which would otherwise read or write out
 of bounds.
 """
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deltackpt import planes
-from deltackpt.frame import decode_frame, encode_frame
+from deltackpt.format import planes
+from deltackpt.format.frame import decode_frame, encode_frame
 
 WORDS = [1, 2, 3, 4, 8, 16]  # 2, 4 and 8 are native; the others always take numpy's path
 
@@ -61,7 +61,7 @@ def test_bad_sizes_are_refused(plane_backend: str, word: int) -> None:
 @given(word=st.sampled_from([2, 4, 8]), n=st.integers(0, 5000), seed=st.integers(0, 2**32 - 1))
 def test_frames_identical_with_and_without_native(word: int, n: int, seed: int) -> None:
     if not planes.native_available():
-        pytest.skip("deltackpt._planes was not built")
+        pytest.skip("deltackpt.format._planes was not built")
     rng = np.random.default_rng(seed)
     payload = (rng.integers(0, 4, n * word, dtype=np.uint8) * rng.integers(0, 2, n * word,
                                                                           dtype=np.uint8))
@@ -83,7 +83,7 @@ def test_native_kernels_release_the_gil() -> None:
     it). With a switch interval far longer than the test, the ticker can only take the GIL
     when the main thread gives it up; it sleeps after each tick, handing the GIL back."""
     if not planes.native_available():
-        pytest.skip("deltackpt._planes was not built")
+        pytest.skip("deltackpt.format._planes was not built")
     src = np.full(1 << 25, 7, dtype=np.uint8)
     out = np.empty_like(src)  # not yet faulted in: the call takes a while
     go, stop = threading.Event(), threading.Event()
@@ -114,13 +114,13 @@ def test_native_built_where_required() -> None:
     """CI sets DELTACKPT_REQUIRE_NATIVE=1: a silent fallback to numpy there is a failure."""
     if os.environ.get("DELTACKPT_REQUIRE_NATIVE") != "1":
         pytest.skip("only checked where DELTACKPT_REQUIRE_NATIVE=1 (.ci/run sets it)")
-    assert planes.native_available(), "the C extension deltackpt._planes was not built"
+    assert planes.native_available(), "the C extension deltackpt.format._planes was not built"
 
 
 def test_bench_planes_quick_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """The benchmark behind the README's kernel figures still runs (and checks its round trip)."""
     if not planes.native_available():
-        pytest.skip("deltackpt._planes was not built")
+        pytest.skip("deltackpt.format._planes was not built")
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     try:
         import bench_planes

@@ -11,9 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deltackpt
+from deltackpt.engine.policy import Policy, Rule, preset
+from deltackpt.engine.retention import (
+    AnyOf,
+    KeepBest,
+    KeepEvery,
+    KeepLast,
+    KeepNewerThan,
+    KeepSteps,
+)
 from deltackpt.errors import DeltaCkptError, PolicyError
-from deltackpt.policy import Policy, Rule, preset
-from deltackpt.retention import AnyOf, KeepBest, KeepEvery, KeepLast, KeepNewerThan, KeepSteps
 
 #: option -> a strategy of values of a type the option does not take
 _INTS = st.one_of(st.booleans(), st.floats(allow_nan=True), st.text(max_size=3), st.none(),
@@ -138,8 +145,8 @@ def test_numpy_integers_are_ints():
     """An option computed with numpy (``np.int64``) is an integer like any other, kept as int."""
     import numpy as np
 
-    from deltackpt.policy import Policy
-    from deltackpt.retention import KeepEvery, KeepLast, KeepSteps
+    from deltackpt.engine.policy import Policy
+    from deltackpt.engine.retention import KeepEvery, KeepLast, KeepSteps
 
     p = Policy(keyframe_every=np.int64(10), chunk_bytes=np.int32(1 << 20))
     assert p.keyframe_every == 10 and type(p.keyframe_every) is int

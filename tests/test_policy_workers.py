@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import deltackpt
-from deltackpt import policy
-from deltackpt.policy import MAX_DEFAULT_WORKERS, Policy, preset
+from deltackpt.engine import policy
+from deltackpt.engine.policy import MAX_DEFAULT_WORKERS, Policy, preset
 
 
 @pytest.mark.parametrize("cpus", [1, 3, 12, 64, 200])

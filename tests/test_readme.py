@@ -14,15 +14,16 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 import deltackpt
-from deltackpt.export import decode_pt
+from deltackpt.interop.export import decode_pt
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -28,8 +28,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deltackpt
-from deltackpt.dtypes import TORCH_DTYPES
 from deltackpt.errors import DeltaCkptError, UnsupportedValueError
+from deltackpt.format.dtypes import TORCH_DTYPES
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # ComplexHalf "experimental"
 

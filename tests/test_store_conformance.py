@@ -24,7 +24,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import deltackpt
-from deltackpt import frame as frame_mod
 from deltackpt.errors import (
     CorruptChunkError,
     CorruptFileError,
@@ -33,7 +32,8 @@ from deltackpt.errors import (
     LockedError,
     MissingChunkError,
 )
-from deltackpt.frame import (
+from deltackpt.format import frame as frame_mod
+from deltackpt.format.frame import (
     FRAME_VERSION,
     METHOD_RANS,
     METHOD_STORED,
@@ -42,7 +42,7 @@ from deltackpt.frame import (
     encode_frame,
     frame_length,
 )
-from deltackpt.store.base import Backend
+from deltackpt.store.backend import Backend
 from deltackpt.store.local import LocalBackend
 from deltackpt.store.packs import (
     INDEX_MAGIC,

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from test_fuzz import _mutate, rich_state, trees
 
 from deltackpt.errors import DeltaCkptError
-from deltackpt.tree import flatten, leaf_indices, unflatten
+from deltackpt.format.tree import flatten, leaf_indices, unflatten
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                          HealthCheck.data_too_large])

@@ -2,7 +2,7 @@
 
 Modelled on numcodecs: a ``codec_id``, a JSON config (``get_config``/``from_config``) and a
 registry, so a manifest names each codec by config and a new codec is one new module. The payload
-is then framed (byte planes + zstd, see :mod:`deltackpt.frame`) and content-addressed by the store.
+is then framed (byte planes + zstd, see :mod:`deltackpt.format.frame`) and content-addressed by the store.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..dtypes import ElementType
 from ..errors import CodecError
+from ..format.dtypes import ElementType
 
 _REGISTRY: dict[str, type[Codec]] = {}
 

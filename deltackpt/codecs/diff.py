@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..dtypes import ElementType, uint_of_width
 from ..errors import CorruptChunkError
+from ..format.dtypes import ElementType, uint_of_width
 from .base import Codec, check_reference, register_codec
 
 

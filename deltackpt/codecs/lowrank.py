@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..dtypes import ElementType
 from ..errors import CodecError, CorruptChunkError
-from ._floats import from_float, to_float
+from ..format.dtypes import ElementType
 from .base import Codec, NotApplicable, check_reference, register_codec
+from .floats import from_float, to_float
 from .quant import Quant, quant_payload_bound
 
 if TYPE_CHECKING:
     import torch
 else:
-    from .._lazy import torch
+    from ..runtime.lazy import torch
 
 
 @register_codec

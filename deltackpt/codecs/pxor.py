@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..dtypes import ElementType
+from ..format.dtypes import ElementType
 from .base import check_reference, register_codec
 from .raw import Raw
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import ElementType, uint_of_width
 from ..errors import CodecError, CorruptChunkError
-from ._floats import from_float, to_float
+from ..format.dtypes import ElementType, uint_of_width
 from .base import Codec, NotApplicable, check_reference, register_codec
+from .floats import from_float, to_float
 
 
 def _zigzag(q: np.ndarray, bits: int) -> np.ndarray:
@@ -168,7 +168,7 @@ class Quant(Codec):
         return yb.view(np.uint8)
 
     def supports(self, etype: ElementType) -> bool:
-        from ._floats import is_float
+        from .floats import is_float
         return is_float(etype)
 
     def max_payload(self, nbytes: int, etype: ElementType) -> int | None:

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import ElementType
 from ..errors import CodecError, CorruptChunkError
+from ..format.dtypes import ElementType
 from .base import Codec, check_reference, register_codec
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..dtypes import ElementType
 from ..errors import CorruptChunkError
+from ..format.dtypes import ElementType
 from .base import Codec, check_reference, register_codec
 
 

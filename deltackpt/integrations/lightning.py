@@ -52,12 +52,12 @@ import numpy as np
 import torch
 import xxhash
 
-from .. import checksum
+from ..engine.policy import Policy
 from ..errors import DeltaCkptError, UnsupportedValueError
-from ..policy import Policy
+from ..format import checksum
+from ..format.tree import Leaf, flatten, unflatten
 from ..repository import Repository
-from ..manifest import Manifest
-from ..tree import Leaf, flatten, unflatten
+from ..store.manifest import Manifest
 
 if TYPE_CHECKING:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO

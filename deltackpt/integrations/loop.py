@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..repository import Repository, SaveInfo
-from ..rng import rng_state, set_rng_state
+from ..runtime.rng import rng_state, set_rng_state
 
 
 class Checkpointer:

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from ..errors import CorruptFileError, LockedError
-from .base import Backend, Lock, Stream
+from .backend import Backend, Lock, Stream
 
 _MAX_OPEN = 64
 

@@ -17,9 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from ..errors import CorruptChunkError, CorruptFileError, FormatVersionError, MissingChunkError
-from ..frame import decode_frame, encode_frame, needs_reference, parse_frame
-from .base import Backend, Stream
+from ..errors import (
+    CorruptChunkError,
+    CorruptFileError,
+    FormatVersionError,
+    MissingChunkError,
+)
+from ..format.frame import decode_frame, encode_frame, needs_reference, parse_frame
+from .backend import Backend, Stream
 
 PACK_MAGIC = b"DCKPACK\x00"
 PACK_END_MAGIC = b"DCKPEND\x00"

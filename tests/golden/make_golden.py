@@ -245,9 +245,9 @@ def _codec_inputs(dtype: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _case(codec: Any, dtype: str, kind: str, seed: int) -> dict[str, Any] | None:
     from deltackpt.codecs import NotApplicable
-    from deltackpt.dtypes import torch_type
     from deltackpt.errors import CodecError
-    from deltackpt.frame import encode_frame
+    from deltackpt.format.dtypes import torch_type
+    from deltackpt.format.frame import encode_frame
 
     cur, ref = _codec_inputs(dtype, seed)
     et = torch_type(cur.dtype)

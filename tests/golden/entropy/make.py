@@ -21,7 +21,7 @@ import xxhash
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", ".."))
 
-from deltackpt import entropy  # noqa: E402
+from deltackpt.format import entropy  # noqa: E402
 
 
 def _bytes(seed: int, n: int) -> np.ndarray:

@@ -22,7 +22,7 @@ import xxhash
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", ".."))
 
-from deltackpt.frame import encode_frame, needs_reference, parse_frame  # noqa: E402
+from deltackpt.format.frame import encode_frame, needs_reference, parse_frame  # noqa: E402
 
 # the rANS fixtures' input generator (xxh3 in counter mode), loaded by path: both scripts are
 # called make.py

@@ -6,7 +6,7 @@ the reference chunk, e.g. its exponent byte). zstd reaches the order-0 ratio too
 time looking for matches; a table-driven rANS decoder does not.
 
 Byte grammar, normalisation and every reader check: spec/FORMAT.md, "Entropy-coded plane
-(rANS)". The compiled coder (``deltackpt/_entropy.c``, built where a C compiler is present)
+(rANS)". The compiled coder (``deltackpt/format/_entropy.c``, built where a C compiler is present)
 encodes, decodes and estimates; without it :func:`decode` runs a numpy decoder that gives the
 same bytes (all blocks' lanes advance together, tens of MB/s), :func:`estimate` a numpy
 approximation, and :func:`can_encode` is false so callers keep zstd.
@@ -18,7 +18,7 @@ import struct
 
 import numpy as np
 
-from .errors import CorruptChunkError
+from ..errors import CorruptChunkError
 
 try:
     from . import _entropy as _native  # type: ignore[attr-defined]
@@ -112,7 +112,7 @@ def encode(plane: np.ndarray, ctx: np.ndarray | None = None, nctx: int = 1, *,
     _check_ctx(plane, ctx, nctx)
     block_log2 = _check_block_log2(block_log2, nctx)
     if not can_encode():
-        raise RuntimeError("rANS encoding needs the C extension deltackpt._entropy")
+        raise RuntimeError("rANS encoding needs the C extension deltackpt.format._entropy")
     return _native.encode(plane, ctx, nctx, block_log2)
 
 

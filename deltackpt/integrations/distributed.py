@@ -33,27 +33,56 @@ from typing import Any
 
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata,
-                                                   Metadata, MetadataIndex, StorageMeta,
-                                                   TensorProperties, TensorStorageMetadata)
-from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, ReadItem,
-                                                  SavePlan, SavePlanner, WriteItem,
-                                                  WriteItemType)
-from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.distributed.checkpoint.default_planner import (
+    DefaultLoadPlanner,
+    DefaultSavePlanner,
+)
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import (
+    StorageReader,
+    StorageWriter,
+    WriteResult,
+)
 from torch.futures import Future
 
-from ..dtypes import ALL_TORCH_DTYPES
-from ..errors import (BrokenChainError, CorruptFileError, DeltaCkptError, FormatVersionError,
-                      RepositoryNotFoundError, StepExistsError, StepNotFoundError,
-                      UnsupportedValueError)
-from ..manifest import MAX_STEP, manifest_name
-from ..policy import Policy
+from ..engine.policy import Policy
+from ..errors import (
+    BrokenChainError,
+    CorruptFileError,
+    DeltaCkptError,
+    FormatVersionError,
+    RepositoryNotFoundError,
+    StepExistsError,
+    StepNotFoundError,
+    UnsupportedValueError,
+)
+from ..format.dtypes import ALL_TORCH_DTYPES
+from ..format.tree import escape_key
 from ..repository import Repository
-from ..tree import _escape
+from ..store.manifest import MAX_STEP, manifest_name
 
 try:  # DCP's own version string for the metadata it writes (FileSystemWriter does the same)
-    from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION as _DCP_VERSION
+    from torch.distributed.checkpoint.filesystem import (
+        CURRENT_DCP_VERSION as _DCP_VERSION,
+    )
 except ImportError:  # pragma: no cover - older torch
     _DCP_VERSION = "1.0.0"
 
@@ -96,7 +125,7 @@ class StorageInfo:
     @property
     def select(self) -> str:
         """The ``Repository.load(select=...)`` path of this item."""
-        return f"{self.kind}s/{_escape(self.key)}"
+        return f"{self.kind}s/{escape_key(self.key)}"
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
+from ..errors import CorruptChunkError
+from ..runtime.scratch import scratch
 from . import entropy
-from .errors import CorruptChunkError
 from .planes import merge, split
-from .scratch import scratch
 
 FRAME_V1 = 1
 FRAME_V2 = 2

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .tree import Leaf
+from ..format.tree import Leaf
 from .writer import raw_bytes
 
 if TYPE_CHECKING:
     import torch
 else:
-    from ._lazy import torch
+    from ..runtime.lazy import torch
 
 _ALIGN = 64
 

@@ -34,14 +34,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import DeltaCkptError, StepNotFoundError
-from .frame import frame_length
-from .manifest import ChunkRef, Manifest, TensorEntry
-from .store.packs import (MAX_CHUNK_BYTES, Location, decode_index, encode_index, frame_matches,
-                          index_name, is_pack_id, pack_name, read_pack_entries, scan_pack)
+from ..errors import DeltaCkptError, StepNotFoundError
+from ..format.frame import frame_length
+from ..store.manifest import ChunkRef, Manifest, TensorEntry
+from ..store.packs import (
+    MAX_CHUNK_BYTES,
+    Location,
+    decode_index,
+    encode_index,
+    frame_matches,
+    index_name,
+    is_pack_id,
+    pack_name,
+    read_pack_entries,
+    scan_pack,
+)
 
 if TYPE_CHECKING:
-    from .repository import Repository
+    from ..repository import Repository
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,7 @@ class RepairPlan:
         lines += [f"  - {a}" for a in self.actions]
         todo = [a for a in self.actions if a.recoverable]
         if todo:
-            lines.append("  recover with deltackpt.repair.apply(deltackpt.open(path, 'a')), "
+            lines.append("  recover with deltackpt.ops.repair.apply(deltackpt.open(path, 'a')), "
                          "then verify again")
         unreadable = sorted({a.step for a in self.actions if a.kind == "lost"
                              and a.step is not None and a.path is None})

@@ -13,14 +13,27 @@ from collections.abc import Callable
 import numpy as np
 import xxhash
 
-from .errors import (BrokenChainError, CorruptChunkError, DeltaCkptError, DigestMismatchError,
-                     IntegrityError, StepNotFoundError)
-from .frame import (CTX_REFERENCE, METHOD_STORED, MODE_LITERAL, MODE_XOR, Frame, decode_plane,
-                    parse_frame)
-from .manifest import Manifest, TensorEntry
-from .planes import merge
-from .scratch import scratch as buffer
-from .store.packs import ChunkStore
+from ..errors import (
+    BrokenChainError,
+    CorruptChunkError,
+    DeltaCkptError,
+    DigestMismatchError,
+    IntegrityError,
+    StepNotFoundError,
+)
+from ..format.frame import (
+    CTX_REFERENCE,
+    METHOD_STORED,
+    MODE_LITERAL,
+    MODE_XOR,
+    Frame,
+    decode_plane,
+    parse_frame,
+)
+from ..format.planes import merge
+from ..runtime.scratch import scratch as buffer
+from ..store.manifest import Manifest, TensorEntry
+from ..store.packs import ChunkStore
 
 MAX_CHAIN = 100_000
 

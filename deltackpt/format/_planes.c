@@ -1,4 +1,4 @@
-/* Byte-plane grouping kernels: the optional native half of deltackpt/planes.py.
+/* Byte-plane grouping kernels: the optional native half of deltackpt/format/planes.py.
  *
  * split(src, dst, word): dst[k * n + i] = src[i * word + k] for n = len(src) / word words;
  * merge(planes, dst, word): the inverse, from a sequence of `word` planes of n bytes each.
@@ -14,7 +14,7 @@
 #include <string.h>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "deltackpt._planes assumes a little-endian target"
+#error "deltackpt.format._planes assumes a little-endian target"
 #endif
 
 #define KERNELS(W, T)                                                                       \

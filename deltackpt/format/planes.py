@@ -1,6 +1,6 @@
 """Byte-plane grouping: byte *k* of every ``word``-byte word goes to plane *k*, and back.
 
-The native kernels (``deltackpt/_planes.c``, built at install where a C compiler is present)
+The native kernels (``deltackpt/format/_planes.c``, built at install where a C compiler is present)
 are several times faster than numpy's strided copies; numpy covers every other case, gives
 the same bytes, and is what runs when the extension is missing or ``DELTACKPT_NATIVE=0``.
 """

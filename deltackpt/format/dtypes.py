@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import functools
 import sys
-from dataclasses import dataclass
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import UnsupportedValueError
+from ..errors import UnsupportedValueError
 
 if TYPE_CHECKING:
     import torch
 else:
-    from ._lazy import torch
+    from ..runtime.lazy import torch
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     raise ImportError("deltackpt stores little-endian bytes and supports little-endian hosts only")
@@ -92,7 +92,7 @@ class ElementType:
         return np.dtype(self.name).kind in "fc"
 
 
-@functools.lru_cache(maxsize=None)  # torch.dtype values are a small, fixed set
+@functools.cache  # torch.dtype values are a small, fixed set
 def torch_type(dtype: torch.dtype) -> ElementType:
     name = str(dtype).removeprefix("torch.")
     if name in _QUANTIZED:

@@ -43,14 +43,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xxhash
 
-from .dtypes import TORCH_DTYPES, numpy_type
-from .errors import DeltaCkptError, DigestMismatchError, UnsupportedValueError
-from .tree import flatten, unflatten
+from ..errors import DeltaCkptError, DigestMismatchError, UnsupportedValueError
+from ..format.dtypes import TORCH_DTYPES, numpy_type
+from ..format.tree import flatten, unflatten
 
 if TYPE_CHECKING:
     import torch
 else:
-    from ._lazy import torch
+    from ..runtime.lazy import torch
 
 _TREE_KEY = "deltackpt.tree"
 _LEAVES_KEY = "deltackpt.leaves"
@@ -136,7 +136,7 @@ def _pt_native_key(k: Any) -> bool:
         and not (t is bytes and not k)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pt_tensor_loads(dtype: torch.dtype, requires_grad: bool, parameter: bool) -> bool:
     """Whether torch saves such a tensor and loads it back with ``weights_only=True`` (it
     cannot save the sub-byte ints, nor load several non-float32/64 types requiring grad)."""
@@ -746,7 +746,7 @@ def parse_steps(spec: str, available: Iterable[int]) -> list[int]:
         raise DeltaCkptError(f"bad step selection {spec!r}: use all, A:B or A,B,C") from None
     missing = [s for s in wanted if s not in set(have)]
     if missing:
-        from .errors import StepNotFoundError
+        from ..errors import StepNotFoundError
 
         raise StepNotFoundError(f"steps {missing} are not in the repository", step=missing[0])
     return sorted(set(wanted))
@@ -771,7 +771,7 @@ def export_step(repo: Any, step: int | None, out: str | os.PathLike[str], fmt: s
     if step is None:
         step = repo.latest
         if step is None:
-            from .errors import StepNotFoundError
+            from ..errors import StepNotFoundError
 
             raise StepNotFoundError(f"repository {repo.path!r} has no steps yet")
     out = os.fspath(out)

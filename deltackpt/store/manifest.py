@@ -21,13 +21,18 @@ import numpy as np
 import xxhash
 import zstandard
 
-from . import checksum
-from .codecs import get_codec
-from .codecs._floats import is_float
-from .codecs.base import Codec
-from .dtypes import ElementType, element_type
-from .errors import (CodecError, CorruptFileError, DeltaCkptError, FormatVersionError,
-                     UnsupportedValueError)
+from ..codecs import get_codec
+from ..codecs.base import Codec
+from ..codecs.floats import is_float
+from ..errors import (
+    CodecError,
+    CorruptFileError,
+    DeltaCkptError,
+    FormatVersionError,
+    UnsupportedValueError,
+)
+from ..format import checksum
+from ..format.dtypes import ElementType, element_type
 
 MANIFEST_FORMAT = "deltackpt.manifest"
 MANIFEST_VERSION = 2           # what writers write

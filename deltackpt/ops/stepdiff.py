@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .codecs._floats import is_float, to_float
+from ..codecs.floats import is_float, to_float
 
 if TYPE_CHECKING:
-    from .repository import Repository
+    from ..repository import Repository
 
 
 @dataclass(frozen=True)
@@ -142,9 +142,15 @@ def usage(repo: Repository) -> list[StepUsage]:
 def account(repo: Repository) -> DiskAccount:
     """Per-step bytes from the chunk store's indexes and manifests (not from the save-time
     statistics, which a rebase or a repack makes stale), and what remains of the disk."""
-    from .errors import IntegrityError, StepNotFoundError
-    from .manifest import manifest_name
-    from .store.packs import _ENTRY_HEAD, decode_index, index_name, is_pack_id, pack_name
+    from ..errors import IntegrityError, StepNotFoundError
+    from ..store.manifest import manifest_name
+    from ..store.packs import (
+        _ENTRY_HEAD,
+        decode_index,
+        index_name,
+        is_pack_id,
+        pack_name,
+    )
 
     ids: dict[int, set[bytes]] = {}
     refs: Counter[int] = Counter()

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
-from .codecs import get_codec
-from .errors import DeltaCkptError, PolicyError
+from ..codecs import get_codec
+from ..errors import DeltaCkptError, PolicyError
 
 MiB = 1 << 20
 LOSSLESS = "lossless"
@@ -51,7 +51,8 @@ def default_workers() -> int:
     return max(1, min(MAX_DEFAULT_WORKERS, n))
 
 
-def _refuse(owner: str, option: str, value: Any, accepted: str) -> PolicyError:
+def refuse(owner: str, option: str, value: Any, accepted: str) -> PolicyError:
+    """The error for an option value not accepted: names the owner, option, value and what is."""
     return PolicyError(f"{owner} option {option}={value!r} ({type(value).__name__}) is not "
                        f"accepted: {accepted}")
 
@@ -63,7 +64,7 @@ def check_int(owner: str, option: str, value: Any, lo: int | None = None,
     rng = (f" >= {lo}" if hi is None else f" in {lo}..{hi}") if lo is not None else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
             or (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise _refuse(owner, option, value, f"an int{rng}")
+        raise refuse(owner, option, value, f"an int{rng}")
     return int(value)
 
 
@@ -71,7 +72,7 @@ def check_choice(owner: str, option: str, value: Any, choices: Iterable[str]) ->
     """Refuse ``value`` unless it is one of the strings ``choices``."""
     choices = tuple(choices)
     if type(value) is not str or value not in choices:
-        raise _refuse(owner, option, value, "one of " + ", ".join(map(repr, choices))
+        raise refuse(owner, option, value, "one of " + ", ".join(map(repr, choices))
                       + _did_you_mean(value, choices))
 
 
@@ -101,7 +102,7 @@ class Rule:
 
     def __post_init__(self) -> None:
         if type(self.pattern) is not str or not self.pattern:
-            raise _refuse("rule", "pattern", self.pattern, "a non-empty fnmatch pattern (str)")
+            raise refuse("rule", "pattern", self.pattern, "a non-empty fnmatch pattern (str)")
         if self.codec in (LOSSLESS, DROP):
             return
         owner = f"rule {self.pattern!r}"
@@ -112,16 +113,16 @@ class Rule:
         elif type(self.codec) is dict:
             configs = [self.codec]
         else:
-            raise _refuse(owner, "codec", self.codec, accepted)
+            raise refuse(owner, "codec", self.codec, accepted)
         for cfg in configs:
             if type(cfg) is not dict or type(cfg.get("id")) is not str:
-                raise _refuse(owner, "codec", self.codec, accepted)
+                raise refuse(owner, "codec", self.codec, accepted)
             try:
                 codec = get_codec(cfg)
             except (DeltaCkptError, ValueError, TypeError, KeyError) as exc:
-                raise _refuse(owner, "codec", cfg, f"a valid codec config ({exc})") from None
+                raise refuse(owner, "codec", cfg, f"a valid codec config ({exc})") from None
             if not codec.uses_reference:
-                raise _refuse(owner, "codec", cfg, "a delta codec (one that uses a reference)")
+                raise refuse(owner, "codec", cfg, "a delta codec (one that uses a reference)")
 
     def configs(self) -> list[dict[str, Any]]:
         if self.codec in (LOSSLESS, DROP):
@@ -187,13 +188,13 @@ class Policy:
         own = "policy"
         lossless_codecs = "a registered lossless delta codec id such as 'xor' or 'diff'"
         if type(self.codec) is not str:
-            raise _refuse(own, "codec", self.codec, lossless_codecs)
+            raise refuse(own, "codec", self.codec, lossless_codecs)
         try:
             codec = get_codec(self.codec)
         except DeltaCkptError as exc:
-            raise _refuse(own, "codec", self.codec, f"{lossless_codecs} ({exc})") from None
+            raise refuse(own, "codec", self.codec, f"{lossless_codecs} ({exc})") from None
         if not codec.uses_reference or not codec.lossless:
-            raise _refuse(own, "codec", self.codec, lossless_codecs)
+            raise refuse(own, "codec", self.codec, lossless_codecs)
         check_choice(own, "reference", self.reference, ("previous", "keyframe"))
         check_choice(own, "resume", self.resume, ("rebuild", "keyframe"))
         for name, lo, hi in (("keyframe_every", 1, None), ("max_chain", 0, None),
@@ -203,12 +204,12 @@ class Policy:
                              ("exact_every", 0, None)):
             object.__setattr__(self, name, check_int(own, name, getattr(self, name), lo, hi))
         if type(self.delta_gain) not in (int, float) or not 0 < self.delta_gain <= 1:
-            raise _refuse(own, "delta_gain", self.delta_gain, "a float in (0, 1]")
+            raise refuse(own, "delta_gain", self.delta_gain, "a float in (0, 1]")
         for name in ("fsync", "contexts"):
             if type(getattr(self, name)) is not bool:
-                raise _refuse(own, name, getattr(self, name), "True or False")
+                raise refuse(own, name, getattr(self, name), "True or False")
         if type(self.rules) not in (tuple, list):
-            raise _refuse(own, "rules", self.rules, "a tuple or list of Rule, "
+            raise refuse(own, "rules", self.rules, "a tuple or list of Rule, "
                           "{'pattern': ..., 'codec': ...} dicts or (pattern, codec) pairs")
         object.__setattr__(self, "rules", tuple(_rule(r) for r in self.rules))
 
@@ -240,7 +241,7 @@ class Policy:
     def from_dict(cls, d: dict[str, Any]) -> Policy:
         """Build a policy from JSON-style data (``rules`` as ``[{"pattern", "codec"}]``)."""
         if type(d) is not dict:
-            raise _refuse("policy", "from_dict", d, "a dict of policy options")
+            raise refuse("policy", "from_dict", d, "a dict of policy options")
         d = dict(d)
         base = preset(d.pop("preset")) if "preset" in d else cls()
         _check_options("policy", d, (f.name for f in fields(cls)))
@@ -251,7 +252,7 @@ class Policy:
         """``policy`` (a Policy, a preset name or None for the defaults) with ``kwargs``
         options replaced."""
         if policy is not None and not isinstance(policy, (Policy, str)):
-            raise _refuse("repository", "policy", policy, "a Policy, a preset name ("
+            raise refuse("repository", "policy", policy, "a Policy, a preset name ("
                           + ", ".join(PRESETS) + ") or None")
         base = preset(policy) if isinstance(policy, str) else (policy or cls())
         _check_options("policy", kwargs, (f.name for f in fields(cls)))
@@ -265,11 +266,11 @@ def _rule(r: Any) -> Rule:
     if type(r) is dict:
         _check_options("rule", r, ("pattern", "codec"))
         if "pattern" not in r or "codec" not in r:
-            raise _refuse("policy", "rules", r, "a rule needs both 'pattern' and 'codec'")
+            raise refuse("policy", "rules", r, "a rule needs both 'pattern' and 'codec'")
         return Rule(r["pattern"], r["codec"])
     if type(r) in (tuple, list) and len(r) == 2:
         return Rule(*r)
-    raise _refuse("policy", "rules", r, "each rule a Rule, a {'pattern', 'codec'} dict or a "
+    raise refuse("policy", "rules", r, "each rule a Rule, a {'pattern', 'codec'} dict or a "
                   "(pattern, codec) pair")
 
 
@@ -292,5 +293,5 @@ def preset(name: str) -> Policy:
         return Policy(keyframe_every=100, exact_every=0, rules=(
             Rule(_EXP_AVG_SQ, {"id": "quant", "bits": 4, "block": 256, "domain": "log"}),
             Rule("*", {"id": "quant", "bits": 4, "block": 256})))
-    raise _refuse("repository", "policy", name, "a Policy or a preset name: "
+    raise refuse("repository", "policy", name, "a Policy or a preset name: "
                   + ", ".join(PRESETS) + _did_you_mean(name, PRESETS))

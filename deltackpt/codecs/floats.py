@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..dtypes import ElementType
+from ..format.dtypes import ElementType
 from .base import NotApplicable
 
 if TYPE_CHECKING:
     import torch
 else:
-    from .._lazy import torch
+    from ..runtime.lazy import torch
 
 _NUMPY_FLOATS = {"<f2": np.float16, "<f4": np.float32, "<f8": np.float64,
                  "float16": np.float16, "float32": np.float32, "float64": np.float64}

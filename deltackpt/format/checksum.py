@@ -11,7 +11,7 @@ from typing import Any
 
 import xxhash
 
-from .errors import CorruptFileError
+from ..errors import CorruptFileError
 
 _TRAILER = b"\nxxh3-128 "
 

@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from . import open as open_repo
+from .. import open as open_repo
+from ..errors import DeltaCkptError
 from .demo import Trainer
-from .errors import DeltaCkptError
 
 
 def _nbytes(path: str) -> int:
@@ -20,7 +20,7 @@ def _nbytes(path: str) -> int:
 def _versus(what: str, pt: float, dc: float, unit: str, better: str, worse: str) -> str:
     """One labelled figure line: both names, both values and which is by how much ahead."""
     def fmt(x: float) -> str:
-        from .cli import human
+        from .fmt import human
 
         return human(x) if unit == "bytes" else f"{x:.2f} {unit}"
 
@@ -35,7 +35,7 @@ def _versus(what: str, pt: float, dc: float, unit: str, better: str, worse: str)
 def run_demo(directory: str, steps: int = 60, every: int = 5, *, overwrite: bool = False) -> int:
     """Run the demo in ``directory``; refuses to replace an earlier run's output unless
     ``overwrite`` (``--overwrite``), since ``DIR/repo`` may be a repository someone keeps."""
-    from .cli import human, table
+    from .fmt import human, table
 
     repo_dir = os.path.join(directory, "repo")
     pt_dir = os.path.join(directory, "torch_save")

@@ -15,29 +15,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from . import open as open_repo
-from .errors import DeltaCkptError
+from .. import open as open_repo
+from ..errors import DeltaCkptError
+from .fmt import human, table
 
 Progress = Callable[[str, int, int], None]
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
-          left: Sequence[int] = (0,)) -> str:
-    """Columns padded to their widest cell; those in ``left`` left-aligned, others right."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(r, widths))).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _ratio(a: int, b: int) -> str:
@@ -145,7 +127,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def cmd_du(args: argparse.Namespace) -> int:
-    from .diff import account
+    from ..ops.stepdiff import account
 
     with open_repo(args.repo, mode="r") as repo:
         acc = account(repo)
@@ -233,7 +215,13 @@ def _age(text: str) -> float:
 def _retention(args: argparse.Namespace):  # noqa: ANN202
     from datetime import timedelta
 
-    from .retention import KeepBest, KeepEvery, KeepLast, KeepNewerThan, KeepSteps
+    from ..engine.retention import (
+        KeepBest,
+        KeepEvery,
+        KeepLast,
+        KeepNewerThan,
+        KeepSteps,
+    )
 
     parts = []
     if args.keep_last is not None:
@@ -322,8 +310,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .repair import apply as repair_apply
-    from .repair import plan as repair_plan
+    from ..ops.repair import apply as repair_apply
+    from ..ops.repair import plan as repair_plan
 
     with open_repo(args.repo, mode="r") as repo:
         with _progress(args) as bar:
@@ -374,7 +362,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_step, export_steps, parse_steps
+    from ..interop.export import export_step, export_steps, parse_steps
 
     with open_repo(args.repo, mode="r") as repo:
         if args.steps is not None:
@@ -405,7 +393,7 @@ def _size(path: str) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .importer import import_checkpoints
+    from ..interop.importer import import_checkpoints
 
     with _progress(args) as bar:
         def row(item) -> None:  # noqa: ANN001

@@ -17,21 +17,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xxhash
 
-from .codecs import NotApplicable, get_codec
-from .codecs._floats import is_float, to_float
-from .codecs.base import Codec
-from .dtypes import ElementType, numpy_type, storage_dtype, torch_type
-from .frame import encode_frame, needs_reference
-from .manifest import ChunkRef, TensorEntry
+from ..codecs import NotApplicable, get_codec
+from ..codecs.base import Codec
+from ..codecs.floats import is_float, to_float
+from ..format.dtypes import ElementType, numpy_type, storage_dtype, torch_type
+from ..format.frame import encode_frame, needs_reference
+from ..format.tree import Leaf
+from ..runtime.scratch import scratch
+from ..store.manifest import ChunkRef, TensorEntry
+from ..store.packs import ChunkStore, frame_id
 from .policy import DROP, LOSSLESS, Policy
-from .scratch import scratch
-from .store.packs import ChunkStore, frame_id
-from .tree import Leaf
 
 if TYPE_CHECKING:
     import torch
 else:
-    from ._lazy import torch
+    from ..runtime.lazy import torch
 
 RAW_CONFIG = {"id": "raw"}
 

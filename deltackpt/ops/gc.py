@@ -16,15 +16,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import (CorruptChunkError, DeltaCkptError, DeltaCkptWarning, IntegrityError,
-                     StepNotFoundError)
-from .manifest import ChunkRef, Manifest, TensorEntry, manifest_name
-from .store.packs import (_ENTRY_HEAD, _PACK_HEAD, _PACK_TAIL, _OpenPack, ChunkStore, decode_index,
-                          encode_index, frame_matches, index_name, is_pack_id, pack_name,
-                          read_pack_entries)
+from ..errors import (
+    CorruptChunkError,
+    DeltaCkptError,
+    DeltaCkptWarning,
+    IntegrityError,
+    StepNotFoundError,
+)
+from ..store.manifest import ChunkRef, Manifest, TensorEntry, manifest_name
+from ..store.packs import (
+    _ENTRY_HEAD,
+    _PACK_HEAD,
+    _PACK_TAIL,
+    ChunkStore,
+    _OpenPack,
+    decode_index,
+    encode_index,
+    frame_matches,
+    index_name,
+    is_pack_id,
+    pack_name,
+    read_pack_entries,
+)
 
 if TYPE_CHECKING:
-    from .repository import Repository
+    from ..repository import Repository
 
 
 @dataclass
@@ -101,7 +117,7 @@ def with_records(m: Manifest, tensors: list[TensorEntry], codecs: list[dict[str,
                  txn: str) -> Manifest:
     """``m`` with new chunk records (a rebase or a repair) in a new transaction; everything
     the step restores (tree, digests, meta, time) stays as it was."""
-    from .codecs import get_codec
+    from ..codecs import get_codec
 
     self_contained = all(c.ref is None for t in tensors for c in t.chunks)
     new = Manifest(step=m.step, time=m.time,
@@ -243,7 +259,7 @@ def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5,
 
 def _only_copy(repo: Repository, pid: str, live: set[bytes]) -> bool:
     """Whether a pack without an index holds a live chunk no index has: its index was lost
-    (damage, not a crash), and ``deltackpt.repair`` can rebuild it; never delete it."""
+    (damage, not a crash), and ``deltackpt.ops.repair`` can rebuild it; never delete it."""
     try:
         entries, _ = read_pack_entries(repo.backend, pid)
     except (OSError, DeltaCkptError):

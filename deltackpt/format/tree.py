@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import CorruptFileError, UnsupportedValueError
 from .dtypes import ALL_TORCH_DTYPES, numpy_type, torch_type
-from .errors import CorruptFileError, UnsupportedValueError
 
 if TYPE_CHECKING:
     import torch
 else:
-    from ._lazy import torch
+    from ..runtime.lazy import torch
 
 MAX_DEPTH = 200
 
@@ -46,16 +46,17 @@ def _unf64(s: str) -> float:
     return struct.unpack("<d", bytes.fromhex(s))[0]
 
 
-def _escape(key: str) -> str:
+def escape_key(key: str) -> str:
+    """``key`` as one path component: ``%`` and ``/`` percent-escaped (spec: State tree, Paths)."""
     return key.replace("%", "%25").replace("/", "%2F")
 
 
 def _key_label(key: Any) -> str:
     if isinstance(key, str):
-        return _escape(key)
+        return escape_key(key)
     if type(key) is int:
         return str(key)
-    return _escape(repr(key))
+    return escape_key(repr(key))
 
 
 def join(path: str, label: str) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 else:
-    from ._lazy import torch
+    from .lazy import torch
 
 
 def rng_state() -> dict[str, Any]:

@@ -9,7 +9,7 @@ deltas. The step comes from the name (``checkpoint-500``, ``step_100.pt``,
 ``epoch=1-step=300.ckpt``); when a name has no number or two names give the same one, every
 source is numbered by sorted name order instead and :attr:`ImportReport.note` says so.
 Files use ``torch.load(weights_only=True)`` (never arbitrary unpickling); a folder is stored file
-by file (see :func:`deltackpt.export.read_folder`) and exports back with ``hf-folder``.
+by file (see :func:`deltackpt.interop.export.read_folder`) and exports back with ``hf-folder``.
 """
 from __future__ import annotations
 
@@ -19,10 +19,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import DeltaCkptError, StepExistsError
-from .export import (PLAIN_SAFETENSORS_META, PT_SUFFIXES, is_plain_safetensors, read_file,
-                     read_folder, read_safetensors_metadata, step_from_name)
-from .repository import Repository, SaveInfo
+from ..errors import DeltaCkptError, StepExistsError
+from ..repository import Repository, SaveInfo
+from .export import (
+    PLAIN_SAFETENSORS_META,
+    PT_SUFFIXES,
+    is_plain_safetensors,
+    read_file,
+    read_folder,
+    read_safetensors_metadata,
+    step_from_name,
+)
 
 FILE_SUFFIXES = PT_SUFFIXES + (".safetensors",)
 _HF_FOLDER = re.compile(r"checkpoint-\d+")
@@ -100,7 +107,7 @@ def is_checkpoint_folder(path: str) -> bool:
 
 
 def _check_not_pointer(path: str) -> None:
-    from .integrations.lightning import _read_pointer  # (does not import lightning)
+    from ..integrations.lightning import _read_pointer  # (does not import lightning)
 
     pointer = _read_pointer(path) if os.path.isfile(path) else None
     if pointer is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .policy import _refuse, check_choice, check_int
+from .policy import check_choice, check_int, refuse
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class AnyOf(Retention):
     def __post_init__(self) -> None:
         if type(self.policies) not in (tuple, list) \
                 or not all(isinstance(p, Retention) for p in self.policies):
-            raise _refuse("AnyOf", "policies", self.policies, "a tuple of retention policies")
+            raise refuse("AnyOf", "policies", self.policies, "a tuple of retention policies")
         object.__setattr__(self, "policies", tuple(self.policies))
 
     def keep(self, steps: Sequence[StepView]) -> set[int]:
@@ -88,7 +88,7 @@ class KeepSteps(Retention):
 
     def __init__(self, steps: Iterable[int]) -> None:
         if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
-            raise _refuse("KeepSteps", "steps", steps, "an iterable of ints")
+            raise refuse("KeepSteps", "steps", steps, "an iterable of ints")
         object.__setattr__(self, "steps",
                            frozenset(check_int("KeepSteps", "steps", s) for s in steps))
 
@@ -107,7 +107,7 @@ class KeepBest(Retention):
 
     def __post_init__(self) -> None:
         if type(self.key) is not str or not self.key:
-            raise _refuse("KeepBest", "key", self.key, "a non-empty str (a meta key)")
+            raise refuse("KeepBest", "key", self.key, "a non-empty str (a meta key)")
         object.__setattr__(self, "n", check_int("KeepBest", "n", self.n, 1))
         check_choice("KeepBest", "mode", self.mode, ("min", "max"))
 
@@ -128,7 +128,7 @@ class KeepNewerThan(Retention):
 
     def __post_init__(self) -> None:
         if type(self.age) is not timedelta:
-            raise _refuse("KeepNewerThan", "age", self.age, "a datetime.timedelta")
+            raise refuse("KeepNewerThan", "age", self.age, "a datetime.timedelta")
 
     def keep(self, steps: Sequence[StepView]) -> set[int]:
         cutoff = datetime.now(timezone.utc) - self.age

@@ -1,4 +1,4 @@
-/* rANS entropy coder for byte planes: the native half of deltackpt/entropy.py.
+/* rANS entropy coder for byte planes: the native half of deltackpt/format/entropy.py.
  *
  * Body grammar, normalisation and reader checks: spec/FORMAT.md, "Entropy-coded plane (rANS)".
  * In short: a 12-byte header, then one block per 2^block_log2 plane bytes; a block is stored
@@ -22,7 +22,7 @@
 #include <string.h>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "deltackpt._entropy assumes a little-endian target"
+#error "deltackpt.format._entropy assumes a little-endian target"
 #endif
 
 #define VERSION 1

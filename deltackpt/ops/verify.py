@@ -12,17 +12,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import CorruptFileError, DeltaCkptError, StepNotFoundError, UnsupportedValueError
-from .store.packs import scan_pack
-from .tree import MAX_GENERATOR_STATE, leaf_indices, unflatten
+from ..errors import (
+    CorruptFileError,
+    DeltaCkptError,
+    StepNotFoundError,
+    UnsupportedValueError,
+)
+from ..format.tree import MAX_GENERATOR_STATE, leaf_indices, unflatten
+from ..store.packs import scan_pack
 
 if TYPE_CHECKING:
     import torch
 
-    from .manifest import Manifest
-    from .repository import Repository
+    from ..repository import Repository
+    from ..store.manifest import Manifest
 else:
-    from ._lazy import torch
+    from ..runtime.lazy import torch
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,7 @@ def _generator_leaves(tree: object) -> list[int]:
 
 
 def _verify_store(repo: Repository, report: VerifyReport) -> None:
-    from .store.packs import decode_index, index_name, is_pack_id
+    from ..store.packs import decode_index, index_name, is_pack_id
 
     backend = repo.backend
     for fname in backend.list("index"):

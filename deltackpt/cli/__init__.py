@@ -1,0 +1,1 @@
+"""The ``deltackpt`` command line and its demo."""

@@ -1,0 +1,1 @@
+"""Operations on a repository beyond save and load: delete and gc, verify, repair, step diff and usage."""
