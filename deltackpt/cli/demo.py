@@ -34,6 +34,7 @@ class GPTConfig:
 
 
 class Block(nn.Module):
+    mask: torch.Tensor  # a registered buffer
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.dim)

@@ -13,7 +13,7 @@ import ctypes
 import functools
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -128,7 +128,7 @@ def stage(leaves: list[Leaf], pool: StagingPool) -> tuple[list[Leaf], Staging]:
                     and v.numel() and _plain(v):
                 ctypes.memmove(base + off, v.data_ptr(), v.numel() * v.element_size())
                 # the view is made by materialize(), in the background, off the caller's clock
-                out.append(Leaf(lf.index, lf.path, _View(v.dtype, v.shape, v.stride(), off)))
+                out.append(Leaf(lf.index, lf.path, cast(Any, _View(v.dtype, v.shape, v.stride(), off))))
             else:
                 out.append(Leaf(lf.index, lf.path, _copy(v, buf, off)))
         if torch.cuda.is_available():

@@ -1,1 +1,2 @@
-"""The byte-level format (spec/FORMAT.md: checksummed JSON, element types, byte planes, the rANS plane coder, chunk frames, the state tree)."""
+"""The byte-level format of spec/FORMAT.md: checksummed JSON, element types, byte planes, the
+rANS plane coder, chunk frames and the state tree."""

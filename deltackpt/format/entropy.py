@@ -166,6 +166,7 @@ def decode(body: bytes | memoryview, n: int,
         if err is not None:
             raise CorruptChunkError(err)
     else:
+        assert not isinstance(ctx, tuple)  # mapped to the contexts themselves above
         _decode_numpy(body, n, ctx, nctx, out)
     return out
 
@@ -342,7 +343,7 @@ def _decode_batch(blocks: list[_Block], buf: np.ndarray, ctx: np.ndarray | None,
         sym_t[r] = np.repeat(syms, freqs)
         freq_t[r] = np.repeat(freqs, freqs)
         bias_t[r] = slots - np.repeat(np.cumsum(freqs) - freqs, freqs)
-    sym_t, freq_t, bias_t = sym_t.ravel(), freq_t.ravel(), bias_t.ravel()
+    sym_f, freq_f, bias_f = sym_t.ravel(), freq_t.ravel(), bias_t.ravel()
 
     lens = np.array([blk.len for blk in blocks], np.int64)
     steps = -(-int(lens.max()) // LANES)
@@ -382,8 +383,8 @@ def _decode_batch(blocks: list[_Block], buf: np.ndarray, ctx: np.ndarray | None,
         row = idx[t]
         row += x & (SCALE - 1)
         x >>= SCALE_BITS
-        x *= freq_t[row]
-        x += bias_t[row]
+        x *= freq_f[row]
+        x += bias_f[row]
         need = x < RANS_L
         if tail:
             need &= active
@@ -400,7 +401,7 @@ def _decode_batch(blocks: list[_Block], buf: np.ndarray, ctx: np.ndarray | None,
         raise CorruptChunkError("rANS stream length disagrees with its symbols")
     if (x != RANS_L).any():
         raise CorruptChunkError("rANS final state is wrong")
-    syms = sym_t[idx].reshape(steps, nb, LANES).transpose(1, 0, 2).reshape(nb, -1)
+    syms = sym_f[idx].reshape(steps, nb, LANES).transpose(1, 0, 2).reshape(nb, -1)
     for b, blk in enumerate(blocks):
         out[blk.start:blk.start + blk.len] = syms[b, :blk.len]
 
@@ -420,7 +421,7 @@ def _estimate_numpy(plane: np.ndarray, ctx: np.ndarray | None, nctx: int,
         if np.count_nonzero(counts.sum(0)) == 1:
             total += 2
             continue
-        size = 1 + 2 + 4 + 4 * LANES - LANES  # each final state holds about a byte of it
+        size: float = 1 + 2 + 4 + 4 * LANES - LANES  # each final state holds about a byte of it
         for c in counts[counts.sum(1) > 0]:
             present = c > 0
             nsym = int(present.sum())

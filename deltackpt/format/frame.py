@@ -88,7 +88,7 @@ def _worth_zstd(plane: memoryview, level: int) -> bool:
 
 
 def _zstd_or_stored(plane: np.ndarray, level: int) -> tuple[int, bytes | memoryview]:
-    view = memoryview(plane).cast("B")
+    view = plane.data.cast("B")
     if len(view) and _worth_zstd(view, level):
         z = _compressor(level).compress(view)
         if len(z) < _KEEP_RATIO * len(view):
@@ -124,7 +124,7 @@ def _zstd_may_win(plane: np.ndarray, level: int, coded: float) -> bool:
     sample, scale = _sample(plane)
     if sample is plane:
         sample, scale = plane[:_ZSTD_WHOLE], m / _ZSTD_WHOLE
-    return scale * len(_compressor(level).compress(memoryview(sample).cast("B"))) < 1.05 * coded
+    return scale * len(_compressor(level).compress(sample.data.cast("B"))) < 1.05 * coded
 
 
 def _code_plane(plane: np.ndarray, level: int, ctx: np.ndarray | None, nctx: int,
@@ -140,7 +140,7 @@ def _code_plane(plane: np.ndarray, level: int, ctx: np.ndarray | None, nctx: int
         e0 = _estimate(plane)
     # contexts cannot make noise compress: skip their estimate for planes order 0 cannot code
     ec = _estimate(plane, ctx, nctx) if ctx is not None and e0 < _NOISE * m else e0 + 1
-    view = memoryview(plane).cast("B")
+    view = plane.data.cast("B")
     method, context, body = METHOD_STORED, CTX_NONE, view
     if min(e0, ec) < _KEEP_RATIO * m:
         use_ctx = ctx is not None and ec < e0
@@ -168,7 +168,7 @@ def context_map(top: np.ndarray) -> np.ndarray:
 
 def context_of(cmap: np.ndarray, top: np.ndarray) -> np.ndarray:
     """``cmap[top]``, bytewise (``bytes.translate`` is several times faster than a gather)."""
-    return np.frombuffer(memoryview(top).tobytes().translate(cmap.tobytes()), np.uint8)
+    return np.frombuffer(top.tobytes().translate(cmap.tobytes()), np.uint8)
 
 
 def _planes_of(data: np.ndarray, word: int, slot: str) -> np.ndarray:
@@ -356,7 +356,7 @@ def decode_plane(frame: Frame, k: int, ref_top: np.ndarray | None = None,
         out[...] = raw
         return out
     if plane.method == METHOD_RANS:
-        ctx = None
+        ctx: np.ndarray | tuple[np.ndarray, np.ndarray] | None = None
         if plane.context == CTX_REFERENCE:
             if ref_top is None or frame.cmap is None:
                 raise CorruptChunkError("plane coded in the reference's contexts, which the "
@@ -369,12 +369,12 @@ def decode_plane(frame: Frame, k: int, ref_top: np.ndarray | None = None,
     try:
         if zstandard.frame_content_size(plane.body) != m:
             raise CorruptChunkError("zstd plane declares the wrong length")
-        raw = _decompressor().decompress(plane.body, max_output_size=m, allow_extra_data=False)
+        data = _decompressor().decompress(plane.body, max_output_size=m, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise CorruptChunkError(f"zstd plane does not decode: {exc}") from exc
-    if len(raw) != m:
+    if len(data) != m:
         raise CorruptChunkError("zstd plane decodes to the wrong length")
-    arr = np.frombuffer(raw, dtype=np.uint8)
+    arr = np.frombuffer(data, dtype=np.uint8)
     if out is None:
         return arr
     out[...] = arr

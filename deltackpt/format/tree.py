@@ -365,7 +365,8 @@ class _Unflattener:
                 if p:
                     out[k] = self.decode(pair[1], sub, depth + 1, w)
             if tag == "odict" and node[2] is not None:
-                out._metadata = self.decode(node[2], join(path, "<_metadata>"),  # type: ignore
+                # torch's state_dict() metadata attribute, restored as saved
+                out._metadata = self.decode(node[2], join(path, "<_metadata>"),  # type: ignore  # noqa: SLF001
                                             depth + 1, True)
             return out
         raise ValueError(f"unknown node tag {tag!r}")
@@ -424,7 +425,7 @@ class _Unflattener:
                     k = self.decode_key(k, "")
                 out[k] = fast(pair[1], depth + 1)
             if tag == "odict" and node[2] is not None:
-                out._metadata = fast(node[2], depth + 1)  # type: ignore[attr-defined]
+                out._metadata = fast(node[2], depth + 1)  # type: ignore[attr-defined]  # noqa: SLF001
             return out
         if tag == "list" or tag == "tuple":
             items = node[1]
@@ -476,7 +477,7 @@ def generator_device(x: Any) -> torch.device:
     text = _str(x)
     kind = text.partition(":")[0]
     if kind not in GENERATOR_DEVICE_TYPES \
-            and kind != torch._C._get_privateuse1_backend_name():  # a renamed backend
+            and kind != torch._C._get_privateuse1_backend_name():  # noqa: SLF001 (a renamed backend)
         raise ValueError(f"a torch.Generator cannot be on device {text!r}")
     try:
         return torch.device(text)

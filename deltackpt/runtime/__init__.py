@@ -1,1 +1,2 @@
-"""Process-level helpers that know nothing of the format: the lazy torch import, scratch buffers, huge pages, RNG state capture."""
+"""Process-level helpers that know nothing of the format: the lazy torch import, scratch
+buffers, huge pages and RNG state capture."""
