@@ -74,6 +74,6 @@ __all__ = [
     "DeltaCkptError", "DeltaCkptWarning", "DigestMismatchError", "FormatVersionError",
     "IntegrityError", "LockedError", "MissingChunkError", "Policy", "PolicyError", "Problem",
     "ReadOnlyError", "Repository", "RepositoryNotFoundError", "SaveInfo", "SelectionError",
-    "StepExistsError", "StepNotFoundError", "UnsupportedValueError", "VerifyReport", "get_codec", "open", "register_codec",
-    "rng_state", "set_rng_state",
+    "StepExistsError", "StepNotFoundError", "UnsupportedValueError", "VerifyReport", "get_codec",
+    "open", "register_codec", "rng_state", "set_rng_state",
 ]

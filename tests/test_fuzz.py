@@ -304,7 +304,7 @@ def test_fuzz_index(corpus, data):
     COUNTS["index"] += 1
     out = only_typed(lambda: decode_index(raw, "index"))
     if out is not None:  # what an index may promise once accepted
-        for cid, off, length, plen in out[1]:
+        for _cid, off, length, plen in out[1]:
             assert off >= 40 and plen <= 2**31 and off + length <= 2**60
 
 

@@ -574,8 +574,8 @@ def _crash_server(base: str, work: str, op: str, spec_json: str) -> None:
     for name, die_fn in runs:
         dst = os.path.join(work, name)
         shutil.copytree(base, dst)
-        code = run_forked(lambda: _crash_child(dst, op, die_fn,  # noqa: B023 - runs at once
-                                               os.path.join(work, f"{name}.op"), work))
+        op_file = os.path.join(work, f"{name}.op")
+        code = run_forked(lambda: _crash_child(dst, op, die_fn, op_file, work))  # noqa: B023 - runs at once
         print(json.dumps({"name": name, "code": code}), flush=True)
         if code != KILLED:
             return

@@ -176,7 +176,7 @@ def pack_regions(pack: bytes, entries) -> dict[int, tuple[str, Any]]:
     end = max((off + length for _c, off, length, _p in entries), default=_PACK_HEAD_SIZE)
     for i in range(end, len(pack)):
         labels[i] = ("pack-trailer", None)
-    for _cid, off, length, plen in entries:
+    for _cid, off, _length, _plen in entries:
         for i in range(off - _ENTRY_HEAD_SIZE, off):
             labels[i] = ("entry-head", None)
         _v, nplanes, _r, n = _FRAME_HEAD.unpack_from(pack, off)

@@ -308,7 +308,7 @@ def test_presets_and_json_policies():
     assert p.exact_every == 3 and p.rules == preset("balanced").rules
     with pytest.raises(ValueError):
         preset("nope")
-    with pytest.raises(Exception):
+    with pytest.raises(deltackpt.PolicyError, match="delta codec"):
         Rule("*", {"id": "raw"})  # not a delta codec
 
 

@@ -60,7 +60,7 @@ def _states() -> list[Any]:
 def test_genuine_trees_decode_the_same():
     for state in _states():
         tree, leaves = flatten(state)
-        assert_bitexact(unflatten(tree, lambda i: leaves[i].value), state)
+        assert_bitexact(unflatten(tree, lambda i, leaves=leaves: leaves[i].value), state)
         _same(tree)
 
 
