@@ -173,7 +173,7 @@ def encode_pt(state: Any) -> Any:
                 if PT_MARKER in out:
                     out["metadata"] = enc(meta)
                 else:
-                    out._metadata = enc(meta)  # type: ignore[union-attr]  # noqa: SLF001
+                    out._metadata = enc(meta)  # type: ignore[attr-defined]  # noqa: SLF001
             return out
         if t is list:
             return [enc(x) for x in v]
@@ -354,7 +354,8 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: str,
 def _safetensors_dtypes() -> set[torch.dtype]:
     from safetensors.torch import _TYPES  # the dtypes this safetensors version can hold
 
-    return set(_TYPES.values())
+    dtypes: set[torch.dtype] = set(_TYPES.values())  # type: ignore[arg-type]
+    return dtypes
 
 
 def _export_safetensors(state: Any, path: str, step: int | None) -> None:
@@ -720,6 +721,6 @@ def _as_saved(value: Any, seen: set[int]) -> Any:
     if t is dict or t is OrderedDict:
         out = t((_as_saved(k, seen), _as_saved(v, seen)) for k, v in value.items())
         if hasattr(value, "_metadata"):
-            out._metadata = _as_saved(value._metadata, seen)  # type: ignore[union-attr]  # noqa: SLF001
+            out._metadata = _as_saved(value._metadata, seen)  # type: ignore[attr-defined]  # noqa: SLF001
         return out
     return value

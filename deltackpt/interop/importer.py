@@ -120,7 +120,7 @@ def discover(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Source], lis
     ``checkpoint-N`` folders (a Trainer ``output_dir``) contributes only those folders."""
     sources: list[Source] = []
     skipped: list[str] = []
-    for p in map(os.fspath, paths):
+    for p in (os.fspath(x) for x in paths):
         _check_not_pointer(p)
         if os.path.isfile(p):
             if not p.endswith(FILE_SUFFIXES):
@@ -212,7 +212,7 @@ def import_checkpoints(repo: Repository | str | os.PathLike[str],
     total)`` before the first and after each (as the other long operations report)."""
     sources, skipped = discover(paths)
     owned = not isinstance(repo, Repository)
-    r = Repository(repo, "a", **open_kwargs) if owned else repo
+    r = repo if isinstance(repo, Repository) else Repository(repo, "a", **open_kwargs)
     try:
         latest = r.latest
         jobs, note = assign_steps(sources, step, 0 if latest is None else latest + 1)
