@@ -2,6 +2,7 @@
 tensors and values (bit-exactness of a restore)."""
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from collections.abc import Iterator
@@ -34,8 +35,8 @@ def _can_reset_hwm() -> bool:
 
 HWM = _can_reset_hwm()
 
+_LIBC: ctypes.CDLL | None
 try:
-    import ctypes
     _LIBC = ctypes.CDLL("libc.so.6")
     _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
 except OSError:
@@ -112,7 +113,8 @@ def tensor_digest(t: torch.Tensor) -> bytes:
     t = t.detach()
     if t.numel() == 0:
         return xxhash.xxh3_128(b"").digest()
-    return xxhash.xxh3_128(t.contiguous().reshape(-1).view(torch.uint8).numpy()).digest()
+    return xxhash.xxh3_128(t.contiguous().reshape(-1).view(torch.uint8).numpy()  # type: ignore[arg-type]
+                           ).digest()
 
 
 def fingerprint(state: Any) -> dict[str, tuple[Any, ...]]:

@@ -66,8 +66,9 @@ def summarize(w: dict[str, Any]) -> list[dict[str, Any]]:
         worst = worst_step = None
         for s_, ts in m["load_step_s"].items():
             b = med(base["load_step_s"].get(s_) or [])
-            if b and ts and med(ts) / b > (worst or 0.0):
-                worst, worst_step = med(ts) / b, s_
+            mt = med(ts)
+            if b and ts and mt is not None and mt / b > (worst or 0.0):
+                worst, worst_step = mt / b, s_
         row.update(worst_load_ratio=worst, worst_load_step=worst_step)
         row["spread"] = {k: _spread(m.get(k) or []) for k in
                          ("save_s", "stall_s", "load_last_s")}

@@ -66,6 +66,7 @@ def run_workload(wl: Workload, root: str, repeat: int) -> dict[str, Any]:
     wroot = os.path.join(root, wl.key)
     methods: list[Method | None] = []
     results: list[MethodResult] = []
+    m: Method | None
     for name, factory in make_methods():
         try:
             m = factory()
@@ -169,8 +170,9 @@ def run_workload(wl: Workload, root: str, repeat: int) -> dict[str, Any]:
             r.error = f"load of step {s}: {_err(exc)}"
             log(f"  {r.name}: FAILED {r.error}")
     for m in methods:
-        if m is not None and getattr(m, "repo", None) is not None:
-            m.repo.close()
+        repo = getattr(m, "repo", None) if m is not None else None
+        if repo is not None:
+            repo.close()
     shutil.rmtree(wroot, ignore_errors=True)
     log(f"  {wl.key}: done ({t_train:.0f} s training, {t_saves:.0f} s saving, "
         f"{time.perf_counter() - t_start - t_train - t_saves:.0f} s loading)")

@@ -48,6 +48,7 @@ def _size_check(w: dict[str, Any], r: dict[str, Any], baseline: dict[str, Any] |
     if not b or not r.get("disk"):
         return None, "no baseline for this workload/configuration in " + \
             os.path.relpath(BASELINE_FILE)
+    assert baseline is not None  # b came from it
     src = f"previous default format at {baseline['format_commit']}"
     if baseline["same_config"] and torch_disk == b["torch_bytes"]:
         met = r["disk"] <= b["deltackpt_bytes"]

@@ -96,7 +96,8 @@ def lora_trainer(cfg: GPTConfig, total_steps: int) -> Trainer:
     for p in tr.model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(123)
-    targets: list[tuple[nn.Module, str]] = [(tr.model.head, "weight")]
+    targets: list[tuple[Any, str]] = [(tr.model.head, "weight")]
+    b: Any  # a transformer block: attn and mlp are its submodules
     for b in tr.model.blocks:
         targets += [(b.attn, "in_proj_weight"), (b.attn.out_proj, "weight"),
                     (b.mlp[0], "weight"), (b.mlp[2], "weight")]
