@@ -38,7 +38,7 @@ from deltackpt.cli.demo import GPTConfig, Trainer
 from deltackpt.format import entropy, planes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import suite  # noqa: E402  (write_results, _git_commit)
+from suitekit.common import git_commit, write_results  # noqa: E402
 
 GROUPS = ("params", "exp_avg", "exp_avg_sq")
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# rANS plane coder vs zstd level 1", "",
              f"`python benchmarks/bench_entropy.py{' --quick' if args.quick else ''}` on "
              f"{platform.machine()} ({platform.processor() or 'cpu'}), {os.cpu_count()} CPUs, "
-             f"commit {suite._git_commit()}, zstandard {zstandard.__version__}, decoder {simd}.",
+             f"commit {git_commit()}, zstandard {zstandard.__version__}, decoder {simd}.",
              "", f"Data: XOR of consecutive steps, {desc}. Planes: byte k of each fp32 word "
              "(3 = sign + high exponent bits). ctx: bucketed reference top byte. MB/s of plane "
              f"bytes per CPU second of the one thread, median of {repeat} interleaved repeats (numpy decoder: "
@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
-        suite.write_results(args.out, "entropy", text,
+        write_results(args.out, "entropy", text,
                             {"data": desc, "repeat": repeat, "numpy_repeat": numpy_repeat,
-                             "decoder": simd, "commit": suite._git_commit(), "rows": rows,
+                             "decoder": simd, "commit": git_commit(), "rows": rows,
                              "block_sweep": sweep})
     return 0
 

@@ -48,9 +48,9 @@ from deltackpt.store.manifest import Manifest, manifest_name
 
 
 def _states(quick: bool, saves: int, every: int) -> list[tuple[int, Any]]:
-    from suite import Trainer, _checkpoints, gpt_cfg  # workload (a), read-only
+    from suitekit.workloads import Trainer, gpt_cfg, train_checkpoints  # workload (a)
     tr = Trainer(gpt_cfg(quick, 1.0), total_steps=saves * every)
-    return [(s, copy.deepcopy(st)) for s, st in _checkpoints(tr, saves, every)]
+    return [(s, copy.deepcopy(st)) for s, st in train_checkpoints(tr, saves, every)]
 
 
 def _ms(fn: Callable[[], Any], repeat: int, paused: bool = False) -> float:

@@ -29,7 +29,8 @@ import deltackpt
 from deltackpt.format import planes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import suite  # noqa: E402  (workload definitions shared with the suite)
+from suitekit.common import git_commit, write_results  # noqa: E402
+from suitekit.workloads import make_workloads  # noqa: E402  (shared with the suite)
 
 CHUNK = 4 << 20
 
@@ -66,7 +67,7 @@ def kernels(repeat: int) -> list[dict[str, Any]]:
 
 
 def whole(quick: bool, root: str) -> dict[str, Any]:
-    wl = suite.make_workloads(quick, 1.0, None, None)[0]
+    wl = make_workloads(quick, 1.0, None, None)[0]
     states = [(s, copy.deepcopy(st)) for s, st in wl.checkpoints()]
     repos = {n: deltackpt.open(os.path.join(root, "native" if n else "numpy"), fsync=False)
              for n in (True, False)}
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         planes.set_native(True)
     lines = ["# Byte-plane kernels: C extension vs numpy", "",
              f"`python benchmarks/bench_planes.py{' --quick' if args.quick else ''}` on "
-             f"{platform.machine()}, {os.cpu_count()} CPUs, commit {suite._git_commit()}.", "",
+             f"{platform.machine()}, {os.cpu_count()} CPUs, commit {git_commit()}.", "",
              "## Kernels (one 4 MiB chunk, CPU time of the calling thread, median)", "",
              "| op | word | C (ms) | numpy (ms) | C is faster by |", "|---|---|---|---|---|"]
     lines += [f"| {r['op']} | {r['word']} | {r['native_ms']:.2f} | {r['numpy_ms']:.2f} | "
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
-        suite.write_results(args.out, "planes", text, {"kernels": k, "whole": w})
+        write_results(args.out, "planes", text, {"kernels": k, "whole": w})
     return 0
 
 

@@ -35,7 +35,8 @@ import torch
 import deltackpt
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import suite  # noqa: E402  (workload definitions shared with the suite)
+from suitekit.common import git_commit, write_results  # noqa: E402
+from suitekit.workloads import make_workloads  # noqa: E402  (shared with the suite)
 
 STRUCTURES: dict[str, dict[str, Any]] = {
     "default (pxor chain k=10)": {},
@@ -59,7 +60,7 @@ def _links(repo: deltackpt.Repository, step: int) -> int:
 
 def run(quick: bool, root: str, rounds: int) -> dict[str, Any]:
     saves = 6 if quick else 32
-    wl = suite.make_workloads(quick, 1.0, saves, None)[0]
+    wl = make_workloads(quick, 1.0, saves, None)[0]
     states = [(s, copy.deepcopy(st)) for s, st in wl.checkpoints()]
     names = list(STRUCTURES)
     repos = {n: deltackpt.open(os.path.join(root, f"r{i}"), fsync=False, **STRUCTURES[n])
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     lines = ["# Reference structures", "",
              f"`python benchmarks/bench_references.py{' --quick' if args.quick else ''}` on "
-             f"{platform.machine()}, {os.cpu_count()} CPUs, commit {suite._git_commit()}; "
+             f"{platform.machine()}, {os.cpu_count()} CPUs, commit {git_commit()}; "
              f"{r['saves']} saves of {r['workload']}; page cache, fsync off for every method.",
              "", f"torch.save median {r['torch_save_ms']:.0f} ms, torch.load median "
              f"{r['torch_load_ms']:.0f} ms (the load ratios are per step, against torch.load of "
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
-        suite.write_results(args.out, "references", text, r)
+        write_results(args.out, "references", text, r)
     return 0
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from suite import make_workloads  # noqa: E402
+from suitekit.workloads import make_workloads  # noqa: E402
 
 import deltackpt  # noqa: E402
 

@@ -11,7 +11,7 @@ from _util import assert_bitexact
 
 import deltackpt
 from deltackpt.cli.main import main
-from deltackpt.interop.export import read_file, step_from_name
+from deltackpt.interop.files import read_file, step_from_name
 
 
 def _state(i: int) -> dict:

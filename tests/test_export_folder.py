@@ -10,7 +10,7 @@ import torch
 
 import deltackpt
 from deltackpt.errors import DeltaCkptError
-from deltackpt.interop.export import FOLDER_KEY, read_folder, write_folder
+from deltackpt.interop.files import FOLDER_KEY, read_folder, write_folder
 
 
 def _text(t: str) -> dict[str, Any]:
@@ -141,7 +141,7 @@ def test_a_failed_file_export_leaves_the_old_file_and_no_partial_one(tmp_path, m
     import torch
 
     import deltackpt
-    import deltackpt.interop.export as export_mod
+    import deltackpt.interop.files as export_mod
 
     with deltackpt.open(tmp_path / "r", fsync=False) as repo:
         repo.save(0, {"w": torch.ones(64)})

@@ -18,7 +18,7 @@ from test_roundtrip import generators, numpy_arrays, numpy_scalars, states_with_
 
 import deltackpt
 from deltackpt.errors import DeltaCkptError, UnsupportedValueError
-from deltackpt.interop.export import PT_MARKER, decode_pt, encode_pt
+from deltackpt.interop.files import PT_MARKER, decode_pt, encode_pt
 from deltackpt.interop.importer import import_checkpoints
 
 

@@ -17,12 +17,8 @@ from safetensors.torch import save_file
 import deltackpt
 from deltackpt.cli.main import main
 from deltackpt.errors import DeltaCkptError, StepExistsError, StepNotFoundError
-from deltackpt.interop.export import (
-    export_steps,
-    parse_steps,
-    read_folder,
-    write_folder,
-)
+from deltackpt.interop.export import export_steps, parse_steps
+from deltackpt.interop.files import read_folder, write_folder
 from deltackpt.interop.importer import assign_steps, discover, import_checkpoints
 
 
@@ -265,7 +261,7 @@ def test_frameworks_are_imported_lazily():
 def test_folder_state_from_a_hostile_repository_cannot_escape_the_target(tmp_path, name):
     """A folder state is repository data: its file names must never reach outside the folder."""
     from deltackpt.errors import DeltaCkptError
-    from deltackpt.interop.export import FOLDER_KEY, write_folder
+    from deltackpt.interop.files import FOLDER_KEY, write_folder
 
     state = {FOLDER_KEY: 1, "files": {name: {"type": "text", "text": "x", "size": 1,
                                               "xxh3": "0" * 32}}}

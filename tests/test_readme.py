@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import deltackpt
-from deltackpt.interop.export import decode_pt
+from deltackpt.interop.files import decode_pt
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,10 +19,13 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 def suite() -> Any:
     sys.path.insert(0, BENCH)
     try:
-        import suite as mod
+        from suitekit.config import config_of
+        from suitekit.report import summarize
+        from suitekit.targets import check_targets, load_baseline
     finally:
         sys.path.pop(0)
-    return mod
+    return SimpleNamespace(summarize=summarize, config_of=config_of, check_targets=check_targets,
+                           load_baseline=load_baseline)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,7 @@ def committed() -> dict[str, Any]:
 
 def _targets(suite: Any, doc: dict[str, Any]) -> list[dict[str, Any]]:
     rows = {w["key"]: suite.summarize(w) for w in doc["workloads"]}
-    baseline = suite.load_baseline(suite._config_of(doc["meta"]))
+    baseline = suite.load_baseline(suite.config_of(doc["meta"]))
     return suite.check_targets(doc["workloads"], rows, doc["meta"]["chunk_window"], baseline)
 
 
@@ -50,7 +54,7 @@ def test_every_target_of_a_and_f_is_reported(suite: Any, committed: dict[str, An
 def test_size_is_compared_byte_for_byte(suite: Any, committed: dict[str, Any]) -> None:
     """Against the baseline of the same configuration: its bytes exactly are no loss; one byte
     more is a loss (and fails the save target with it)."""
-    config = suite._config_of(committed["meta"])
+    config = suite.config_of(committed["meta"])
     assert config == {"quick": False, "scale": 1.0, "saves": 12, "every": 3}
     base = suite.load_baseline(config)
     assert base["same_config"] and base["format_commit"] == "69c38e4"

@@ -7,7 +7,7 @@ deltackpt repository, and older folders are removed from disk.
 >>> trainer.train(resume_from_checkpoint=restore_checkpoint("runs/exp1.dckpt", args.output_dir))
 
 Each ``checkpoint-{global_step}`` folder becomes step ``global_step`` (a folder state, see
-:func:`deltackpt.interop.export.read_folder`): safetensors weights, ``optimizer.pt``, ``scheduler.pt``
+:func:`deltackpt.interop.files.read_folder`): safetensors weights, ``optimizer.pt``, ``scheduler.pt``
 and other ``weights_only``-loadable torch files as tensors (so steps store as deltas), JSON as
 text, and files ``torch.load(weights_only=True)`` refuses (``training_args.bin``,
 ``rng_state.pth``) as raw bytes that deltackpt never unpickles. :func:`materialize` writes a
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..engine.policy import Policy
 from ..errors import DeltaCkptError
-from ..interop.export import FolderReport, is_folder_state, read_folder, write_folder
+from ..interop.files import FolderReport, is_folder_state, read_folder, write_folder
 from ..repository import Repository
 
 _FOLDER = re.compile(r"checkpoint-(\d+)")

@@ -56,6 +56,7 @@ from ..engine.policy import Policy
 from ..errors import DeltaCkptError, UnsupportedValueError
 from ..format import checksum
 from ..format.tree import Leaf, flatten, unflatten
+from ..interop.pointer import POINTER_KIND, read_pointer
 from ..repository import Repository
 from ..store.manifest import Manifest
 
@@ -64,7 +65,6 @@ if TYPE_CHECKING:
 
 INDEX_NAME = "integrations/lightning.json"
 INDEX_VERSION = 1
-POINTER_KIND = "deltackpt-lightning-pointer"
 _STEP_IN_NAME = re.compile(r"step=(\d+)")
 _DROP = object()
 
@@ -117,7 +117,7 @@ def _normalize(v: Any, path: str, drop: bool, dropped: list[str]) -> Any:
             if y is not _DROP:
                 out[k] = y
         if t is OrderedDict and hasattr(v, "_metadata"):
-            out._metadata = v._metadata  # type: ignore[attr-defined]
+            out._metadata = v._metadata  # type: ignore[attr-defined]  # noqa: SLF001
         return out
     if t is list or t is tuple or isinstance(v, (list, tuple)):
         items = [_normalize(x, f"{path}/{i}", drop, dropped) for i, x in enumerate(v)]
@@ -138,7 +138,7 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device | None =
     """Load the checkpoint a pointer file (or an indexed path of ``repo_path``) names, without
     Lightning; e.g. to inspect ``last.ckpt``."""
     key = _key(path)
-    pointer = _read_pointer(os.fspath(path))
+    pointer = read_pointer(os.fspath(path))
     if repo_path is None:
         if pointer is None:
             raise DeltaCkptError(f"{os.fspath(path)!r} is not a deltackpt pointer file; pass "
@@ -152,23 +152,6 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device | None =
         if entry is None:
             raise DeltaCkptError(f"{key!r} is not a checkpoint of repository {repo.path!r}")
         return _load_entry(repo, entry, map_location)
-
-
-def _read_pointer(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64 * 1024)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None
-    if POINTER_KIND.encode() not in head[:200]:
-        return None
-    try:
-        doc = json.loads(head.decode("utf-8"))
-    except ValueError:
-        return None
-    if not isinstance(doc, dict) or doc.get("kind") != POINTER_KIND:
-        return None
-    return doc
 
 
 def _read_index(repo: Repository) -> dict[str, Any]:
@@ -346,7 +329,7 @@ class _DeltaCheckpointIO:
         repo = self._repo
         if repo is None and os.path.exists(os.path.join(self.repo_path, "deltackpt.json")):
             repo = Repository(self.repo_path, "r")  # a reader: every rank may load at once
-        pointer = _read_pointer(path)
+        pointer = read_pointer(path)
         try:
             if repo is not None:
                 paths = _read_index(repo)["paths"]

@@ -9,7 +9,7 @@ deltas. The step comes from the name (``checkpoint-500``, ``step_100.pt``,
 ``epoch=1-step=300.ckpt``); when a name has no number or two names give the same one, every
 source is numbered by sorted name order instead and :attr:`ImportReport.note` says so.
 Files use ``torch.load(weights_only=True)`` (never arbitrary unpickling); a folder is stored file
-by file (see :func:`deltackpt.interop.export.read_folder`) and exports back with ``hf-folder``.
+by file (see :func:`deltackpt.interop.files.read_folder`) and exports back with ``hf-folder``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import DeltaCkptError, StepExistsError
 from ..repository import Repository, SaveInfo
-from .export import (
+from .files import (
     PLAIN_SAFETENSORS_META,
     PT_SUFFIXES,
     is_plain_safetensors,
@@ -30,6 +30,7 @@ from .export import (
     read_safetensors_metadata,
     step_from_name,
 )
+from .pointer import read_pointer
 
 FILE_SUFFIXES = PT_SUFFIXES + (".safetensors",)
 _HF_FOLDER = re.compile(r"checkpoint-\d+")
@@ -107,9 +108,7 @@ def is_checkpoint_folder(path: str) -> bool:
 
 
 def _check_not_pointer(path: str) -> None:
-    from ..integrations.lightning import _read_pointer  # (does not import lightning)
-
-    pointer = _read_pointer(path) if os.path.isfile(path) else None
+    pointer = read_pointer(path) if os.path.isfile(path) else None
     if pointer is not None:
         raise DeltaCkptError(f"{path} is a deltackpt pointer file: its checkpoint is step "
                              f"{pointer.get('step')} of repository {pointer.get('repository')!r}")
@@ -121,7 +120,7 @@ def discover(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Source], lis
     ``checkpoint-N`` folders (a Trainer ``output_dir``) contributes only those folders."""
     sources: list[Source] = []
     skipped: list[str] = []
-    for p in map(os.fspath, paths):
+    for p in (os.fspath(x) for x in paths):
         _check_not_pointer(p)
         if os.path.isfile(p):
             if not p.endswith(FILE_SUFFIXES):
@@ -173,10 +172,10 @@ def assign_steps(sources: Sequence[Source], step: int | None = None,
                                  "needs exactly one")
         return [(step, sources[0])], None
     numbers = [step_from_name(s.path) for s in sources]
-    missing = [s.name for s, n in zip(sources, numbers) if n is None]
+    missing = [s.name for s, n in zip(sources, numbers, strict=True) if n is None]
     dupes = sorted({n for n in numbers if n is not None and numbers.count(n) > 1})
     if not missing and not dupes:
-        return sorted(zip(numbers, sources), key=lambda p: p[0]), None  # type: ignore[arg-type]
+        return sorted(zip(numbers, sources, strict=True), key=lambda p: p[0]), None  # type: ignore[arg-type]
     ordered = sorted(sources, key=lambda s: _natural(s.name))
     why = (f"no step number in {', '.join(map(repr, missing[:5]))}"
            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")) if missing else \
@@ -213,7 +212,7 @@ def import_checkpoints(repo: Repository | str | os.PathLike[str],
     total)`` before the first and after each (as the other long operations report)."""
     sources, skipped = discover(paths)
     owned = not isinstance(repo, Repository)
-    r = Repository(repo, "a", **open_kwargs) if owned else repo
+    r = repo if isinstance(repo, Repository) else Repository(repo, "a", **open_kwargs)
     try:
         latest = r.latest
         jobs, note = assign_steps(sources, step, 0 if latest is None else latest + 1)
