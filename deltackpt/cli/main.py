@@ -282,7 +282,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     with open_repo(args.repo, mode="r") as repo:
-        step = repo._resolve_step(args.step)
+        step = repo.resolve_step(args.step)
         m = repo.manifest(step)
     if args.json:
         print(json.dumps({
@@ -380,7 +380,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 print(f"step {step:>8}  {human(_size(path)):>10}  {path}")
             print(f"exported {len(done)} step(s) to {args.out}")
             return 0
-        step = repo._resolve_step(args.step)
+        step = repo.resolve_step(args.step)
         out = export_step(repo, step, args.out, args.format, overwrite=args.overwrite)
     print(f"exported step {step} to {out} ({human(_size(out))})")
     return 0
