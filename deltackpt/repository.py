@@ -3,6 +3,8 @@
 Write protocol (spec/FORMAT.md, "Ordering invariants"): journal the transaction → write and
 fsync packs → write indexes → write the manifest by atomic rename (the commit point) → drop the
 journal. A crash anywhere leaves earlier steps untouched; the next writer removes leftovers.
+The journal, commits and recovery are :class:`~deltackpt.engine.transaction.Transactions`
+(``repo.transactions``); this facade orders them on its writer thread.
 """
 from __future__ import annotations
 
