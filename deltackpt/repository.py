@@ -3,6 +3,8 @@
 Write protocol (spec/FORMAT.md, "Ordering invariants"): journal the transaction → write and
 fsync packs → write indexes → write the manifest by atomic rename (the commit point) → drop the
 journal. A crash anywhere leaves earlier steps untouched; the next writer removes leftovers.
+The journal, commits and recovery are :class:`~deltackpt.engine.transaction.Transactions`
+(``repo.transactions``); this facade orders them on its writer thread.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,10 +25,12 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import numpy as np
 
+from .engine.outputs import allocate, finish
 from .engine.policy import Policy
 from .engine.reconstruct import ChunkCache, Reconstructor
 from .engine.retention import Retention, StepView, parse_time, plan
 from .engine.staging import StagingPool, materialize, stage
+from .engine.transaction import Build, Transactions
 from .engine.writer import RefState, RefTensor, StepEncoder, bounded_map, chunk_size
 from .errors import (
     CorruptFileError,
@@ -42,23 +46,20 @@ from .errors import (
     UnsupportedValueError,
 )
 from .format import checksum
-from .format.dtypes import TORCH_DTYPES, element_type, storage_dtype
 from .format.tree import Leaf, flatten, leaf_indices, top_level_labels, unflatten
 from .ops.gc import GCReport, delete_steps, sweep
 from .ops.stepdiff import StepUsage, TensorDiff, diff_steps, usage
 from .ops.verify import VerifyReport
 from .ops.verify import verify as verify_repo
-from .runtime import hugepages
 from .store.backend import Backend
 from .store.local import LocalBackend
 from .store.manifest import (
     MAX_STEP,
     Manifest,
-    TensorEntry,
     manifest_name,
     parse_manifest_name,
 )
-from .store.packs import ChunkStore, index_name, pack_name
+from .store.packs import ChunkStore
 
 if TYPE_CHECKING:
     import torch
@@ -174,8 +175,8 @@ class Repository:
         self._ref_loaded = False
         #: the keyframe's state, kept when ``max_chain`` restarts chains from it (read-only)
         self._key: RefState | None = None
-        self._journal: tuple[str, int | None, list[str], list[str]] | None = None
-        self._manifest_size = 0
+        #: the journal and commits of this writer's transactions (see engine/transaction.py)
+        self.transactions = Transactions(self.backend, self.manifest, self._manifests)
         if not self.backend.exists(CONFIG_NAME):
             if mode == "r":
                 raise RepositoryNotFoundError(f"{self.path!r} is not a deltackpt repository "
@@ -190,9 +191,10 @@ class Repository:
                     "id": os.urandom(16).hex()}))
             self.config = self._read_config()
             if mode == "a":
-                self._recover()
+                self.transactions.recover()
             self.store = ChunkStore(self.backend, max_pack_bytes=self.policy.max_pack_bytes,
-                                    on_new_pack=self._journal_pack)
+                                    on_new_pack=self.transactions.journal_pack)
+            self.transactions.store = self.store
             self._pool = ThreadPoolExecutor(self.policy.workers, thread_name_prefix="deltackpt")
             # The writer queue: every operation that touches the writer's reference, journal,
             # open pack or the set of committed steps runs on this one thread, in call order
@@ -304,9 +306,10 @@ class Repository:
                 self._futures.append(fut)  # type: ignore[arg-type]
         return fut
 
-    def _serial(self, fn: Callable[[], _T]) -> _T:
+    def run_exclusive(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn`` on the writer thread after all work queued before it, and wait for it
-        (inline when already on the writer thread, e.g. retention after a background save)."""
+        (inline when already on the writer thread, e.g. retention after a background save):
+        how operations that change the repository are ordered with saves, deletes and gc."""
         if self._on_writer():
             return fn()
         return self._submit(fn).result()
@@ -316,7 +319,7 @@ class Repository:
         with self._submit_lock:
             idle = self._inflight == 0
         if not idle and not self._on_writer():
-            self._serial(lambda: None)
+            self.run_exclusive(lambda: None)
 
     def __enter__(self) -> Repository:
         return self
@@ -324,88 +327,24 @@ class Repository:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check_open(self, write: bool = False) -> None:
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has finished (the writer lock and file handles are released)."""
+        return self._closed
+
+    def check_open(self, write: bool = False) -> None:
+        """Raise :class:`ReadOnlyError` if the repository is closed (or closing, except on the
+        writer thread), or, with ``write``, if it was opened read-only."""
         # while closing, the queued work still runs on the writer thread; callers are refused
         if self._closed or (self._closing and not self._on_writer()):
             raise ReadOnlyError(f"repository {self.path!r} is closed")
         if write and self.mode != "a":
             raise ReadOnlyError(f"repository {self.path!r} was opened read-only (mode='r')")
 
-    # -- recovery and journal ------------------------------------------------------------------
-    def _recover(self) -> None:
-        """Undo saves that crashed before their commit point (writer only)."""
-        from .store.packs import is_pack_id
-
-        for fname in self.backend.list("txn"):
-            name = f"txn/{fname}"
-            try:
-                doc = checksum.load(self.backend.read(name), name)
-                step, packs, txn = doc["step"], list(doc["packs"]), doc["txn"]
-                kind = doc.get("kind", "save")
-                replaces = list(doc.get("replaces", []))
-                if not all(is_pack_id(p) for p in packs + replaces):  # never a path out of packs/
-                    raise ValueError("journal names something that is not a pack id")
-            except (DeltaCkptError, KeyError, TypeError, ValueError):
-                self.backend.delete(name)  # unreadable: its packs stay until garbage collection
-                continue
-            if kind == "repack":  # a repacked pack is a complete copy once its index exists
-                complete = bool(packs)
-                for pid in packs:
-                    if not self.backend.exists(index_name(pid)):
-                        self.backend.delete(pack_name(pid))
-                        complete = False
-                if complete:  # finish it: the old pack's live chunks are all in the copy
-                    for old in replaces:
-                        self.backend.delete(index_name(old))
-                        self.backend.delete(pack_name(old))
-                self.backend.delete(name)
-                continue
-            committed = False
-            if type(step) is int and self.backend.exists(manifest_name(step)):
-                try:
-                    committed = self.manifest(step).txn == txn
-                except DeltaCkptError:
-                    committed = True  # damaged: keep its packs for a manual repair
-            if not committed:
-                for pid in packs:
-                    self.backend.delete(index_name(pid))
-                    self.backend.delete(pack_name(pid))
-            self.backend.delete(name)
-        for fname in self.backend.list("tmp"):
-            self.backend.delete(f"tmp/{fname}")
-        self._manifests.clear()
-
-    def _write_journal(self) -> None:
-        assert self._journal is not None
-        txn, step, packs, replaces = self._journal
-        doc: dict[str, Any] = {"txn": txn, "step": step, "packs": packs,
-                               "kind": "save" if step is not None else "repack"}
-        if replaces:
-            doc["replaces"] = replaces
-        self.backend.write_atomic(f"txn/{txn}.json", checksum.dump(doc))
-
-    def _begin(self, step: int | None, replaces: Sequence[str] = ()) -> str:
-        """Journal a transaction: a save or rebase of ``step``, or a repack (step None) of the
-        packs ``replaces`` (recovery finishes a repack whose copy is complete)."""
-        txn = os.urandom(16).hex()
-        self._journal = (txn, step, [], list(replaces))
-        self._write_journal()
-        return txn
-
-    def _end(self, txn: str) -> None:
-        self.backend.delete(f"txn/{txn}.json")
-        self._journal = None
-
-    def _journal_pack(self, pid: str) -> None:
-        if self._journal is None:
-            raise ReadOnlyError("chunks can only be written inside a save")
-        self._journal[2].append(pid)
-        self._write_journal()
-
     # -- reading -------------------------------------------------------------------------------
     def steps(self) -> list[int]:
         """Committed steps, ascending."""
-        self._check_open()
+        self.check_open()
         found = (parse_manifest_name(f) for f in self.backend.list("steps"))
         return sorted(s for s in found if s is not None)
 
@@ -461,8 +400,10 @@ class Repository:
         self._manifests[step] = m
         return m
 
-    def _resolve_step(self, step: int | None) -> int:
-        self._check_open()
+    def resolve_step(self, step: int | None) -> int:
+        """``step``, or the latest step for None (:class:`StepNotFoundError` if there is
+        none); the step need not exist."""
+        self.check_open()
         if step is None:
             latest = self.latest
             if latest is None:
@@ -480,7 +421,7 @@ class Repository:
         subtrees are rebuilt and only their tensors read. ``map_location``: device for torch
         tensors (default CPU).
         """
-        self._check_open()
+        self.check_open()
         self._raise_pending()
         self._barrier()  # a save, delete or gc called before this load happens before it
         with gc_paused():
@@ -500,7 +441,7 @@ class Repository:
                 if attempt + 1 == _LOAD_ATTEMPTS or listing == last:
                     raise
                 last = listing
-                self._serial(self._refresh_now)  # never under a save's feet
+                self.run_exclusive(self._refresh_now)  # never under a save's feet
         raise AssertionError("unreachable")
 
     def _listing(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -510,8 +451,8 @@ class Repository:
     def refresh(self) -> None:
         """Drop cached manifests, chunks and indexes (another writer may have changed them);
         ordered after the operations queued before it."""
-        self._check_open()
-        self._serial(self._refresh_now)
+        self.check_open()
+        self.run_exclusive(self._refresh_now)
 
     def _refresh_now(self) -> None:
         self._manifests.clear()
@@ -520,7 +461,7 @@ class Repository:
 
     def _load(self, step: int | None = None, select: str | Sequence[str] | None = None,
               map_location: str | torch.device | None = None) -> Any:
-        step = self._resolve_step(step)
+        step = self.resolve_step(step)
         m = self.manifest(step)
         sel = [select] if isinstance(select, str) else (list(select) if select else None)
         if sel is not None:
@@ -549,7 +490,7 @@ class Repository:
             else:
                 self.reconstructor.precheck(step, m.tensors[i])
                 try:
-                    values[i], bufs[i] = self._allocate(m.tensors[i])
+                    values[i], bufs[i] = allocate(m.tensors[i])
                 except (MemoryError, RuntimeError, ValueError) as exc:
                     raise DeltaCkptError(f"cannot allocate {m.tensors[i].nbytes} bytes for this "
                                          f"tensor: {exc}", step=step, path=m.tensors[i].path,
@@ -600,38 +541,11 @@ class Repository:
                              whole, 4 * self.policy.workers, lambda i: bufs[i].size):
             pass
         for i in wanted:
-            values[i] = self._finish(values[i], m.tensors[i], map_location)  # type: ignore
+            values[i] = finish(values[i], m.tensors[i], map_location)
         try:
             return unflatten(m.tree, values.__getitem__, sel)
         except (CorruptFileError, UnsupportedValueError) as exc:
             raise _with_step(exc, step) from None
-
-    @staticmethod
-    def _allocate(entry: TensorEntry) -> tuple[torch.Tensor | np.ndarray, np.ndarray]:
-        """An uninitialised output value for ``entry`` and a flat uint8 view of its bytes."""
-        if entry.kind == "numpy":
-            arr = np.empty(entry.shape, dtype=storage_dtype(element_type("numpy", entry.dtype)))
-            value, flat = arr, arr.reshape(-1).view(np.uint8)
-        else:
-            et = element_type(entry.kind, entry.dtype)
-            value = torch.empty(entry.shape, dtype=TORCH_DTYPES[et.name])
-            flat = (value.reshape(-1).view(torch.uint8).numpy() if entry.nbytes
-                    else np.empty(0, np.uint8))
-        hugepages.advise(flat)
-        return value, flat
-
-    @staticmethod
-    def _finish(value: torch.Tensor | np.ndarray, entry: TensorEntry,
-                map_location: str | torch.device | None) -> torch.Tensor | np.ndarray:
-        if isinstance(value, np.ndarray):
-            return value if value.dtype.str == entry.dtype else value.astype(entry.dtype)
-        if map_location is not None:
-            value = value.to(map_location)
-        if entry.parameter:
-            return torch.nn.Parameter(value, requires_grad=entry.requires_grad)
-        if entry.requires_grad:
-            value.requires_grad_(True)
-        return value
 
     def history(self, unreadable: dict[int, str] | None = None) -> list[StepRecord]:
         """One record per committed step, from manifests only (no tensor data is read).
@@ -640,7 +554,7 @@ class Repository:
         is left out of the records and added there with the reason (a damaged repository's
         other steps stay listable).
         """
-        self._check_open()
+        self.check_open()
         self._barrier()
         out = []
         for s in self.steps():
@@ -677,13 +591,13 @@ class Repository:
 
     def diff(self, a: int, b: int) -> list[TensorDiff]:
         """Per-tensor report between steps ``a`` and ``b`` (see :mod:`deltackpt.ops.stepdiff`)."""
-        self._check_open()
+        self.check_open()
         self._barrier()
         return diff_steps(self, a, b)
 
     def usage(self) -> list[StepUsage]:
         """Per-step logical, stored, unique and shared bytes, depth and dependents."""
-        self._check_open()
+        self.check_open()
         self._barrier()
         return usage(self)
 
@@ -698,13 +612,13 @@ class Repository:
         repacks them (or pass ``repack_below``, as :meth:`gc` takes it).
         ``progress(stage, done, total)`` is called as the work goes on.
         """
-        self._check_open(write=True)
+        self.check_open(write=True)
         self._raise_pending()
         for s in steps:
             if type(s) is not int:
                 raise TypeError(f"steps must be ints, got {s!r}")
         doomed = sorted(set(steps))
-        return self._serial(lambda: self._delete_now(doomed, repack_below, progress))
+        return self.run_exclusive(lambda: self._delete_now(doomed, repack_below, progress))
 
     def _delete_now(self, doomed: list[int], repack_below: float,
                     progress: Callable[[str, int, int], None] | None) -> GCReport:
@@ -717,7 +631,7 @@ class Repository:
                          "every step still listed loads as before: run it again to finish")
             raise
         finally:  # also after a failure: the writer's reference may name touched steps
-            self._after_delete(report)
+            self.forget_steps(report.deleted_steps + report.rebased_steps)
         return report
 
     def gc(self, retention: Retention | None = None, *, dry_run: bool = False,
@@ -730,9 +644,9 @@ class Repository:
         time and meta are unknown) and listed in the report's ``unreadable_steps``.
         ``progress(stage, done, total)`` is called as the work goes on.
         """
-        self._check_open(write=not dry_run)
+        self.check_open(write=not dry_run)
         self._raise_pending()
-        return self._serial(lambda: self._gc_now(retention, dry_run, repack_below, progress))
+        return self.run_exclusive(lambda: self._gc_now(retention, dry_run, repack_below, progress))
 
     def _gc_now(self, retention: Retention | None, dry_run: bool, repack_below: float,
                 progress: Callable[[str, int, int], None] | None = None) -> GCReport:
@@ -763,12 +677,15 @@ class Repository:
             raise
         finally:  # also after a failure: the writer's reference may name touched steps
             if not dry_run:
-                self._after_delete(report)
+                self.forget_steps(report.deleted_steps + report.rebased_steps)
         return report
 
-    def _after_delete(self, report: GCReport) -> None:
+    def forget_steps(self, steps: Iterable[int]) -> None:
+        """Drop what this process holds in memory about ``steps`` after they were deleted or
+        their manifests rewritten: rebuilt chunks, and a writer reference whose chunk records
+        name them (rebuilt from disk by the next save). Writer thread only."""
         self.cache.clear()
-        touched = set(report.deleted_steps) | set(report.rebased_steps)
+        touched = set(steps)
 
         def stale(r: RefState | None) -> bool:
             return r is not None and any(t.step in touched or any(
@@ -779,6 +696,26 @@ class Repository:
             self._ref = None
         if stale(self._key):
             self._key = None          # rebuilt from disk when a chain restarts
+
+    def rewrite_manifest(self, step: int, build: Build) -> Manifest:
+        """Commit a new manifest of the committed ``step`` (a rebase or a repair), as a
+        journaled transaction on the writer thread: ``build(txn)`` writes the chunks it needs
+        and returns the new manifest (carrying ``txn``) and the chunk bytes it wrote.
+
+        All or nothing, like a save; the step keeps its previous manifest's stored bytes in its
+        ``stored_bytes``. The caller keeps what the step restores unchanged (only chunk records
+        may change, see spec/FORMAT.md "Ordering invariants", rule 6) and calls
+        :meth:`forget_steps` when done. Raises :class:`StepNotFoundError` if ``step`` is not
+        committed.
+        """
+        self.check_open(write=True)
+
+        def run() -> Manifest:
+            old = self.manifest(step)
+            return self.transactions.commit(step, build,
+                                            base_stored=int(old.stats.get("stored_bytes", 0)))
+
+        return self.run_exclusive(run)
 
     def repair(self, todo: Any = None) -> Any:
         """Carry out the recoverable actions of a :func:`deltackpt.ops.repair.plan` (default: a
@@ -792,9 +729,9 @@ class Repository:
         """Check one step (or every step and the whole store) rebuilds bit-exactly; runs after
         every save, delete or gc queued before it. ``progress(stage, done, total)`` is called
         as steps are checked."""
-        self._check_open()
+        self.check_open()
         self._raise_pending()
-        return self._serial(lambda: verify_repo(self, step, progress=progress))
+        return self.run_exclusive(lambda: verify_repo(self, step, progress=progress))
 
     def export(self, step: int | None, path: str | os.PathLike[str], fmt: str = "auto", *,
                overwrite: bool = False) -> str:
@@ -803,10 +740,10 @@ class Repository:
         imported from a file or folder goes back to that form. Returns the path written."""
         from .interop.export import export_step
 
-        self._check_open()
+        self.check_open()
         self._raise_pending()
         self._barrier()
-        return export_step(self, self._resolve_step(step), path, fmt, overwrite=overwrite)
+        return export_step(self, self.resolve_step(step), path, fmt, overwrite=overwrite)
 
     # -- writing -------------------------------------------------------------------------------
     @overload
@@ -832,7 +769,7 @@ class Repository:
         a background save is raised by the next call to save, load, verify, delete, gc, wait
         or close (once), and by the future.
         """
-        self._check_open(write=True)
+        self.check_open(write=True)
         if self._on_writer():
             raise DeltaCkptError("save() cannot be called from inside a save, delete or gc of "
                                  "the same repository")
@@ -906,7 +843,7 @@ class Repository:
                 txn=txn, packs=[]), enc.written_bytes
 
         try:
-            m = self._commit(step, build)
+            m = self.transactions.commit(step, build)
         except BaseException:
             self._ref, self._ref_loaded = None, False  # the encoder may have overwritten it
             raise
@@ -942,59 +879,6 @@ class Repository:
                      "%d bytes)", step, report.deleted_steps, report.rebased_steps,
                      report.freed_bytes)
         return tuple(report.deleted_steps)
-
-    def _commit(self, step: int, build: Callable[[str], tuple[Manifest, int]],
-                base_stored: int = 0) -> Manifest:
-        """Run ``build(txn)`` (which writes chunks and returns the manifest and the chunk bytes
-        it wrote) inside a journaled transaction, then commit the manifest of ``step``.
-
-        All or nothing: on any error, the chunks written are removed again and the step's
-        previous manifest (if any) stays as it was.
-        """
-        txn = self._begin(step)
-        packs: list[str] = []
-        try:
-            m, written = build(txn)
-            packs = self.store.flush()
-            m.packs, m.txn = packs, txn
-            stored = base_stored + written + sum(self.backend.size(index_name(p))
-                                                 for p in packs)
-            size = self._manifest_size  # a guess: manifests of a run have similar sizes
-            for _ in range(4):  # the manifest counts its own size: iterate to a fixed point
-                m.stats["stored_bytes"] = stored + size
-                data = m.to_bytes()
-                if len(data) == size:
-                    break
-                size = len(data)
-            self._manifest_size = len(data)
-            self._manifests.pop(step, None)
-            self.backend.write_atomic(manifest_name(step), data)   # the commit point
-        except BaseException as exc:
-            self._journal = None
-            if self._committed(step, txn):
-                if isinstance(exc, OSError):
-                    exc.add_note(f"deltackpt: step {step} is committed; only the cleanup after "
-                                 "its commit point failed")
-                raise  # failed after the rename: committed after all; the journal says so
-            if isinstance(exc, OSError):
-                exc.add_note(f"deltackpt: step {step} was not saved; earlier steps are intact "
-                             "(its partial files are removed now, or by the next writer)")
-            self.store.abort()
-            for pid in packs:  # flushed but never committed
-                self.store.forget_pack(pid)
-                self.backend.delete(index_name(pid))
-                self.backend.delete(pack_name(pid))
-            self.backend.delete(f"txn/{txn}.json")
-            raise
-        self._end(txn)
-        self._manifests[step] = m
-        return m
-
-    def _committed(self, step: int, txn: str) -> bool:
-        try:
-            return self.manifest(step).txn == txn
-        except DeltaCkptError:
-            return False
 
     def _reference_or_keyframe(self, step: int) -> RefState | None:
         """The delta reference rebuilt from disk, or None (a keyframe) when the policy says so

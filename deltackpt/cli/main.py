@@ -13,11 +13,14 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import open as open_repo
 from ..errors import DeltaCkptError
 from .fmt import human, table
+
+if TYPE_CHECKING:
+    from ..engine.retention import Retention
 
 Progress = Callable[[str, int, int], None]
 
@@ -212,7 +215,7 @@ def _age(text: str) -> float:
     return value * unit
 
 
-def _retention(args: argparse.Namespace):  # noqa: ANN202
+def _retention(args: argparse.Namespace) -> Retention | None:
     from datetime import timedelta
 
     from ..engine.retention import (
@@ -223,7 +226,7 @@ def _retention(args: argparse.Namespace):  # noqa: ANN202
         KeepSteps,
     )
 
-    parts = []
+    parts: list[Retention] = []
     if args.keep_last is not None:
         parts.append(KeepLast(args.keep_last))
     if args.keep_every is not None:
@@ -237,7 +240,7 @@ def _retention(args: argparse.Namespace):  # noqa: ANN202
         parts.append(KeepNewerThan(timedelta(seconds=args.keep_newer_than)))
     if not parts:
         return None
-    policy = parts[0]
+    policy: Retention = parts[0]
     for p in parts[1:]:
         policy = policy | p
     return policy
@@ -282,7 +285,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     with open_repo(args.repo, mode="r") as repo:
-        step = repo._resolve_step(args.step)
+        step = repo.resolve_step(args.step)
         m = repo.manifest(step)
     if args.json:
         print(json.dumps({
@@ -380,7 +383,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 print(f"step {step:>8}  {human(_size(path)):>10}  {path}")
             print(f"exported {len(done)} step(s) to {args.out}")
             return 0
-        step = repo._resolve_step(args.step)
+        step = repo.resolve_step(args.step)
         out = export_step(repo, step, args.out, args.format, overwrite=args.overwrite)
     print(f"exported step {step} to {out} ({human(_size(out))})")
     return 0
@@ -396,7 +399,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from ..interop.importer import import_checkpoints
 
     with _progress(args) as bar:
-        def row(item) -> None:  # noqa: ANN001
+        def row(item: Any) -> None:
             line = (f"step {item.step:>8}  {item.save_kind:8}  "
                     f"{human(item.source_bytes):>10} -> {human(item.stored_bytes):>10}  "
                     f"{item.source}")

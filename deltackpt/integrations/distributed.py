@@ -169,7 +169,7 @@ def _writable(path: str, rank: int | None, keep_open: bool, policy: Policy | str
     want = Policy.from_kwargs(policy, dict(policy_kwargs))
     with _OPEN_LOCK:
         repo = _OPEN.get(key)
-        if repo is not None and (repo._closed or repo.policy != want):
+        if repo is not None and (repo.closed or repo.policy != want):
             _OPEN.pop(key)
             repo.close()
             repo = None
@@ -392,7 +392,7 @@ def doc_to_metadata(doc: Any, step: int) -> Metadata:
             off = d.ints(d.get(c, "offsets", list, where), f"{where} chunk offsets")
             sz = d.ints(d.get(c, "sizes", list, where), f"{where} chunk sizes")
             if len(off) != len(size) or len(sz) != len(size) or any(
-                    o + s > n for o, s, n in zip(off, sz, size)):
+                    o + s > n for o, s, n in zip(off, sz, size, strict=True)):
                 raise d.fail(f"{where} has a chunk outside the tensor")
             chunks.append(ChunkStorageMetadata(offsets=off, sizes=sz))
         props = TensorProperties(

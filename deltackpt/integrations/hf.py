@@ -62,7 +62,7 @@ def materialize(repo_path: str | os.PathLike[str] | Repository, step: int | None
     report says per file whether the bytes matched the original too.
     """
     owned = not isinstance(repo_path, Repository)
-    repo = Repository(repo_path, "r") if owned else repo_path
+    repo = repo_path if isinstance(repo_path, Repository) else Repository(repo_path, "r")
     try:
         if step is None:
             step = _latest_folder_step(repo)

@@ -32,7 +32,8 @@ class Checkpointer:
         if every < 1:
             raise ValueError("every must be >= 1")
         self._owned = not isinstance(repo, Repository)
-        self.repo = Repository(repo, "a", **open_kwargs) if self._owned else repo
+        self.repo: Repository = repo if isinstance(repo, Repository) \
+            else Repository(repo, "a", **open_kwargs)
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, \
             scaler
         self.every, self.blocking = every, blocking

@@ -23,7 +23,7 @@ from ..errors import (
     IntegrityError,
     StepNotFoundError,
 )
-from ..store.manifest import ChunkRef, Manifest, TensorEntry, manifest_name
+from ..store.manifest import ChunkRef, Manifest, TensorEntry
 from ..store.packs import (
     _ENTRY_HEAD,
     _PACK_HEAD,
@@ -38,6 +38,7 @@ from ..store.packs import (
     pack_name,
     read_pack_entries,
 )
+from .rewrite import with_raw_records
 
 if TYPE_CHECKING:
     from ..repository import Repository
@@ -108,29 +109,8 @@ def delete_steps(repo: Repository, steps: list[int], report: GCReport,
     report.deleted_steps.extend(sorted(steps))
     for s in sorted(steps, reverse=True):
         if not report.dry_run:
-            repo._manifests.pop(s, None)
-            repo.backend.delete(manifest_name(s))
+            repo.transactions.remove(s)
             repo.cache.clear()
-
-
-def with_records(m: Manifest, tensors: list[TensorEntry], codecs: list[dict[str, Any]],
-                 txn: str) -> Manifest:
-    """``m`` with new chunk records (a rebase or a repair) in a new transaction; everything
-    the step restores (tree, digests, meta, time) stays as it was."""
-    from ..codecs import get_codec
-
-    self_contained = all(c.ref is None for t in tensors for c in t.chunks)
-    new = Manifest(step=m.step, time=m.time,
-                   kind="keyframe" if self_contained else m.kind,
-                   keyframe=m.step if self_contained else m.keyframe,
-                   parent=None if self_contained else m.parent,
-                   delta_index=0 if self_contained else m.delta_index, meta=m.meta,
-                   codecs=codecs, tree=m.tree, tensors=tensors, stats=dict(m.stats),
-                   txn=txn, packs=[])
-    objs = [get_codec(c) for c in codecs]
-    for t in new.tensors:
-        t.codecs = objs
-    return new
 
 
 def _rebase(repo: Repository, m: Manifest, doomed: set[int]) -> int:
@@ -140,26 +120,20 @@ def _rebase(repo: Repository, m: Manifest, doomed: set[int]) -> int:
 
     def build(txn: str) -> tuple[Manifest, int]:
         written = 0
-        codecs = list(m.codecs)
-        raw_index = codecs.index({"id": "raw"}) if {"id": "raw"} in codecs else None
-        if raw_index is None:
-            codecs.append({"id": "raw"})
-            raw_index = len(codecs) - 1
-        tensors = []
-        for t in m.tensors:
-            chunks = []
-            for i, c in enumerate(t.chunks):
-                if c.ref is not None and _chain_hits(repo, m.step, t, i, doomed):
-                    data = rec.chunk(m.step, t, i)
-                    cid, n = repo.store.put(data, t.etype.word, repo.policy.zstd_level,
-                                            cid=c.digest)
-                    written += n
-                    c = ChunkRef(cid, raw_index, None, c.digest, 1)
-                chunks.append(c)
-            tensors.append(t.__class__(**{**t.__dict__, "chunks": chunks}))
-        return with_records(m, tensors, codecs, txn), written
 
-    new = repo._commit(m.step, build, base_stored=old_stored)
+        def raw_id(t: TensorEntry, i: int, c: ChunkRef) -> bytes | None:
+            nonlocal written
+            if c.ref is None or not _chain_hits(repo, m.step, t, i, doomed):
+                return None
+            cid, n = repo.store.put(rec.chunk(m.step, t, i), t.etype.word,
+                                    repo.policy.zstd_level, cid=c.digest)
+            written += n
+            return cid
+
+        new = with_raw_records(m, txn, raw_id)
+        return new, written
+
+    new = repo.rewrite_manifest(m.step, build)
     return int(new.stats["stored_bytes"]) - old_stored
 
 
@@ -242,7 +216,7 @@ def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5,
             report.repacked_packs += 1
             report.freed_bytes += size - live_bytes
             if not report.dry_run:
-                _repack(repo, pid, live_entries)
+                repack_pack(repo, pid, live_entries)
     # packs whose index never got written (a crash between the two) hold nothing reachable
     indexed = {f[:-4] for f in backend.list("index") if f.endswith(".idx")}
     for sub in backend.list_dirs("packs") if hasattr(backend, "list_dirs") else []:
@@ -268,15 +242,17 @@ def _only_copy(repo: Repository, pid: str, live: set[bytes]) -> bool:
 
 
 def _journaled(repo: Repository, pid: str) -> bool:
-    return repo._journal is not None and pid in repo._journal[2]
+    return repo.transactions.journaled(pid)
 
 
-def _repack(repo: Repository, old: str, entries: list[tuple[bytes, int, int, int]]) -> None:
+def repack_pack(repo: Repository, old: str, entries: list[tuple[bytes, int, int, int]]) -> None:
+    """Copy the frames ``entries`` of pack ``old`` (checked first) into a new pack, as a
+    journaled repack, then remove ``old``: how gc reclaims dead bytes and repair drops damage."""
     store: ChunkStore = repo.store
     backend = repo.backend
-    txn = repo._begin(None, replaces=[old])
+    txn = repo.transactions.begin(None, replaces=[old])
     new = os.urandom(16).hex()
-    repo._journal_pack(new)
+    repo.transactions.journal_pack(new)
     pack = _OpenPack(new, backend.create_stream(pack_name(new)))
     try:
         for cid, off, length, plen in entries:
@@ -297,10 +273,10 @@ def _repack(repo: Repository, old: str, entries: list[tuple[bytes, int, int, int
         pack.stream.abort()
         backend.delete(index_name(new))
         backend.delete(pack_name(new))
-        repo._end(txn)
+        repo.transactions.end(txn)
         raise
     store.forget_pack(old)
     backend.delete(index_name(old))   # the new index already covers every live chunk
     backend.delete(pack_name(old))
     store.load_index(new)
-    repo._end(txn)
+    repo.transactions.end(txn)

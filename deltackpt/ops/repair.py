@@ -49,6 +49,7 @@ from ..store.packs import (
     read_pack_entries,
     scan_pack,
 )
+from .rewrite import with_raw_records
 
 if TYPE_CHECKING:
     from ..repository import Repository
@@ -219,9 +220,9 @@ def _chain(repo: Repository, step: int, entry: TensorEntry, i: int
     out = [(step, entry)]
     seen = {step}
     s, e = step, entry
-    while e.chunks[i].ref is not None and len(out) < 100_000:
+    while len(out) < 100_000:
         ref = e.chunks[i].ref
-        if ref in seen:
+        if ref is None or ref in seen:
             break
         seen.add(ref)
         try:
@@ -347,9 +348,9 @@ def apply(repo: Repository, todo: RepairPlan | None = None, rounds: int = 3) -> 
     can reveal a pack to repack); returns the plan of what is left. Each action is crash-safe:
     indexes are written whole by atomic rename, manifests are committed as rebases, packs as
     repacks."""
-    repo._check_open(write=True)
+    repo.check_open(write=True)
     repo.wait_until_finished()
-    return repo._serial(lambda: _apply(repo, todo, rounds))  # ordered with saves, gc, deletes
+    return repo.run_exclusive(lambda: _apply(repo, todo, rounds))  # ordered with saves, gc, deletes
 
 
 def _apply(repo: Repository, todo: RepairPlan | None, rounds: int) -> RepairPlan:
@@ -365,7 +366,7 @@ def _apply(repo: Repository, todo: RepairPlan | None, rounds: int) -> RepairPlan
 
 
 def _apply_once(repo: Repository, todo: RepairPlan) -> RepairPlan:
-    from .gc import _repack
+    from .gc import repack_pack
 
     backend = repo.backend
     for a in todo.actions:
@@ -390,7 +391,7 @@ def _apply_once(repo: Repository, todo: RepairPlan) -> RepairPlan:
             keep = [e for e in entries if e[0] in live
                     and _intact(repo, a.pack, e[0], e[1], e[2], e[3]) is not None]
             if keep:
-                _repack(repo, a.pack, keep)
+                repack_pack(repo, a.pack, keep)
             else:
                 repo.store.forget_pack(a.pack)
                 backend.delete(index_name(a.pack))
@@ -403,16 +404,8 @@ def _apply_once(repo: Repository, todo: RepairPlan) -> RepairPlan:
     for step in sorted(by_step):
         _repoint(repo, step, by_step[step])
     repo.refresh()
-    repo._after_delete(_Touched(sorted(by_step)))
+    repo.forget_steps(sorted(by_step))
     return plan(repo)
-
-
-@dataclass
-class _Touched:
-    """What ``Repository._after_delete`` needs to drop a writer reference naming these steps."""
-
-    rebased_steps: list[int]
-    deleted_steps: list[int] = field(default_factory=list)
 
 
 def _tensors(repo: Repository, step: int) -> list[TensorEntry]:
@@ -424,8 +417,6 @@ def _tensors(repo: Repository, step: int) -> list[TensorEntry]:
 
 def _repoint(repo: Repository, step: int, actions: list[Action]) -> None:
     """Commit a new manifest of ``step`` whose named records are raw records of their source."""
-    from .gc import with_records
-
     m = repo.manifest(step)
     fix = {(a.path, a.chunk): a.source for a in actions}
 
@@ -440,15 +431,6 @@ def _repoint(repo: Repository, step: int, actions: list[Action]) -> None:
                 _, n = repo.store.put(data, t2.etype.word, repo.policy.zstd_level,
                                       cid=a.source)
                 written += n
-        codecs = list(m.codecs)
-        if {"id": "raw"} not in codecs:
-            codecs.append({"id": "raw"})
-        raw = codecs.index({"id": "raw"})
-        tensors = []
-        for t in m.tensors:
-            chunks = [ChunkRef(fix[(t.path, i)], raw, None, c.digest, 1)  # type: ignore[arg-type]
-                      if (t.path, i) in fix else c for i, c in enumerate(t.chunks)]
-            tensors.append(t.__class__(**{**t.__dict__, "chunks": chunks}))
-        return with_records(m, tensors, codecs, txn), written
+        return with_raw_records(m, txn, lambda t, i, _c: fix.get((t.path, i))), written
 
-    repo._commit(step, build, base_stored=int(m.stats.get("stored_bytes", 0)))
+    repo.rewrite_manifest(step, build)

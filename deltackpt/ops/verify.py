@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..engine.outputs import finish
 from ..errors import (
     CorruptFileError,
     DeltaCkptError,
@@ -179,7 +180,7 @@ def _decode_tree(repo: Repository, s: int, m: Manifest, generators: list[int]) -
         e = m.tensors[i]
         buf = torch.empty(e.nbytes, dtype=torch.uint8)
         repo.reconstructor.tensor_into(s, e, buf.numpy())
-        values[i] = repo._finish(buf, e, None)  # type: ignore[assignment]
+        values[i] = finish(buf, e, None)  # type: ignore[assignment]
     unflatten(m.tree, values.get)
 
 
