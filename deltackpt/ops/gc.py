@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..codecs.raw import RAW_CONFIG
 from ..errors import (
     CorruptChunkError,
     DeltaCkptError,
@@ -141,9 +142,9 @@ def _rebase(repo: Repository, m: Manifest, doomed: set[int]) -> int:
     def build(txn: str) -> tuple[Manifest, int]:
         written = 0
         codecs = list(m.codecs)
-        raw_index = codecs.index({"id": "raw"}) if {"id": "raw"} in codecs else None
+        raw_index = codecs.index(RAW_CONFIG) if RAW_CONFIG in codecs else None
         if raw_index is None:
-            codecs.append({"id": "raw"})
+            codecs.append(dict(RAW_CONFIG))
             raw_index = len(codecs) - 1
         tensors = []
         for t in m.tensors:

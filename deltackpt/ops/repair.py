@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..codecs.raw import RAW_CONFIG
 from ..errors import DeltaCkptError, StepNotFoundError
 from ..format.frame import frame_length
 from ..store.manifest import ChunkRef, Manifest, TensorEntry
@@ -441,9 +442,9 @@ def _repoint(repo: Repository, step: int, actions: list[Action]) -> None:
                                       cid=a.source)
                 written += n
         codecs = list(m.codecs)
-        if {"id": "raw"} not in codecs:
-            codecs.append({"id": "raw"})
-        raw = codecs.index({"id": "raw"})
+        if RAW_CONFIG not in codecs:
+            codecs.append(dict(RAW_CONFIG))
+        raw = codecs.index(RAW_CONFIG)
         tensors = []
         for t in m.tensors:
             chunks = [ChunkRef(fix[(t.path, i)], raw, None, c.digest, 1)  # type: ignore[arg-type]
