@@ -95,12 +95,12 @@ class Codec(ABC):
         for a row codec that supports the tensor's type."""
         return True
 
-    def error_bound(self, data: np.ndarray, ref: np.ndarray | None,
-                    etype: ElementType) -> np.ndarray | None:
-        """Per element of ``data``, the most ``decode(encode(data, ref))`` may differ from it,
-        in the values' own units (float64); for a lossless codec zeros. None: a lossy codec
-        that declares no bound (its error is only measured, and recorded in the manifest).
-        Call only on a chunk ``encode`` accepts."""
+    def error_bound(self, data: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+                    payload: np.ndarray) -> np.ndarray | None:
+        """Per element of ``data``, the most the decoded ``payload`` (which ``encode(data,
+        ref)`` returned) may differ from it, in the values' own units (float64); zeros for a
+        lossless codec. None: a lossy codec that declares no bound (its error is only
+        measured, and recorded in the manifest)."""
         return np.zeros(data.size // max(1, etype.itemsize)) if self.lossless else None
 
     def replay_modes(self, frame: Frame) -> list[int]:

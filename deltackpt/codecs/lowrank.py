@@ -94,12 +94,19 @@ class LowRank(Codec):
         x, r = to_float(data, etype), to_float(ref, etype)
         if not (np.isfinite(x).all() and np.isfinite(r).all()):
             raise NotApplicable("non-finite values")
-        d = torch.from_numpy((x - r).astype(np.float32).reshape(rows, cols))
-        if self.rank and self.rank + 8 < min(rows, cols):
-            u, s, v = torch.svd_lowrank(d, q=self.rank + 8, niter=2)
-            vt = v.T
-        else:
-            u, s, vt = torch.linalg.svd(d, full_matrices=False)
+        with np.errstate(over="ignore"):
+            d32 = (x - r).astype(np.float32)
+        if not np.isfinite(d32).all():  # float64 values whose delta float32 cannot hold
+            raise NotApplicable("delta too large for float32")
+        d = torch.from_numpy(d32.reshape(rows, cols))
+        try:
+            if self.rank and self.rank + 8 < min(rows, cols):
+                u, s, v = torch.svd_lowrank(d, q=self.rank + 8, niter=2)
+                vt = v.T
+            else:
+                u, s, vt = torch.linalg.svd(d, full_matrices=False)
+        except RuntimeError as exc:  # torch.linalg.LinAlgError: did not converge
+            raise NotApplicable(f"no SVD of this delta: {exc}") from None
         k = self.choose_rank(s.numpy(), rows, cols)
         us = np.ascontiguousarray((u[:, :k] * s[:k]).numpy(), dtype=np.float32)
         vt_k = np.ascontiguousarray(vt[:k].numpy(), dtype=np.float32)
@@ -147,16 +154,15 @@ class LowRank(Codec):
     def supports(self, etype: ElementType) -> bool:
         return is_float(etype)
 
-    def error_bound(self, data: np.ndarray, ref: np.ndarray | None,
-                    etype: ElementType) -> np.ndarray | None:
-        """With a residual, its ``quant`` bound relative to the low-rank approximation; without
-        one, none (the approximation's error is only measured)."""
+    def error_bound(self, data: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+                    payload: np.ndarray) -> np.ndarray | None:
+        """With a residual, its ``quant`` bound relative to the payload's low-rank
+        approximation; without one, none (the approximation's error is only measured)."""
         if self._residual is None:
             return None
-        payload, _ = self.encode(data, ref, etype)
-        us, vt, _ = self._factors(payload, *self._shape(data.size, etype))
+        us, vt, end = self._factors(payload, *self._shape(data.size, etype))
         base = self._base(to_float(check_reference(self, data.size, ref), etype), us, vt, etype)
-        return self._residual.error_bound(data, base, etype)
+        return self._residual.error_bound(data, base, etype, payload[end:])
 
     def max_payload(self, nbytes: int, etype: ElementType) -> int | None:
         n = nbytes // max(1, etype.itemsize)

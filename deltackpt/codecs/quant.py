@@ -165,8 +165,8 @@ class Quant(Codec):
     def supports(self, etype: ElementType) -> bool:
         return is_float(etype)
 
-    def error_bound(self, data: np.ndarray, ref: np.ndarray | None,
-                    etype: ElementType) -> np.ndarray | None:
+    def error_bound(self, data: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+                    payload: np.ndarray) -> np.ndarray | None:
         """Half a quantization step of each element's block (or the pruning threshold, when
         larger), plus the float rounding of the arithmetic and of the stored type; in the log
         domain that many bit patterns (plus one for the rounding to an integer) either way."""
