@@ -232,7 +232,7 @@ class StepEncoder:
                 rlen = int(np.prod(shape[1:])) if len(shape) >= 2 else 0
                 if not rlen or not codec.supports(et) \
                         or rlen * et.itemsize > self.policy.chunk_bytes:
-                    continue  # not a matrix, or rows longer than a chunk
+                    continue  # not a matrix of a type it takes, or rows longer than a chunk
                 row = rlen
                 cfg[option] = cfg.get(option) or rlen
                 codec = get_codec(cfg)

@@ -62,7 +62,7 @@ def default_configs() -> list[dict[str, Any]]:
     return [cls().get_config() for _, cls in sorted(registered_codecs().items())]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Case:
     """One encoded input: the codec (its row option filled in), the chunk and its reference
     (read-only), and what encode returned (``declined``: it raised NotApplicable instead)."""
