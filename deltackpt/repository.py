@@ -71,7 +71,6 @@ REPO_VERSION = 1
 CONFIG_NAME = "deltackpt.json"
 LOCK_NAME = "lock"
 
-_RAW = {"id": "raw"}
 
 
 _LOAD_ATTEMPTS = 5  # a load that meets concurrent repacks/rebases retries up to this often

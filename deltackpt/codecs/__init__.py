@@ -2,6 +2,15 @@
 from __future__ import annotations
 
 from . import diff, lowrank, pxor, quant, raw, sparse, xor  # noqa: F401  (registration side effect)
-from .base import Codec, NotApplicable, get_codec, register_codec, registered_codecs
+from .base import (
+    Codec,
+    NotApplicable,
+    get_codec,
+    register_codec,
+    registered_codecs,
+    unregister_codec,
+)
+from .raw import RAW_CONFIG
 
-__all__ = ["Codec", "NotApplicable", "get_codec", "register_codec", "registered_codecs"]
+__all__ = ["RAW_CONFIG", "Codec", "NotApplicable", "get_codec", "register_codec",
+           "registered_codecs", "unregister_codec"]

@@ -7,12 +7,15 @@ is then framed (byte planes + zstd, see :mod:`deltackpt.format.frame`) and conte
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from ..errors import CodecError
 from ..format.dtypes import ElementType
+
+if TYPE_CHECKING:
+    from ..format.frame import Frame
 
 _REGISTRY: dict[str, type[Codec]] = {}
 
@@ -23,14 +26,30 @@ class Codec(ABC):
     ``data`` and ``ref`` are 1-D uint8 arrays holding whole elements of ``etype``. Lossless
     codecs must return exactly ``data`` from ``decode``; lossy codecs (``lossless = False``)
     must be deterministic, so a digest of their output taken at save time can be verified.
+
+    Whatever the engine does differently for some codecs is declared here (the class
+    attributes and the methods with defaults below), never decided by comparing codec ids;
+    :class:`deltackpt.testing.codecs.CodecTests` checks a codec keeps what it declares.
     """
 
     codec_id: ClassVar[str]
     lossless: ClassVar[bool] = True
     uses_reference: ClassVar[bool] = False
+    #: the payload is the chunk's own bytes (``decode`` returns it unchanged): a reader decodes
+    #: a self-contained frame of it straight into the output, and a record whose chunk id is
+    #: its digest was already checked by the store, which hashes what the frame decodes to
+    stores_value: ClassVar[bool] = False
     #: the payload is the chunk and the *frame* is coded against the reference chunk's planes
     #: (``encode_frame(..., ref=)``); such frames are identified by the hash of their bytes
     frame_reference: ClassVar[bool] = False
+    #: a chain of this codec's links may be replayed plane by plane, in byte-plane space, as
+    #: :meth:`replay_modes` says (XOR commutes with byte-plane grouping): the payload is the
+    #: chunk's length and its frame's planes are the chunk's, or their XOR with the reference's
+    plane_replay: ClassVar[bool] = False
+    #: the name of the option holding the tensor's row length, for a codec that views a chunk
+    #: as whole rows of a matrix (``lowrank``: ``"cols"``): the writer aligns such a tensor's
+    #: chunks to rows and fills the option in where a policy leaves it 0. None: flat chunks
+    row_option: ClassVar[str | None] = None
 
     def get_config(self) -> dict[str, Any]:
         return {"id": self.codec_id}
@@ -70,6 +89,28 @@ class Codec(ABC):
         """The fewest payload bytes that can decode into a chunk of ``nbytes``."""
         return 0
 
+    def supports(self, etype: ElementType) -> bool:
+        """Whether chunks of ``etype`` are this codec's to encode at all (``encode`` may still
+        decline one chunk with :class:`NotApplicable`). The writer aligns chunks to rows only
+        for a row codec that supports the tensor's type."""
+        return True
+
+    def error_bound(self, data: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+                    payload: np.ndarray) -> np.ndarray | None:
+        """Per element of ``data``, the most the decoded ``payload`` (which ``encode(data,
+        ref)`` returned) may differ from it, in the values' own units (float64); zeros for a
+        lossless codec. None: a lossy codec that declares no bound (its error is only
+        measured, and recorded in the manifest)."""
+        return np.zeros(data.size // max(1, etype.itemsize)) if self.lossless else None
+
+    def replay_modes(self, frame: Frame) -> list[int]:
+        """For a :attr:`plane_replay` codec, how the byte planes of a payload ``frame`` rebuild
+        the chunk's planes, one mode per plane: ``MODE_LITERAL`` (the plane is the chunk's own)
+        or ``MODE_XOR`` (XOR it onto the reference chunk's plane). A chain of such links is
+        replayed plane by plane, each plane only from the newest link storing it literally.
+        The default, the frame's own modes, is right where the payload is the chunk."""
+        return [plane.mode for plane in frame.planes]
+
     def decode_inplace(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
                        nbytes: int) -> np.ndarray:
         """:meth:`decode`, free to overwrite (and return) ``payload``'s memory.
@@ -106,6 +147,13 @@ def register_codec(cls: type[Codec]) -> type[Codec]:
     return cls
 
 
+def unregister_codec(codec_id: str) -> None:
+    """Remove the codec registered under ``codec_id`` (for tests and plugins that register one
+    for a while); repositories naming it can no longer be read until it is registered again."""
+    if _REGISTRY.pop(codec_id, None) is None:
+        raise CodecError(f"codec id {codec_id!r} is not registered")
+
+
 def get_codec(config: dict[str, Any] | str) -> Codec:
     """Instantiate a codec from its JSON config (or a bare id)."""
     if isinstance(config, str):
@@ -119,6 +167,7 @@ def get_codec(config: dict[str, Any] | str) -> Codec:
 
 
 def registered_codecs() -> dict[str, type[Codec]]:
+    """Every registered codec class by id (a copy)."""
     return dict(_REGISTRY)
 
 

@@ -20,7 +20,7 @@ class Diff(Codec):
 
     def encode(self, data: np.ndarray, ref: np.ndarray | None,
                etype: ElementType) -> tuple[np.ndarray, int]:
-        return self.encode_into(data, ref, etype, None)  # type: ignore[arg-type]
+        return self.encode_into(data, ref, etype, None)
 
     def encode_into(self, data: np.ndarray, ref: np.ndarray | None, etype: ElementType,
                     out: np.ndarray | None) -> tuple[np.ndarray, int]:

@@ -6,7 +6,9 @@ verified against a digest taken at save time.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -18,8 +20,12 @@ if TYPE_CHECKING:
 else:
     from ..runtime.lazy import torch
 
-_NUMPY_FLOATS = {"<f2": np.float16, "<f4": np.float32, "<f8": np.float64,
-                 "float16": np.float16, "float32": np.float32, "float64": np.float64}
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+_NUMPY_FLOATS: dict[str, type[np.floating[Any]]] = {
+    "<f2": np.float16, "<f4": np.float32, "<f8": np.float64,
+    "float16": np.float16, "float32": np.float32, "float64": np.float64}
 
 
 def is_float(etype: ElementType) -> bool:
@@ -37,6 +43,15 @@ def to_float(data: np.ndarray, etype: ElementType) -> np.ndarray:
     return vals.astype(np.float64 if np_type is np.float64 else np.float32)
 
 
+def precision(etype: ElementType) -> tuple[float, float]:
+    """(machine epsilon, smallest subnormal) of a float type this module handles: rounding a
+    value ``v`` to it errs by at most ``eps * |v| / 2``, or half the subnormal near zero."""
+    if etype.name == "bfloat16":
+        return 2.0 ** -7, 2.0 ** -133
+    info = np.finfo(_NUMPY_FLOATS[etype.name])
+    return float(info.eps), float(info.smallest_subnormal)
+
+
 def from_float(values: np.ndarray, etype: ElementType) -> np.ndarray:
     """Round ``values`` to the chunk's dtype (round-to-nearest-even) and return raw bytes."""
     if etype.name == "bfloat16":
@@ -45,3 +60,16 @@ def from_float(values: np.ndarray, etype: ElementType) -> np.ndarray:
     np_type = _NUMPY_FLOATS[etype.name]
     with np.errstate(over="ignore"):  # IEEE rounding: out of range becomes inf, as torch's .to()
         return np.ascontiguousarray(values.astype(np_type)).view(np.uint8)
+
+
+def quiet_decode(decode: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorate a lossy codec's ``decode``: no numpy floating-point warnings while it runs.
+
+    A damaged or hostile payload may overflow to inf/nan; the rebuilt chunk's digest check
+    reports that (naming step and tensor), so numpy's warnings would only be noise.
+    """
+    @functools.wraps(decode)
+    def quiet(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return decode(*args, **kwargs)
+    return quiet

@@ -1,9 +1,10 @@
 """``lowrank``: rank-r approximation of a 2-D delta (lossy), with an optional quantized residual.
 
 The chunk is viewed as ``rows × cols`` (``cols`` is the tensor's row length, filled in by the
-writer when a policy leaves it 0; the writer aligns chunks to whole rows). ``D = x - ref`` is approximated by ``U·Vᵀ`` with the rank fixed
-(``rank``) or chosen as the smallest capturing ``energy`` of ``‖D‖²``; the codec declines
-(the writer then falls back) when the factors would not be clearly smaller than the matrix.
+writer when a policy leaves it 0, as the codec's ``row_option``; the writer aligns chunks to
+whole rows). ``D = x - ref`` is approximated by ``U·Vᵀ`` with the rank fixed (``rank``) or
+chosen as the smallest capturing ``energy`` of ``‖D‖²``; the codec declines (the writer then
+falls back) when the factors would not be clearly smaller than the matrix.
 With ``residual_bits`` the remaining error is quantized like ``quant`` (closed loop), so the
 error is bounded by half a quantization step of the residual. Decoding sums rank-1 outer
 products with separate multiply and add ufuncs, so it is bit-reproducible on every machine.
@@ -19,7 +20,7 @@ import numpy as np
 from ..errors import CodecError, CorruptChunkError
 from ..format.dtypes import ElementType
 from .base import Codec, NotApplicable, check_reference, register_codec
-from .floats import from_float, to_float
+from .floats import from_float, is_float, quiet_decode, to_float
 from .quant import Quant, quant_payload_bound
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class LowRank(Codec):
     codec_id = "lowrank"
     lossless = False
     uses_reference = True
+    row_option = "cols"
 
     def __init__(self, cols: int = 0, rank: int = 0, energy: float = 0.9, residual_bits: int = 0,
                  block: int = 256, max_fraction: float = 0.5) -> None:
@@ -92,12 +94,19 @@ class LowRank(Codec):
         x, r = to_float(data, etype), to_float(ref, etype)
         if not (np.isfinite(x).all() and np.isfinite(r).all()):
             raise NotApplicable("non-finite values")
-        d = torch.from_numpy((x - r).astype(np.float32).reshape(rows, cols))
-        if self.rank and self.rank + 8 < min(rows, cols):
-            u, s, v = torch.svd_lowrank(d, q=self.rank + 8, niter=2)
-            vt = v.T
-        else:
-            u, s, vt = torch.linalg.svd(d, full_matrices=False)
+        with np.errstate(over="ignore"):
+            d32 = (x - r).astype(np.float32)
+        if not np.isfinite(d32).all():  # float64 values whose delta float32 cannot hold
+            raise NotApplicable("delta too large for float32")
+        d = torch.from_numpy(d32.reshape(rows, cols))
+        try:
+            if self.rank and self.rank + 8 < min(rows, cols):
+                u, s, v = torch.svd_lowrank(d, q=self.rank + 8, niter=2)
+                vt = v.T
+            else:
+                u, s, vt = torch.linalg.svd(d, full_matrices=False)
+        except RuntimeError as exc:  # torch.linalg.LinAlgError: did not converge
+            raise NotApplicable(f"no SVD of this delta: {exc}") from None
         k = self.choose_rank(s.numpy(), rows, cols)
         us = np.ascontiguousarray((u[:, :k] * s[:k]).numpy(), dtype=np.float32)
         vt_k = np.ascontiguousarray(vt[:k].numpy(), dtype=np.float32)
@@ -108,25 +117,9 @@ class LowRank(Codec):
             parts.append(self._residual.encode(data, base, etype)[0])
         return np.concatenate(parts), 1
 
-    def _base(self, r: np.ndarray, us: np.ndarray, vt: np.ndarray,
-              etype: ElementType) -> np.ndarray:
-        approx = self._product(us, vt).reshape(-1).astype(r.dtype)
-        return from_float(r + approx, etype)
-
-    def decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
-               nbytes: int) -> np.ndarray:
-        # a damaged or hostile payload may overflow to inf/nan: the rebuilt chunk's digest check
-        # reports that (naming step and tensor), so numpy's warnings would only be noise
-        with np.errstate(over="ignore", invalid="ignore"):
-            return self._decode(payload, ref, etype, nbytes)
-
-    def _decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
-                nbytes: int) -> np.ndarray:
-        ref = check_reference(self, nbytes, ref)
-        try:
-            rows, cols = self._shape(nbytes, etype)
-        except NotApplicable:
-            raise CorruptChunkError("lowrank chunk is not whole rows") from None
+    @staticmethod
+    def _factors(payload: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """``U·diag(s)`` and ``Vᵀ`` read from ``payload``, and where they end in it."""
         if payload.size < 4:
             raise CorruptChunkError("lowrank payload too short")
         k = int(payload[:4].copy().view("<u4")[0])
@@ -135,12 +128,41 @@ class LowRank(Codec):
             raise CorruptChunkError("lowrank payload shorter than its factors")
         us = payload[4:4 + 4 * k * rows].copy().view(np.float32).reshape(rows, k)
         vt = payload[4 + 4 * k * rows:end].copy().view(np.float32).reshape(k, cols)
+        return us, vt, end
+
+    def _base(self, r: np.ndarray, us: np.ndarray, vt: np.ndarray,
+              etype: ElementType) -> np.ndarray:
+        approx = self._product(us, vt).reshape(-1).astype(r.dtype)
+        return from_float(r + approx, etype)
+
+    @quiet_decode
+    def decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+               nbytes: int) -> np.ndarray:
+        ref = check_reference(self, nbytes, ref)
+        try:
+            rows, cols = self._shape(nbytes, etype)
+        except NotApplicable:
+            raise CorruptChunkError("lowrank chunk is not whole rows") from None
+        us, vt, end = self._factors(payload, rows, cols)
         base = self._base(to_float(ref, etype), us, vt, etype)
         if self._residual is None:
             if payload.size != end:
                 raise CorruptChunkError("lowrank payload has trailing bytes")
             return base
         return self._residual.decode(payload[end:], base, etype, nbytes)
+
+    def supports(self, etype: ElementType) -> bool:
+        return is_float(etype)
+
+    def error_bound(self, data: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+                    payload: np.ndarray) -> np.ndarray | None:
+        """With a residual, its ``quant`` bound relative to the payload's low-rank
+        approximation; without one, none (the approximation's error is only measured)."""
+        if self._residual is None:
+            return None
+        us, vt, end = self._factors(payload, *self._shape(data.size, etype))
+        base = self._base(to_float(check_reference(self, data.size, ref), etype), us, vt, etype)
+        return self._residual.error_bound(data, base, etype, payload[end:])
 
     def max_payload(self, nbytes: int, etype: ElementType) -> int | None:
         n = nbytes // max(1, etype.itemsize)

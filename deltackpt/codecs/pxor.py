@@ -26,3 +26,8 @@ class PlaneXor(Raw):
                etype: ElementType) -> tuple[np.ndarray, int]:
         check_reference(self, data.size, ref)
         return super().encode(data, ref, etype)
+
+    def decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+               nbytes: int) -> np.ndarray:
+        check_reference(self, nbytes, ref)  # the payload is the chunk, but a delta's all the same
+        return super().decode(payload, ref, etype, nbytes)

@@ -18,11 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import CodecError, CorruptChunkError
 from ..format.dtypes import ElementType, uint_of_width
 from .base import Codec, NotApplicable, check_reference, register_codec
-from .floats import from_float, to_float
+from .floats import from_float, is_float, precision, quiet_decode, to_float
 
 
 def _zigzag(q: np.ndarray, bits: int) -> np.ndarray:
@@ -98,7 +99,7 @@ class Quant(Codec):
             z = (z[0::4] | (z[1::4] << 2) | (z[2::4] << 4) | (z[3::4] << 6)).astype(np.uint8)
         return scale, z
 
-    def _dequantize(self, payload: np.ndarray, n: int, dtype: type) -> np.ndarray:
+    def _dequantize(self, payload: np.ndarray, n: int, dtype: npt.DTypeLike) -> np.ndarray:
         nb, qbytes, _ = self._payload_sizes(n)
         scale = payload[:4 * nb].copy().view(np.float32)
         if not np.isfinite(scale).all():  # the encoder declines such blocks (NotApplicable)
@@ -108,7 +109,7 @@ class Quant(Codec):
             z = np.stack([z & 15, z >> 4], axis=1).reshape(-1)[:n]
         elif self.bits == 2:
             z = np.stack([z & 3, (z >> 2) & 3, (z >> 4) & 3, z >> 6], axis=1).reshape(-1)[:n]
-        q = _unzigzag(z).astype(dtype)
+        q: np.ndarray = _unzigzag(z).astype(dtype)
         return q * np.repeat(scale.astype(dtype), self.block)[:n]  # no fused multiply-add
 
     @staticmethod
@@ -136,15 +137,9 @@ class Quant(Codec):
         return np.concatenate([scale.view(np.uint8), z,
                                np.packbits(zero, bitorder="little")]), 1
 
+    @quiet_decode
     def decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
                nbytes: int) -> np.ndarray:
-        # a damaged or hostile payload may overflow to inf/nan: the rebuilt chunk's digest check
-        # reports that (naming step and tensor), so numpy's warnings would only be noise
-        with np.errstate(over="ignore", invalid="ignore"):
-            return self._decode(payload, ref, etype, nbytes)
-
-    def _decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,
-                nbytes: int) -> np.ndarray:
         ref = check_reference(self, nbytes, ref)
         n = nbytes // etype.itemsize
         nb, qbytes, maskbytes = self._payload_sizes(n)
@@ -168,8 +163,50 @@ class Quant(Codec):
         return yb.view(np.uint8)
 
     def supports(self, etype: ElementType) -> bool:
-        from .floats import is_float
         return is_float(etype)
+
+    def error_bound(self, data: np.ndarray, ref: np.ndarray | None, etype: ElementType,
+                    payload: np.ndarray) -> np.ndarray | None:
+        """Half a quantization step of each element's block (or the pruning threshold, when
+        larger), plus the float rounding of the arithmetic and of the stored type; in the log
+        domain that many bit patterns (plus one for the rounding to an integer) either way."""
+        ref = check_reference(self, data.size, ref)
+        x, r = to_float(data, etype), to_float(ref, etype)
+        if self.domain == "linear":
+            d = (x - r).astype(np.float64)
+        else:
+            xb = self._bits(data, etype)
+            d = np.where(xb == 0, 0, xb - self._bits(ref, etype)).astype(np.float64)
+        half = self._half_step(d)
+        if self.domain == "linear":
+            eps, tiny = precision(etype)
+            compute = float(np.finfo(x.dtype).eps)
+            ax = np.abs(x.astype(np.float64))
+            return half * (1 + 1e-5) + 4 * compute * (ax + np.abs(r.astype(np.float64)) + half) \
+                + eps * (ax + half) + tiny
+        # log domain: the decoded bit pattern is within ``e`` of the value's (zeros are exact)
+        u = uint_of_width(etype.word)
+        e = np.floor(half * (1 + 1e-5) + 0.5).astype(np.int64) + 1
+        inf = np.array([np.inf], np.float64 if etype.itemsize == 8 else np.float32)
+        top = int(self._bits(from_float(inf, etype), etype)[0]) - 1
+        lo = to_float(np.clip(xb - e, 1, top).astype(u).view(np.uint8), etype)
+        hi = to_float(np.clip(xb + e, 1, top).astype(u).view(np.uint8), etype)
+        bound = np.maximum(hi.astype(np.float64) - x, x - lo.astype(np.float64))
+        return np.where(xb == 0, 0.0, bound)
+
+    def _half_step(self, d: np.ndarray) -> np.ndarray:
+        """Per element of the delta ``d`` (float64), the most quantizing its block errs by."""
+        n = d.size
+        nb = -(-n // self.block)
+        padded = np.zeros(nb * self.block)
+        padded[:n] = d
+        blocks = padded.reshape(nb, self.block)
+        qmax = (1 << (self.bits - 1)) - 1
+        worst = np.abs(blocks).max(axis=1, initial=0.0) / qmax / 2
+        if self.prune > 0:  # pruned elements err by their own size, under the threshold
+            rms = np.sqrt(np.mean(np.square(blocks), axis=1))
+            worst = np.maximum(worst, self.prune * rms)
+        return np.repeat(worst, self.block)[:n]
 
     def max_payload(self, nbytes: int, etype: ElementType) -> int | None:
         return quant_payload_bound(nbytes // max(1, etype.itemsize))

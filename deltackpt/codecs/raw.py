@@ -1,16 +1,24 @@
 """``raw``: the chunk itself (keyframes and chunks whose delta would not pay)."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..errors import CorruptChunkError
 from ..format.dtypes import ElementType
 from .base import Codec, register_codec
 
+#: the config of the ``raw`` codec, for code that adds self-contained records to a manifest's
+#: codec table (a shared constant: copy it before changing it)
+RAW_CONFIG: dict[str, Any] = {"id": "raw"}
+
 
 @register_codec
 class Raw(Codec):
     codec_id = "raw"
+    stores_value = True
+    plane_replay = True  # the frame's modes: all literal, or as a ``pxor`` frame chose
 
     def encode(self, data: np.ndarray, ref: np.ndarray | None,
                etype: ElementType) -> tuple[np.ndarray, int]:

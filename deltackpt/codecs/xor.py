@@ -1,11 +1,17 @@
 """``xor``: bitwise XOR of the chunk with its reference chunk (bits that did not change are 0)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ..errors import CorruptChunkError
 from ..format.dtypes import ElementType
+from ..format.frame import MODE_XOR
 from .base import Codec, check_reference, register_codec
+
+if TYPE_CHECKING:
+    from ..format.frame import Frame
 
 
 def _xor(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -19,6 +25,7 @@ def _xor(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndar
 class Xor(Codec):
     codec_id = "xor"
     uses_reference = True
+    plane_replay = True
 
     def encode(self, data: np.ndarray, ref: np.ndarray | None,
                etype: ElementType) -> tuple[np.ndarray, int]:
@@ -51,3 +58,6 @@ class Xor(Codec):
 
     def min_payload(self, nbytes: int, etype: ElementType) -> int:
         return nbytes
+
+    def replay_modes(self, frame: Frame) -> list[int]:
+        return [MODE_XOR] * len(frame.planes)  # XOR commutes with byte-plane grouping

@@ -25,7 +25,6 @@ from ..format.frame import (
     CTX_REFERENCE,
     METHOD_STORED,
     MODE_LITERAL,
-    MODE_XOR,
     Frame,
     decode_plane,
     parse_frame,
@@ -145,7 +144,7 @@ class Reconstructor:
             elif out is None:
                 value = codec.decode_inplace(self.store.get(rec.id, bound), ref, e.etype,
                                              hi - lo)
-            elif ref is None and codec.codec_id == "raw":
+            elif ref is None and codec.stores_value:
                 value = self.store.get(rec.id, bound, out=out)  # frames decode straight in
             else:
                 # the payload goes into a per-thread scratch buffer, reused chunk after chunk
@@ -157,8 +156,10 @@ class Reconstructor:
         except DeltaCkptError as exc:
             raise type(exc)(f"chunk {i}: {exc}", step=s, path=e.path,
                             cause=exc.cause) from None
-        # a raw record whose id is its digest: the store just checked these very bytes' hash
-        hashed = codec.codec_id == "raw" and rec.id == rec.digest and value.size == hi - lo
+        # a record of the value itself whose id is its digest: the store just checked these
+        # very bytes' hash (a frame coded against the reference is hashed as it is stored)
+        hashed = codec.stores_value and not codec.frame_reference and rec.id == rec.digest \
+            and value.size == hi - lo
         if value.size != hi - lo or not hashed and xxhash.xxh3_128(value).digest() != rec.digest:
             raise DigestMismatchError(
                 f"chunk {i} rebuilt with codec {codec.codec_id!r} does not match the digest "
@@ -222,9 +223,10 @@ class Reconstructor:
 
     def _replay_planes(self, chain: list[tuple[int, TensorEntry]], i: int,
                        out: np.ndarray) -> bool:
-        """Replay a chain of ``xor``/``pxor`` links plane by plane; False where the chain does
-        not qualify or the result is wrong (the caller then replays link by link, naming the
-        broken link).
+        """Replay a chain plane by plane where every link's codec allows it (``plane_replay``:
+        ``raw``, ``xor``, ``pxor``; :meth:`Codec.replay_modes`); False where the chain does not
+        qualify or the result is wrong (the caller then replays link by link, naming the broken
+        link).
 
         XOR commutes with byte-plane grouping, so planes are XORed as stored and regrouped into
         words once at the end, instead of once per link. A plane is replayed only from the
@@ -237,8 +239,8 @@ class Reconstructor:
         links: list[tuple[list[int], Frame]] = []
         for _, e in reversed(chain):  # the base first
             rec = e.chunks[i]
-            cid = e.codecs[rec.codec].codec_id
-            if (rec.ref is None) != (cid == "raw") or cid not in ("raw", "xor", "pxor"):
+            codec = e.codecs[rec.codec]
+            if not codec.plane_replay or (rec.ref is None) == codec.uses_reference:
                 return False
             try:
                 frame, loc = self.store.read_frame(rec.id, n)
@@ -247,9 +249,9 @@ class Reconstructor:
                 f = parse_frame(frame, n)
             except DeltaCkptError:
                 return False
-            if f.needs_reference and cid != "pxor":
+            if f.needs_reference and not codec.frame_reference:
                 return False
-            modes = [MODE_XOR if cid == "xor" else pl.mode for pl in f.planes]
+            modes = codec.replay_modes(f)
             links.append((modes, f))
         p = len(links[0][1].planes)
         if any(len(f.planes) != p for _, f in links):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xxhash
 
-from ..codecs import NotApplicable, get_codec
+from ..codecs import RAW_CONFIG, NotApplicable, get_codec
 from ..codecs.base import Codec
 from ..codecs.floats import is_float, to_float
 from ..format.dtypes import ElementType, numpy_type, storage_dtype, torch_type
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
     import torch
 else:
     from ..runtime.lazy import torch
-
-RAW_CONFIG = {"id": "raw"}
 
 
 @dataclass
@@ -214,8 +212,9 @@ class StepEncoder:
     def _lossy_codec(self, leaf: Leaf, et: ElementType) -> tuple[list[Codec], bool, int]:
         """(codecs to try in order for changed chunks, dropped, row length to align chunks to).
 
-        Chunks are aligned to rows whenever the tensor's rule is row-based (``lowrank``), at
-        exact steps too, so that chunk layouts match between exact and lossy steps.
+        Chunks are aligned to rows whenever the tensor's rule names a row codec (one with a
+        ``row_option``, e.g. ``lowrank``), at exact steps too, so that chunk layouts match
+        between exact and lossy steps.
         """
         rule = self.policy.rule_for(leaf.path)
         if rule == DROP:
@@ -227,13 +226,16 @@ class StepEncoder:
         row = 1
         usable = []
         for cfg in cfgs:
-            if cfg["id"] == "lowrank":
-                rlen = int(np.prod(shape[1:])) if len(shape) >= 2 else 0
-                if not rlen or not is_float(et) or rlen * et.itemsize > self.policy.chunk_bytes:
-                    continue  # not a matrix, or rows longer than a chunk
-                row = rlen
-                cfg["cols"] = cfg.get("cols") or rlen
             codec = get_codec(cfg)
+            option = codec.row_option
+            if option is not None:
+                rlen = int(np.prod(shape[1:])) if len(shape) >= 2 else 0
+                if not rlen or not codec.supports(et) \
+                        or rlen * et.itemsize > self.policy.chunk_bytes:
+                    continue  # not a matrix of a type it takes, or rows longer than a chunk
+                row = rlen
+                cfg[option] = cfg.get(option) or rlen
+                codec = get_codec(cfg)
             if codec.lossless:  # a lossless rule codec (e.g. sparse) applies at every delta
                 if not self.keyframe and cfg != self.delta.get_config():
                     usable.append(codec)

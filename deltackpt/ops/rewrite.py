@@ -10,10 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..codecs.raw import RAW_CONFIG
 from ..store.manifest import ChunkRef, Manifest, TensorEntry
-
-#: the codec entry of raw records
-RAW_CODEC: dict[str, Any] = {"id": "raw"}
 
 #: ``raw_id(tensor, index, record)``: the id of the raw chunk that replaces the record, or None
 RawId = Callable[[TensorEntry, int, ChunkRef], "bytes | None"]
@@ -45,9 +43,9 @@ def with_raw_records(m: Manifest, txn: str, raw_id: RawId) -> Manifest:
     added to the step's codecs if it is not there. ``raw_id`` is called once per record, in
     order (it may store the chunk it names)."""
     codecs = list(m.codecs)
-    if RAW_CODEC not in codecs:
-        codecs.append(dict(RAW_CODEC))
-    raw = codecs.index(RAW_CODEC)
+    if RAW_CONFIG not in codecs:
+        codecs.append(dict(RAW_CONFIG))
+    raw = codecs.index(RAW_CONFIG)
     tensors = []
     for t in m.tensors:
         chunks = []

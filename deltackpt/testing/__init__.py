@@ -1,0 +1,1 @@
+"""Conformance kits for third-party storage backends and codecs (pytest base classes)."""
