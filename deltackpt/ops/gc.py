@@ -240,7 +240,7 @@ def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5,
                 _repack(repo, pid, live_entries)
     # packs whose index never got written (a crash between the two) hold nothing reachable
     indexed = {f[:-4] for f in backend.list("index") if f.endswith(".idx")}
-    for sub in backend.list_dirs("packs") if hasattr(backend, "list_dirs") else []:
+    for sub in backend.list_dirs("packs"):
         for fname in backend.list(f"packs/{sub}"):
             pid = fname.removesuffix(".pack")
             if fname.endswith(".pack") and is_pack_id(pid) and sub == pid[:2] \
