@@ -13,6 +13,7 @@ requirements, not capabilities, since no repository can be kept consistent witho
 """
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -89,7 +90,7 @@ class Backend(ABC):
     def list(self, directory: str) -> list[str]:
         """Names of the files directly in ``directory`` (sorted; empty if it does not exist)."""
 
-    def list_dirs(self, directory: str) -> list[str]:
+    def list_dirs(self, directory: str) -> builtins.list[str]:
         """Names of the directories directly in ``directory`` (sorted; empty if none).
 
         The default lists none: a backend that cannot list directories still holds a
@@ -129,7 +130,7 @@ class Backend(ABC):
             out[top] = total
         return out
 
-    def _sizes(self, directory: str, names: list[str]) -> list[int]:
+    def _sizes(self, directory: str, names: builtins.list[str]) -> builtins.list[int]:
         out = []
         for n in names:
             try:

@@ -1,6 +1,7 @@
 """A repository on a local (POSIX) file system: fsync + rename for atomicity, flock for locking."""
 from __future__ import annotations
 
+import builtins
 import ctypes
 import errno
 import fcntl
@@ -331,7 +332,7 @@ class LocalBackend(Backend):
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def list_dirs(self, directory: str) -> list[str]:
+    def list_dirs(self, directory: str) -> builtins.list[str]:
         try:
             return sorted(e.name for e in os.scandir(self._dir(directory)) if e.is_dir())
         except (FileNotFoundError, NotADirectoryError):

@@ -7,6 +7,7 @@ reach the files). Nothing survives the process: "durable" means "until the proce
 """
 from __future__ import annotations
 
+import builtins
 import errno
 import itertools
 import threading
@@ -122,7 +123,8 @@ class MemoryBackend(Backend):
     def _children(self, directory: str) -> tuple[set[str], set[str]]:
         """(files, directories) directly in ``directory``."""
         prefix = f"{_check(directory)}/" if directory else ""
-        files, dirs = set(), set()
+        files: set[str] = set()
+        dirs: set[str] = set()
         with self._mutex:
             names = list(self._files)
         for n in names:
@@ -134,7 +136,7 @@ class MemoryBackend(Backend):
     def list(self, directory: str) -> list[str]:
         return sorted(self._children(directory)[0])
 
-    def list_dirs(self, directory: str) -> list[str]:
+    def list_dirs(self, directory: str) -> builtins.list[str]:
         return sorted(self._children(directory)[1])
 
     def usage(self) -> dict[str, int]:
