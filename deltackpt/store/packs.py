@@ -51,7 +51,8 @@ def is_pack_id(pid: object) -> bool:
 
 
 def chunk_id(payload: np.ndarray | bytes | memoryview) -> bytes:
-    return xxhash.xxh3_128(payload).digest()
+    # an ndarray is a buffer, which xxhash's stubs do not know
+    return xxhash.xxh3_128(payload).digest()  # type: ignore[arg-type]
 
 
 def frame_id(frame: bytes | memoryview) -> bytes:
