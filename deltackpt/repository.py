@@ -369,7 +369,7 @@ class Repository:
         again under the same number is never served from a stale parse.
         """
         name = manifest_name(step)
-        fingerprint = getattr(self.backend, "fingerprint", None)
+        fingerprint = self.backend.fingerprint if self.backend.fingerprints else None
         m = self._manifests.get(step)
         if m is not None:
             if fingerprint is None:
@@ -576,15 +576,8 @@ class Repository:
         """Bytes on disk by file kind, and in total (``dcp``: the rank sub-repositories of a
         torch.distributed.checkpoint repository, see :mod:`deltackpt.dcp`)."""
         usage = {"packs": 0, "index": 0, "steps": 0, "dcp": 0, "other": 0}
-        root = self.path
-        for dirpath, _dirs, files in os.walk(root):
-            rel = os.path.relpath(dirpath, root).split(os.sep)[0]
-            key = rel if rel in usage else "other"
-            for f in files:
-                try:
-                    usage[key] += os.path.getsize(os.path.join(dirpath, f))
-                except FileNotFoundError:
-                    pass
+        for area, n in self.backend.usage().items():
+            usage[area if area in usage else "other"] += n
         usage["total"] = sum(usage.values())
         return usage
 

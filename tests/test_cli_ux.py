@@ -12,7 +12,8 @@ import torch
 
 import deltackpt
 from deltackpt.cli.main import build_parser, main
-from deltackpt.store.packs import _PACK_HEAD, _PACK_TAIL
+from deltackpt.store.packs import PACK_HEAD as _PACK_HEAD
+from deltackpt.store.packs import PACK_TAIL as _PACK_TAIL
 
 LONG = "/a/very/long/absolute/path/that/the/meta/json/holds/checkpoint-dir/pytorch_model.bin"
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import (
-    CorruptChunkError,
     DeltaCkptError,
     DeltaCkptWarning,
     IntegrityError,
@@ -25,14 +24,11 @@ from ..errors import (
 )
 from ..store.manifest import ChunkRef, Manifest, TensorEntry
 from ..store.packs import (
-    _ENTRY_HEAD,
-    _PACK_HEAD,
-    _PACK_TAIL,
+    PACK_OVERHEAD,
     ChunkStore,
-    _OpenPack,
+    copy_entries,
     decode_index,
-    encode_index,
-    frame_matches,
+    entry_size,
     index_name,
     is_pack_id,
     pack_name,
@@ -203,8 +199,7 @@ def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5,
         size = backend.size(pack_name(pid)) if backend.exists(pack_name(pid)) else 0
         live_entries = [e for e in entries if e[0] in live]
         # a pack's header and trailer are overhead every pack has, not garbage
-        live_bytes = sum(e[2] + _ENTRY_HEAD.size for e in live_entries) \
-            + _PACK_HEAD.size + _PACK_TAIL.size
+        live_bytes = sum(entry_size(e[2]) for e in live_entries) + PACK_OVERHEAD
         if not live_entries:
             report.deleted_packs += 1
             report.freed_bytes += size + backend.size(index_name(pid))
@@ -219,7 +214,7 @@ def sweep(repo: Repository, report: GCReport, repack_below: float = 0.5,
                 repack_pack(repo, pid, live_entries)
     # packs whose index never got written (a crash between the two) hold nothing reachable
     indexed = {f[:-4] for f in backend.list("index") if f.endswith(".idx")}
-    for sub in backend.list_dirs("packs") if hasattr(backend, "list_dirs") else []:
+    for sub in backend.list_dirs("packs"):
         for fname in backend.list(f"packs/{sub}"):
             pid = fname.removesuffix(".pack")
             if fname.endswith(".pack") and is_pack_id(pid) and sub == pid[:2] \
@@ -253,26 +248,9 @@ def repack_pack(repo: Repository, old: str, entries: list[tuple[bytes, int, int,
     txn = repo.transactions.begin(None, replaces=[old])
     new = os.urandom(16).hex()
     repo.transactions.journal_pack(new)
-    pack = _OpenPack(new, backend.create_stream(pack_name(new)))
     try:
-        for cid, off, length, plen in entries:
-            frame = backend.read_range(pack_name(old), off, length)
-            if len(frame) != length or not frame_matches(cid, frame, plen):
-                # never copy a damaged frame (check this very frame: with duplicate ids,
-                # store.get could check another copy)
-                raise CorruptChunkError(f"chunk {cid.hex()} in pack {old} does not match its "
-                                        "id", cause="corrupt chunk")
-            pack.write(_ENTRY_HEAD.pack(cid, length))
-            pos = pack.stream.tell()
-            pack.write(frame)
-            pack.entries.append((cid, pos, length, plen))
-        pack.seal()
-        pack.stream.commit()
-        backend.write_atomic(index_name(new), encode_index(new, pack.entries))
+        copy_entries(backend, old, entries, new)
     except BaseException:
-        pack.stream.abort()
-        backend.delete(index_name(new))
-        backend.delete(pack_name(new))
         repo.transactions.end(txn)
         raise
     store.forget_pack(old)

@@ -149,7 +149,7 @@ def _intact(repo: Repository, pid: str, cid: bytes, off: int, length: int,
 def _pack_ids(repo: Repository) -> list[str]:
     backend = repo.backend
     out = []
-    for sub in backend.list_dirs("packs") if hasattr(backend, "list_dirs") else []:
+    for sub in backend.list_dirs("packs"):
         out += [f[:-5] for f in backend.list(f"packs/{sub}")
                 if f.endswith(".pack") and is_pack_id(f[:-5]) and f[:2] == sub]
     for f in backend.list("index"):   # (backends that cannot list directories)

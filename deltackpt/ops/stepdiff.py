@@ -145,8 +145,8 @@ def account(repo: Repository) -> DiskAccount:
     from ..errors import IntegrityError, StepNotFoundError
     from ..store.manifest import manifest_name
     from ..store.packs import (
-        _ENTRY_HEAD,
         decode_index,
+        entry_size,
         index_name,
         is_pack_id,
         pack_name,
@@ -187,7 +187,7 @@ def account(repo: Repository) -> DiskAccount:
         if named != pid:
             continue
         for cid, _off, length, _plen in entries:
-            n = _ENTRY_HEAD.size + length
+            n = entry_size(length)
             if cid in count:
                 entry_bytes[cid] += n
             else:

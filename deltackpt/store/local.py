@@ -1,6 +1,7 @@
 """A repository on a local (POSIX) file system: fsync + rename for atomicity, flock for locking."""
 from __future__ import annotations
 
+import builtins
 import ctypes
 import errno
 import fcntl
@@ -146,9 +147,9 @@ def makedirs_durable(path: str, sync: bool = True) -> None:
 class _LocalStream(Stream):
     def __init__(self, backend: LocalBackend, name: str) -> None:
         self._backend, self._name = backend, name
-        self._final = backend._path(name)
+        self._final = backend._path(name)  # noqa: SLF001 - the backend's own stream
         makedirs_durable(os.path.dirname(self._final), backend.fsync)
-        self._tmp = backend._path(f"tmp/{uuid.uuid4().hex}.part")
+        self._tmp = backend._path(f"tmp/{uuid.uuid4().hex}.part")  # noqa: SLF001
         self._f = open(self._tmp, "xb")
         self._done = False
 
@@ -169,7 +170,8 @@ class _LocalStream(Stream):
                 os.fsync(self._f.fileno())
             self._f.close()
             os.replace(self._tmp, self._final)
-            self._backend._drop_fd(self._name)  # a cached descriptor would read the old file
+            # a cached descriptor would read the old file
+            self._backend._drop_fd(self._name)  # noqa: SLF001
             _fsync_dir(os.path.dirname(self._final), self._backend.fsync)
         except OSError as exc:
             raise _noted(exc, f"committing {self._name!r} in {self._backend.root!r} failed") \
@@ -195,6 +197,16 @@ class _FileLock(Lock):
         self._fd: int | None = fd
         _HELD.add(self)
 
+    def forget(self) -> None:
+        """In a forked child: close this copy of the descriptor without unlocking (the
+        parent's lock stays: its descriptor is still open)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -210,12 +222,7 @@ _HELD: weakref.WeakSet[_FileLock] = weakref.WeakSet()
 
 def _forget_locks_in_child() -> None:
     for held in list(_HELD):
-        fd, held._fd = held._fd, None
-        if fd is not None:
-            try:
-                os.close(fd)  # (the parent's lock stays: its descriptor is still open)
-            except OSError:
-                pass
+        held.forget()
 
 
 os.register_at_fork(after_in_child=_forget_locks_in_child)
@@ -227,6 +234,8 @@ class LocalBackend(Backend):
     ``fsync=False`` skips every fsync: renames still make each write atomic for readers and
     against a crash of the *process*, but a power loss or kernel crash may lose recent files.
     """
+
+    fingerprints = True
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.root = os.path.abspath(os.fspath(root))
@@ -314,17 +323,35 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise _noted(exc, f"creating {name!r} in {self.root!r} failed") from None
 
+    def _dir(self, directory: str) -> str:
+        return self.root if directory == "" else self._path(directory)
+
     def list(self, directory: str) -> list[str]:
         try:
-            return sorted(e.name for e in os.scandir(self._path(directory)) if e.is_file())
+            return sorted(e.name for e in os.scandir(self._dir(directory)) if e.is_file())
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def list_dirs(self, directory: str) -> list[str]:
+    def list_dirs(self, directory: str) -> builtins.list[str]:
         try:
-            return sorted(e.name for e in os.scandir(self._path(directory)) if e.is_dir())
+            return sorted(e.name for e in os.scandir(self._dir(directory)) if e.is_dir())
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def usage(self) -> dict[str, int]:
+        """One ``os.walk`` of the root (symbolic links to directories are not followed)."""
+        out: dict[str, int] = {}
+        for dirpath, _dirs, files in os.walk(self.root):
+            rel = os.path.relpath(dirpath, self.root).split(os.sep)[0]
+            key = "" if rel == os.curdir else rel
+            total = out.get(key, 0)
+            for f in files:
+                try:
+                    total += os.path.getsize(os.path.join(dirpath, f))
+                except FileNotFoundError:
+                    pass
+            out[key] = total
+        return out
 
     def _drop_fd(self, name: str) -> None:
         with self._fd_lock:

@@ -24,16 +24,18 @@ from ..errors import (
     MissingChunkError,
 )
 from ..format.frame import decode_frame, encode_frame, needs_reference, parse_frame
-from .backend import Backend, Stream
+from .backend import Backend
 
 PACK_MAGIC = b"DCKPACK\x00"
 PACK_END_MAGIC = b"DCKPEND\x00"
 INDEX_MAGIC = b"DCKINDX\x00"
 PACK_VERSION = 1
 INDEX_VERSION = 1
-_PACK_HEAD = struct.Struct("<8sII")         # magic, version, reserved
-_ENTRY_HEAD = struct.Struct("<16sQ")        # chunk id, frame length
-_PACK_TAIL = struct.Struct("<8s16s")        # end magic, xxh3-128 of every byte before it
+PACK_HEAD = struct.Struct("<8sII")          # magic, version, reserved
+ENTRY_HEAD = struct.Struct("<16sQ")         # chunk id, frame length
+PACK_TAIL = struct.Struct("<8s16s")         # end magic, xxh3-128 of every byte before it
+#: bytes every pack holds besides its entries (header and trailer)
+PACK_OVERHEAD = PACK_HEAD.size + PACK_TAIL.size
 _INDEX_HEAD = struct.Struct("<8sII16s")     # magic, version, count, pack id
 _INDEX_ENTRY = struct.Struct("<16sQQQ")     # chunk id, frame offset, frame length, payload length
 MAX_CHUNK_BYTES = 1 << 31                   # readers refuse larger declared payloads
@@ -49,7 +51,8 @@ def is_pack_id(pid: object) -> bool:
 
 
 def chunk_id(payload: np.ndarray | bytes | memoryview) -> bytes:
-    return xxhash.xxh3_128(payload).digest()
+    # an ndarray is a buffer, which xxhash's stubs do not know
+    return xxhash.xxh3_128(payload).digest()  # type: ignore[arg-type]
 
 
 def frame_id(frame: bytes | memoryview) -> bytes:
@@ -109,27 +112,55 @@ def decode_index(data: bytes, name: str = "index") -> tuple[str, list[tuple[byte
     entries = [_INDEX_ENTRY.unpack_from(body, _INDEX_HEAD.size + i * _INDEX_ENTRY.size)
                for i in range(count)]
     for cid, off, length, plen in entries:
-        if off < _PACK_HEAD.size + _ENTRY_HEAD.size or plen > MAX_CHUNK_BYTES \
+        if off < PACK_HEAD.size + ENTRY_HEAD.size or plen > MAX_CHUNK_BYTES \
                 or length > plen + 64 + 9 * 255 + (plen >> 4) or off + length > MAX_PACK_END:
             raise CorruptFileError(f"{name}: implausible entry for chunk {cid.hex()}")
     return pid.hex(), entries
 
 
-class _OpenPack:
-    def __init__(self, pack_id: str, stream: Stream) -> None:
+def entry_size(frame_length: int) -> int:
+    """Bytes a frame of ``frame_length`` bytes takes in a pack (its entry header included)."""
+    return ENTRY_HEAD.size + frame_length
+
+
+class PackWriter:
+    """A pack being written: entries appended in order, then :meth:`commit` seals it with its
+    trailer and writes its index. Nothing is visible under the pack's name before that."""
+
+    def __init__(self, backend: Backend, pack_id: str) -> None:
+        self.backend = backend
         self.id = pack_id
-        self.stream = stream
+        self.stream = backend.create_stream(pack_name(pack_id))
+        #: (chunk id, frame offset, frame length, payload length), as the index lists them
         self.entries: list[tuple[bytes, int, int, int]] = []
         self._hash = xxhash.xxh3_128()
-        self.write(_PACK_HEAD.pack(PACK_MAGIC, PACK_VERSION, 0))
+        self._write(PACK_HEAD.pack(PACK_MAGIC, PACK_VERSION, 0))
 
-    def write(self, data: bytes | memoryview) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         self._hash.update(data)
         self.stream.write(data)
 
-    def seal(self) -> None:
-        """Append the trailer that lets ``verify`` detect a change to any byte of the pack."""
-        self.stream.write(_PACK_TAIL.pack(PACK_END_MAGIC, self._hash.digest()))
+    def tell(self) -> int:
+        return self.stream.tell()
+
+    def append(self, cid: bytes, frame: bytes | memoryview, payload_length: int) -> Location:
+        """Append one entry; the caller vouches that ``frame`` is chunk ``cid``."""
+        self._write(ENTRY_HEAD.pack(cid, len(frame)))
+        offset = self.stream.tell()
+        self._write(frame)
+        self.entries.append((cid, offset, len(frame), payload_length))
+        return Location(self.id, offset, len(frame), payload_length)
+
+    def commit(self) -> None:
+        """Append the trailer (lets ``verify`` detect a change to any byte), commit the pack
+        durably, then its index: an index never names a pack that is not whole."""
+        self.stream.write(PACK_TAIL.pack(PACK_END_MAGIC, self._hash.digest()))
+        self.stream.commit()
+        self.backend.write_atomic(index_name(self.id), encode_index(self.id, self.entries))
+
+    def abort(self) -> None:
+        """Discard the pack if it was not committed (its index, if written, stays)."""
+        self.stream.abort()
 
 
 class ChunkStore:
@@ -150,7 +181,7 @@ class ChunkStore:
         self._loaded: set[str] = set()
         self._lock = threading.RLock()
         self._pending: dict[bytes, Location] = {}
-        self._open: _OpenPack | None = None
+        self._open: PackWriter | None = None
         self._written: list[str] = []
         self.refresh()
 
@@ -304,15 +335,11 @@ class ChunkStore:
             if cid in self._index or cid in self._pending:
                 return 0
             pack = self._pack_for(len(frame))
-            pack.write(_ENTRY_HEAD.pack(cid, len(frame)))
-            offset = pack.stream.tell()
-            pack.write(frame)
-            pack.entries.append((cid, offset, len(frame), payload_length))
-            self._pending[cid] = Location(pack.id, offset, len(frame), payload_length)
-        return _ENTRY_HEAD.size + len(frame)
+            self._pending[cid] = pack.append(cid, frame, payload_length)
+        return entry_size(len(frame))
 
-    def _pack_for(self, nbytes: int) -> _OpenPack:
-        if self._open is not None and self._open.stream.tell() + nbytes > self.max_pack_bytes \
+    def _pack_for(self, nbytes: int) -> PackWriter:
+        if self._open is not None and self._open.tell() + nbytes > self.max_pack_bytes \
                 and self._open.entries:
             self._finish(self._open)
             self._open = None
@@ -320,14 +347,12 @@ class ChunkStore:
             pid = os.urandom(16).hex()
             if self.on_new_pack is not None:
                 self.on_new_pack(pid)
-            self._open = _OpenPack(pid, self.backend.create_stream(pack_name(pid)))
+            self._open = PackWriter(self.backend, pid)
         return self._open
 
-    def _finish(self, pack: _OpenPack) -> None:
+    def _finish(self, pack: PackWriter) -> None:
         self._written.append(pack.id)  # from here on abort() deletes it, index or not
-        pack.seal()
-        pack.stream.commit()
-        self.backend.write_atomic(index_name(pack.id), encode_index(pack.id, pack.entries))
+        pack.commit()
 
     def flush(self) -> list[str]:
         """Commit open packs and their indexes durably; returns the pack ids written since the
@@ -347,7 +372,7 @@ class ChunkStore:
         """Drop everything written since the last flush; returns pack ids to delete."""
         with self._lock:
             if self._open is not None:
-                self._open.stream.abort()
+                self._open.abort()
                 self._open = None
             self._pending.clear()
             written, self._written = self._written, []
@@ -357,78 +382,124 @@ class ChunkStore:
             return written
 
 
+def _ranges(backend: Backend, name: str) -> tuple[int, Callable[[int, int], bytes]]:
+    """``(size, read(offset, length))`` of a file, read whole once where ranged reads are
+    costly (``backend.random_access`` false), else read by range on demand."""
+    if backend.random_access:
+        return backend.size(name), lambda off, n: backend.read_range(name, off, n)
+    data = backend.read(name)
+    return len(data), lambda off, n: data[off:off + n]
+
+
+@dataclass(frozen=True)
+class PackWalk:
+    """What a pack's own bytes say about it, without its index (:func:`walk_pack`)."""
+
+    size: int
+    #: the header has this format's magic and version
+    header_ok: bool
+    #: (chunk id, frame offset, frame length) from the entry headers, in file order, up to the
+    #: first that does not fit
+    entries: list[tuple[bytes, int, int]]
+    #: the entries tile the file from its header up to exactly one trailer
+    tiled: bool
+    #: ``tiled``, and the trailer's digest matches every byte before it
+    complete: bool
+
+
+def walk_pack(backend: Backend, pid: str) -> PackWalk:
+    """Walk a pack's entry headers and check its trailer; frames are not decoded. The one
+    reader of a pack's framing: ``verify`` compares it with the index (:func:`scan_pack`), gc
+    and repair use it when an index is missing or damaged. Raises FileNotFoundError if the
+    pack is absent."""
+    name = pack_name(pid)
+    size, read = _ranges(backend, name)
+    if read(0, PACK_HEAD.size) != PACK_HEAD.pack(PACK_MAGIC, PACK_VERSION, 0):
+        return PackWalk(size, False, [], False, False)
+    out: list[tuple[bytes, int, int]] = []
+    pos = PACK_HEAD.size
+    while pos + ENTRY_HEAD.size + PACK_TAIL.size <= size:
+        head = read(pos, ENTRY_HEAD.size)
+        if len(head) != ENTRY_HEAD.size:
+            return PackWalk(size, True, out, False, False)
+        cid, length = ENTRY_HEAD.unpack(head)
+        end = pos + entry_size(length)
+        if end + PACK_TAIL.size > size:
+            return PackWalk(size, True, out, False, False)
+        out.append((cid, pos + ENTRY_HEAD.size, length))
+        pos = end
+    if pos + PACK_TAIL.size != size:
+        return PackWalk(size, True, out, False, False)
+    h = xxhash.xxh3_128()
+    done = 0
+    while done < pos:
+        block = read(done, min(8 << 20, pos - done))
+        if not block:
+            return PackWalk(size, True, out, True, False)
+        h.update(block)
+        done += len(block)
+    return PackWalk(size, True, out, True,
+                    read(pos, PACK_TAIL.size) == PACK_TAIL.pack(PACK_END_MAGIC, h.digest()))
+
+
+def read_pack_entries(backend: Backend, pid: str) -> tuple[list[tuple[bytes, int, int]], bool]:
+    """``(entries, complete)`` of :func:`walk_pack`: for gc and repair, when an index is
+    missing or damaged."""
+    walk = walk_pack(backend, pid)
+    return walk.entries, walk.complete
+
+
 def scan_pack(backend: Backend, pid: str,
               entries: list[tuple[bytes, int, int, int]]) -> list[str]:
-    """Check a whole pack: header, that its entries tile it as the index says, and the trailer
-    digest over every byte. Returns the problems found (does not decode frames)."""
-    name = pack_name(pid)
+    """Check a whole pack against its index ``entries``: header, that the entries tile it as
+    the index says, and the trailer digest over every byte. Returns the problems found (does
+    not decode frames)."""
     try:
-        size = backend.size(name)
-        head = backend.read_range(name, 0, _PACK_HEAD.size)
+        walk = walk_pack(backend, pid)
     except FileNotFoundError:
         return [f"pack {pid} is missing"]
     except CorruptFileError as exc:  # e.g. not a regular file
         return [f"pack {pid}: {exc}"]
+    if not walk.header_ok:
+        return [f"pack {pid}: bad header"]
     problems = []
-    if len(head) != _PACK_HEAD.size or _PACK_HEAD.unpack(head) != (PACK_MAGIC, PACK_VERSION, 0):
-        problems.append(f"pack {pid}: bad header")
-    end = _PACK_HEAD.size
-    for cid, off, length, _plen in sorted(entries, key=lambda e: e[1]):
-        if off - _ENTRY_HEAD.size != end:
-            problems.append(f"pack {pid}: entries do not tile the file at offset {end}")
-        eh = backend.read_range(name, off - _ENTRY_HEAD.size, _ENTRY_HEAD.size)
-        if len(eh) != _ENTRY_HEAD.size or _ENTRY_HEAD.unpack(eh) != (cid, length):
-            problems.append(f"pack {pid}: entry header of chunk {cid.hex()} is damaged")
-        end = off + length
-    if end + _PACK_TAIL.size != size:
-        problems.append(f"pack {pid}: {size - end} bytes after its last entry, expected "
-                        f"a {_PACK_TAIL.size}-byte trailer")
-        return problems
-    h = xxhash.xxh3_128()
-    pos, step = 0, 8 << 20
-    while pos < end:
-        block = backend.read_range(name, pos, min(step, end - pos))
-        if not block:
+    indexed = sorted(((cid, off, length) for cid, off, length, _plen in entries),
+                     key=lambda e: e[1])
+    for i, (cid, off, length) in enumerate(indexed):
+        if i >= len(walk.entries) or walk.entries[i] != (cid, off, length):
+            problems.append(f"pack {pid}: entry header of chunk {cid.hex()} at offset "
+                            f"{off - ENTRY_HEAD.size} is damaged or the entries do not tile "
+                            "the file as its index says")
             break
-        h.update(block)
-        pos += len(block)
-    tail = backend.read_range(name, end, _PACK_TAIL.size)
-    if tail != _PACK_TAIL.pack(PACK_END_MAGIC, h.digest()):
+    if not walk.tiled or len(walk.entries) != len(indexed):
+        end = indexed[-1][1] + indexed[-1][2] if indexed else PACK_HEAD.size
+        problems.append(f"pack {pid}: {walk.size - end} bytes after its last entry, expected "
+                        f"a {PACK_TAIL.size}-byte trailer")
+    elif not walk.complete:
         problems.append(f"pack {pid}: trailer digest mismatch (bytes changed on disk)")
     return problems
 
 
-def read_pack_entries(backend: Backend, pid: str) -> tuple[list[tuple[bytes, int, int]], bool]:
-    """Walk a pack's entry headers without its index: ``([(chunk id, frame offset, frame
-    length), ...], complete)``, in file order, stopping at the first header that does not fit;
-    ``complete`` when they tile the file up to a trailer whose digest matches. Frames are not
-    decoded. (For gc and repair, when an index is missing or damaged.)"""
-    name = pack_name(pid)
-    size = backend.size(name)
-    if backend.read_range(name, 0, _PACK_HEAD.size) != _PACK_HEAD.pack(PACK_MAGIC,
-                                                                        PACK_VERSION, 0):
-        return [], False
-    out: list[tuple[bytes, int, int]] = []
-    pos = _PACK_HEAD.size
-    while pos + _ENTRY_HEAD.size + _PACK_TAIL.size <= size:
-        head = backend.read_range(name, pos, _ENTRY_HEAD.size)
-        if len(head) != _ENTRY_HEAD.size:
-            return out, False
-        cid, length = _ENTRY_HEAD.unpack(head)
-        end = pos + _ENTRY_HEAD.size + length
-        if end + _PACK_TAIL.size > size:
-            return out, False
-        out.append((cid, pos + _ENTRY_HEAD.size, length))
-        pos = end
-    if pos + _PACK_TAIL.size != size:
-        return out, False
-    h = xxhash.xxh3_128()
-    done = 0
-    while done < pos:
-        block = backend.read_range(name, done, min(8 << 20, pos - done))
-        if not block:
-            return out, False
-        h.update(block)
-        done += len(block)
-    return out, backend.read_range(name, pos, _PACK_TAIL.size) == _PACK_TAIL.pack(
-        PACK_END_MAGIC, h.digest())
+def copy_entries(backend: Backend, source: str, entries: list[tuple[bytes, int, int, int]],
+                 target: str) -> list[tuple[bytes, int, int, int]]:
+    """Write pack ``target`` and its index holding ``entries`` (index entries) of pack
+    ``source``: gc's repack, which keeps a pack's live chunks and drops the rest. Each frame is
+    checked against its id before it is copied (a damaged frame is never copied: this very
+    frame, not another copy of the id) and raises CorruptChunkError; on any error nothing of
+    ``target`` is left. Returns the new pack's index entries."""
+    pack = PackWriter(backend, target)
+    try:
+        _size, read = _ranges(backend, pack_name(source))
+        for cid, off, length, plen in entries:
+            frame = read(off, length)
+            if len(frame) != length or not frame_matches(cid, frame, plen):
+                raise CorruptChunkError(f"chunk {cid.hex()} in pack {source} does not match "
+                                        "its id", cause="corrupt chunk")
+            pack.append(cid, frame, plen)
+        pack.commit()
+    except BaseException:
+        pack.abort()
+        backend.delete(index_name(target))
+        backend.delete(pack_name(target))
+        raise
+    return pack.entries

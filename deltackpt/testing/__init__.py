@@ -1,1 +1,2 @@
-"""Conformance kits for third-party storage backends and codecs (pytest base classes)."""
+"""Conformance kits for third-party backends and codecs: pytest base classes a subclass runs
+against its own implementation (nothing here is imported by ``import deltackpt``)."""
