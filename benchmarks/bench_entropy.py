@@ -12,8 +12,9 @@ interleaved per repeat:
 * the numpy fallback decoder (order 0 and contexts), and estimate() against the real size.
 
 MB/s are plane (uncompressed) bytes per second of CPU time of the calling thread (every
-method runs on it), the median of the repeats; "spread" is (max - min) / median over the repeats. A synthetic 1 MiB skewed plane is
-measured the same way, and the plane-3 ratio at several block sizes.
+method runs on it), the median of the repeats; "spread" is (max - min) / median over the
+repeats. A synthetic 1 MiB skewed plane is measured the same way, and the plane-3 ratio at
+several block sizes.
 
     python benchmarks/bench_entropy.py            # about a minute on 2 cores
     python benchmarks/bench_entropy.py --quick    # CI-sized smoke run (nothing written)
@@ -189,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
              f"commit {git_commit()}, zstandard {zstandard.__version__}, decoder {simd}.",
              "", f"Data: XOR of consecutive steps, {desc}. Planes: byte k of each fp32 word "
              "(3 = sign + high exponent bits). ctx: bucketed reference top byte. MB/s of plane "
-             f"bytes per CPU second of the one thread, median of {repeat} interleaved repeats (numpy decoder: "
-             f"{numpy_repeat}); ±x% = half the (max - min) spread over the repeats.", "",
+             f"bytes per CPU second of the one thread, median of {repeat} interleaved repeats "
+             f"(numpy decoder: {numpy_repeat}); ±x% = half the (max - min) spread over the repeats.", "",
              "| group | plane | MiB | ratio zstd-1 | ratio o0 | ratio ctx | zstd enc | zstd dec "
              "| o0 enc | o0 dec | ctx enc | ctx dec | numpy dec o0 | numpy dec ctx | estimate "
              "error o0 / ctx |",

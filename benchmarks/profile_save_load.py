@@ -147,7 +147,8 @@ def wall(cps: list[tuple[int, Any]], rounds: int, tmp: str) -> None:
              for u in us]
         t = [u.wall for n, us in res.items() if n.startswith(op) and "torch" in n for u in us]
         if d and t:
-            print(f"\n{op}: deltackpt / torch median ratio {statistics.median(d) / statistics.median(t):.2f}x")
+            ratio = statistics.median(d) / statistics.median(t)
+            print(f"\n{op}: deltackpt / torch median ratio {ratio:.2f}x")
 
 
 # --------------------------------------------------------------------------------- categories

@@ -249,7 +249,8 @@ def test_frameworks_are_imported_lazily():
     import subprocess
     import sys
 
-    code = ("import sys, deltackpt, deltackpt.cli.main, deltackpt.interop.importer, deltackpt.interop.export, "
+    code = ("import sys, deltackpt, deltackpt.cli.main, deltackpt.interop.importer, "
+            "deltackpt.interop.export, "
             "deltackpt.integrations.hf, deltackpt.integrations.lightning; "
             "bad = [m for m in ('transformers', 'lightning', 'pytorch_lightning', 'accelerate') "
             "if m in sys.modules]; assert not bad, bad")

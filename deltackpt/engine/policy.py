@@ -63,7 +63,7 @@ def check_int(owner: str, option: str, value: Any, lo: int | None = None,
     not) in ``lo..hi`` (inclusive)."""
     rng = (f" >= {lo}" if hi is None else f" in {lo}..{hi}") if lo is not None else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
-            or (lo is not None and value < lo) or (hi is not None and value > hi):
+            or (lo is not None and int(value) < lo) or (hi is not None and int(value) > hi):
         raise refuse(owner, option, value, f"an int{rng}")
     return int(value)
 

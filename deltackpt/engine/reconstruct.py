@@ -21,6 +21,7 @@ from ..errors import (
     IntegrityError,
     StepNotFoundError,
 )
+from ..format.checksum import digest
 from ..format.frame import (
     CTX_REFERENCE,
     METHOD_STORED,
@@ -160,7 +161,7 @@ class Reconstructor:
         # very bytes' hash (a frame coded against the reference is hashed as it is stored)
         hashed = codec.stores_value and not codec.frame_reference and rec.id == rec.digest \
             and value.size == hi - lo
-        if value.size != hi - lo or not hashed and xxhash.xxh3_128(value).digest() != rec.digest:
+        if value.size != hi - lo or not hashed and digest(value) != rec.digest:
             raise DigestMismatchError(
                 f"chunk {i} rebuilt with codec {codec.codec_id!r} does not match the digest "
                 "taken at save time", step=s, path=e.path, cause="digest mismatch")
@@ -295,7 +296,7 @@ class Reconstructor:
         except DeltaCkptError:
             return False
         merge(rows, p, out)
-        return xxhash.xxh3_128(out).digest() == chain[0][1].chunks[i].digest
+        return digest(out) == chain[0][1].chunks[i].digest
 
     @staticmethod
     def proven_by_chunks(entry: TensorEntry) -> bool:
@@ -307,7 +308,7 @@ class Reconstructor:
 
     def check(self, step: int, entry: TensorEntry, data: np.ndarray) -> None:
         """Raise DigestMismatchError unless ``data`` hashes to the tensor's save-time digest."""
-        if xxhash.xxh3_128(data).digest() != entry.digest:
+        if digest(data) != entry.digest:
             raise DigestMismatchError("rebuilt tensor does not match the digest taken at save "
                                       "time", step=step, path=entry.path, cause="digest mismatch")
 
@@ -322,7 +323,7 @@ class Reconstructor:
         """Rebuild chunk by chunk, hashing as it goes (never holds the whole tensor)."""
         h = xxhash.xxh3_128()
         for i in range(len(entry.chunks)):
-            h.update(self.chunk(step, entry, i))
+            h.update(self.chunk(step, entry, i).data)
         if h.digest() != entry.digest:
             raise DigestMismatchError("rebuilt tensor does not match the digest taken at save "
                                       "time", step=step, path=entry.path, cause="digest mismatch")

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xxhash
 
 from ..codecs import RAW_CONFIG, NotApplicable, get_codec
 from ..codecs.base import Codec
 from ..codecs.floats import is_float, to_float
+from ..format.checksum import digest as xxh3_digest
 from ..format.dtypes import ElementType, numpy_type, storage_dtype, torch_type
 from ..format.frame import encode_frame, needs_reference
 from ..format.tree import Leaf
@@ -221,6 +221,7 @@ class StepEncoder:
             return [], not self.exact, 1
         if rule == LOSSLESS:
             return [], False, 1
+        assert not isinstance(rule, str)  # "drop" and "lossless" are the only strings
         cfgs = [dict(c) for c in (rule if isinstance(rule, list) else [rule])]
         shape = tuple(leaf.value.shape)
         row = 1
@@ -303,13 +304,13 @@ class StepEncoder:
                 t.recon[lo:hi] = recon
                 if not codec.lossless:
                     t.error.append(_error(chunk, recon, t.etype))
-                rdigest = xxhash.xxh3_128(recon).digest()
+                rdigest = xxh3_digest(recon)
                 if rdigest == prev.digest:  # quantized to no change at all
                     return ("copy", prev, t.base.entry.codecs[prev.codec]), 0
                 pid, written = store.put(payload, word, pol.zstd_level)
                 return ("delta", pid, prev.depth + 1, rdigest, codec), written
             t.recon[lo:hi] = chunk  # the codec declined: store this chunk exactly
-        digest = xxhash.xxh3_128(chunk).digest()
+        digest = xxh3_digest(chunk)
         if prev is not None and prev.digest == digest and (not self.keyframe or prev.ref is None):
             return ("copy", prev, t.base.entry.codecs[prev.codec]), 0  # type: ignore[union-attr]
         if prev is None or self.keyframe or store.has(digest):
@@ -320,7 +321,7 @@ class StepEncoder:
             return self._plane_delta(t, chunk, t.base.data[lo:hi], prev, digest)
         payload, word = self.delta.encode_into(chunk, t.base.data[lo:hi], t.etype,
                                                scratch(chunk.size, "delta"))
-        pid = xxhash.xxh3_128(payload).digest()
+        pid = xxh3_digest(payload)
         delta_rec = ("delta", pid, prev.depth + 1, digest, self.delta)
         if store.has(pid):
             return delta_rec, 0
@@ -390,8 +391,8 @@ class StepEncoder:
             if t.recon is None and len(t.chunks) == 1:
                 source = t.chunks[0].digest  # one chunk: the worker already hashed these bytes
             else:
-                source = xxhash.xxh3_128(t.data).digest()
-            digest = source if t.recon is None else xxhash.xxh3_128(t.recon).digest()
+                source = xxh3_digest(t.data)
+            digest = source if t.recon is None else xxh3_digest(t.recon)
             if digest != source:
                 max_abs = max(e[0] for e in t.error)
                 n = max(1, sum(e[3] for e in t.error))
@@ -405,7 +406,7 @@ class StepEncoder:
                 nbytes=t.data.size, chunk_bytes=t.chunk_bytes,
                 digest=digest, chunks=t.chunks, global_shape=shape,
                 offset=[0] * len(shape), device=str(value.device) if is_torch else "cpu",
-                requires_grad=bool(is_torch and value.requires_grad),
+                requires_grad=bool(isinstance(value, torch.Tensor) and value.requires_grad),
                 parameter=isinstance(value, torch.nn.Parameter), lossy=lossy_info,
                 dropped=t.dropped)
             entries.append(entry)

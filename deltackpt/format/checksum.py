@@ -9,11 +9,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import xxhash
 
 from ..errors import CorruptFileError
 
 _TRAILER = b"\nxxh3-128 "
+
+
+def digest(data: bytes | bytearray | memoryview | np.ndarray) -> bytes:
+    """xxh3-128 of a buffer (a contiguous array hashed as its raw bytes), canonical form: the
+    chunk and tensor digests of spec/FORMAT.md."""
+    return xxhash.xxh3_128(data).digest()  # type: ignore[arg-type]  # ndarray exports a buffer
 
 
 def dump(doc: dict[str, Any]) -> bytes:

@@ -26,7 +26,7 @@ import io
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -84,12 +84,12 @@ try:  # DCP's own version string for the metadata it writes (FileSystemWriter do
         CURRENT_DCP_VERSION as _DCP_VERSION,
     )
 except ImportError:  # pragma: no cover - older torch
-    _DCP_VERSION = "1.0.0"
+    _DCP_VERSION = "1.0.0"  # type: ignore[misc]
 
 try:  # how DefaultLoadPlanner.load_bytes places a value; used to skip its torch.load
     from torch.distributed.checkpoint._traverse import set_element as _set_element
 except ImportError:  # pragma: no cover
-    _set_element = None
+    _set_element = None  # type: ignore[assignment]
 
 __all__ = ["Writer", "Reader", "StorageInfo", "close", "prune", "rank_path", "DOC_FORMAT",
            "DOC_VERSION"]
@@ -168,14 +168,14 @@ def _writable(path: str, rank: int | None, keep_open: bool, policy: Policy | str
     key = (os.path.realpath(path), rank)
     want = Policy.from_kwargs(policy, dict(policy_kwargs))
     with _OPEN_LOCK:
-        repo = _OPEN.get(key)
-        if repo is not None and (repo.closed or repo.policy != want):
+        kept = _OPEN.get(key)
+        if kept is not None and (kept.closed or kept.policy != want):
             _OPEN.pop(key)
-            repo.close()
-            repo = None
-        if repo is None:
-            repo = _OPEN[key] = Repository(where, "a", policy, **policy_kwargs)
-    yield repo
+            kept.close()
+            kept = None
+        if kept is None:
+            kept = _OPEN[key] = Repository(where, "a", policy, **policy_kwargs)
+    yield kept
 
 
 def close(path: str | os.PathLike[str] | None = None) -> None:
@@ -359,7 +359,7 @@ class _Doc:
             raise self.fail(f"{where} is not a list of non-negative ints")
         return torch.Size(v)
 
-    def name(self, table: dict[str, Any], v: Any, what: str) -> Any:
+    def name(self, table: Mapping[str, Any], v: Any, what: str) -> Any:
         if not isinstance(v, str) or v not in table:
             raise self.fail(f"unknown {what} {v!r}")
         return table[v]
@@ -407,7 +407,7 @@ def doc_to_metadata(doc: Any, step: int) -> Metadata:
     for s in d.get(doc, "storage", list):
         fqn = d.get(s, "fqn", str, "storage record")
         where = f"storage record of {fqn!r}"
-        off = s.get("offset") if isinstance(s, dict) else None
+        s_off = s.get("offset") if isinstance(s, dict) else None
         hint = s.get("index") if isinstance(s, dict) else None
         if hint is not None and type(hint) is not int:
             raise d.fail(f"{where}: index is not an int")
@@ -415,7 +415,7 @@ def doc_to_metadata(doc: Any, step: int) -> Metadata:
         kind = d.get(s, "kind", str, where)
         if not 0 <= rank < world or kind not in ("tensor", "object") or fqn not in sdm:
             raise d.fail(f"{where} names rank {rank}, kind {kind!r} or an unknown entry")
-        index = MetadataIndex(fqn, None if off is None else d.ints(off, f"{where} offset"),
+        index = MetadataIndex(fqn, None if s_off is None else d.ints(s_off, f"{where} offset"),
                               hint)
         storage[index] = StorageInfo(rank, kind, d.get(s, "key", str, where),
                                      d.get(s, "nbytes", int, where))
@@ -565,12 +565,12 @@ class Writer(StorageWriter):
         cls = type(planner)
         if isinstance(planner, DefaultSavePlanner) \
                 and cls.resolve_data is DefaultSavePlanner.resolve_data \
-                and cls.transform_object is DefaultSavePlanner.transform_object:
+                and cls.transform_object is DefaultSavePlanner.transform_object:  # type: ignore[attr-defined]
             return planner.lookup_object(item.index)
         data = planner.resolve_data(item)
         raw = data.getvalue() if isinstance(data, io.BytesIO) else data
         try:
-            return torch.load(io.BytesIO(raw), weights_only=True)
+            return torch.load(io.BytesIO(raw), weights_only=True)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - anything a restricted unpickler refuses
             raise UnsupportedValueError(
                 f"non-tensor value from a custom planner cannot be stored without pickle "
@@ -625,6 +625,7 @@ class Reader(StorageReader):
             state = top.load(step)
         doc = state.get("dcp") if isinstance(state, dict) else None
         md = doc_to_metadata(doc, step)
+        assert doc is not None  # doc_to_metadata refuses anything but a document
         self._resolved, self._save_id = step, doc.get("save_id")
         md.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
         return md

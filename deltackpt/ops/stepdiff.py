@@ -15,6 +15,7 @@ from ..codecs.floats import is_float, to_float
 
 if TYPE_CHECKING:
     from ..repository import Repository
+    from ..store.manifest import TensorEntry
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ def diff_steps(repo: Repository, a: int, b: int) -> list[TensorDiff]:
     return out
 
 
-def _compare(repo: Repository, a: int, ta, b: int, tb, numel: int) -> TensorDiff:  # noqa: ANN001
+def _compare(repo: Repository, a: int, ta: TensorEntry, b: int, tb: TensorEntry,
+             numel: int) -> TensorDiff:
     et = ta.etype
     same_layout = ta.chunk_bytes == tb.chunk_bytes
     changed = 0
@@ -94,7 +96,7 @@ def _compare(repo: Repository, a: int, ta, b: int, tb, numel: int) -> TensorDiff
     return TensorDiff(ta.path, "changed", numel, frac, max_abs, rms, rel, read)
 
 
-def _bytes_at(repo: Repository, step: int, t, lo: int, hi: int) -> np.ndarray:  # noqa: ANN001
+def _bytes_at(repo: Repository, step: int, t: TensorEntry, lo: int, hi: int) -> np.ndarray:
     """Bytes ``lo:hi`` of tensor ``t`` at ``step``, rebuilding only the chunks covering them."""
     rc = repo.reconstructor
     first, last = lo // t.chunk_bytes, (hi - 1) // t.chunk_bytes

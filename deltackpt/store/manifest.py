@@ -342,8 +342,20 @@ def _encode_v2(m: Manifest) -> bytes:
     """Version-2 bytes of ``m`` (spec/FORMAT.md, "Manifest", "Version 2")."""
     etypes: dict[tuple[str, str], int] = {}
     devices: dict[str, int] = {}
-    flags, et, dev, ranks, nbytes, cbytes, dims = [], [], [], [], [], [], []
-    codec, ref, depth, ids, digs, l_src, l_num = [], [], [], [], [], [], []
+    flags: list[int] = []
+    et: list[int] = []
+    dev: list[int] = []
+    ranks: list[int] = []
+    nbytes: list[int] = []
+    cbytes: list[int] = []
+    dims: list[int] = []
+    codec: list[int] = []
+    ref: list[int] = []
+    depth: list[int] = []
+    ids: list[bytes] = []
+    digs: list[bytes] = []
+    l_src: list[bytes] = []
+    l_num: list[float] = []
     for t in m.tensors:
         et.append(etypes.setdefault((t.kind, t.dtype), len(etypes)))
         dev.append(devices.setdefault(t.device, len(devices)))
@@ -535,9 +547,9 @@ def _parse_v2(body: bytes, stats: dict[str, int], step: int | None) -> Manifest:
     if ((t_et >= len(ets)) | (t_dev >= len(devices))).any():
         raise ValueError("element type or device index out of range")
     itemsize = np.array([e.itemsize for e in ets] or [1], np.uint64)[t_et]
-    is_torch = np.array([e.kind == "torch" for e in ets] or [0], bool)[t_et]
-    grad_ok = np.array([e.is_float for e in ets] or [0], bool)[t_et]
-    lossy_ok = np.array([is_float(e) for e in ets] or [0], bool)[t_et]
+    is_torch = np.array([e.kind == "torch" for e in ets] or [False], bool)[t_et]
+    grad_ok = np.array([e.is_float for e in ets] or [False], bool)[t_et]
+    lossy_ok = np.array([is_float(e) for e in ets] or [False], bool)[t_et]
     first(t_rank[:, 0] > MAX_NDIM, f"more than {MAX_NDIM} dimensions")
     if (dims > MAX_STEP).any():
         raise ValueError(f"a shape, global_shape or offset value exceeds {MAX_STEP}")
