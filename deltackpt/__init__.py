@@ -21,6 +21,7 @@ from .errors import (
     DigestMismatchError,
     FormatVersionError,
     IntegrityError,
+    LocationError,
     LockedError,
     MissingChunkError,
     PolicyError,
@@ -72,7 +73,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BrokenChainError", "Codec", "CodecError", "CorruptChunkError", "CorruptFileError",
     "DeltaCkptError", "DeltaCkptWarning", "DigestMismatchError", "FormatVersionError",
-    "IntegrityError", "LockedError", "MissingChunkError", "Policy", "PolicyError", "Problem",
+    "IntegrityError", "LocationError", "LockedError", "MissingChunkError", "Policy", "PolicyError", "Problem",
     "ReadOnlyError", "Repository", "RepositoryNotFoundError", "SaveInfo", "SelectionError",
     "StepExistsError", "StepNotFoundError", "UnsupportedValueError", "VerifyReport", "get_codec",
     "open", "register_codec", "rng_state", "set_rng_state",

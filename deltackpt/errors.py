@@ -37,6 +37,11 @@ class FormatVersionError(DeltaCkptError):
     """The repository or one of its files uses a format version this reader does not know."""
 
 
+class LocationError(DeltaCkptError, ValueError):
+    """A repository location deltackpt cannot open: a URL whose scheme it does not support
+    (it is never taken for a local path), or a ``file://`` URL that is not a local path."""
+
+
 class LockedError(DeltaCkptError):
     """Another writer holds the repository lock."""
 

@@ -53,6 +53,7 @@ from .ops.verify import VerifyReport
 from .ops.verify import verify as verify_repo
 from .store.backend import Backend
 from .store.local import LocalBackend
+from .store.location import local_path
 from .store.manifest import (
     MAX_STEP,
     Manifest,
@@ -155,7 +156,8 @@ class Repository:
             raise TypeError(f"auto_gc must be True or False, got {auto_gc!r}")
         if auto_gc and retention is None:
             raise ValueError("auto_gc=True needs a retention policy (retention=KeepLast(5), ...)")
-        self.path = os.fspath(path)
+        # a URL is never a local path (file:// is); with a backend, path is only its label
+        self.path = local_path(path) if backend is None else os.fspath(path)
         self.mode = mode
         self.policy = Policy.from_kwargs(policy, policy_kwargs)
         #: the default policy of :meth:`gc`; applied after every save only with ``auto_gc``

@@ -77,6 +77,7 @@ from ..errors import (
 from ..format.dtypes import ALL_TORCH_DTYPES
 from ..format.tree import escape_key
 from ..repository import Repository
+from ..store.location import local_path
 from ..store.manifest import MAX_STEP, manifest_name
 
 try:  # DCP's own version string for the metadata it writes (FileSystemWriter does the same)
@@ -451,7 +452,7 @@ class Writer(StorageWriter):
                  meta: dict[str, Any] | None = None, keep_open: bool = True,
                  policy: Policy | str | None = None, **policy_kwargs: Any) -> None:
         super().__init__()
-        self.path = os.fspath(path)
+        self.path = local_path(path)
         self.step = _check_step(step)
         self.meta = dict(meta or {})
         if "dcp" in self.meta:
@@ -467,7 +468,7 @@ class Writer(StorageWriter):
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """A new save begins; ``checkpoint_id`` (if given) is the repository path."""
         if checkpoint_id:
-            self.path = os.fspath(checkpoint_id)
+            self.path = local_path(checkpoint_id)
         self.save_id = str(uuid.uuid4())
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -598,7 +599,7 @@ class Reader(StorageReader):
     def __init__(self, path: str | os.PathLike[str], step: int | None = None, *,
                  read_batch_bytes: int = READ_BATCH_BYTES) -> None:
         super().__init__()
-        self.path = os.fspath(path)
+        self.path = local_path(path)
         self.step = None if step is None else _check_step(step)
         self.read_batch_bytes = read_batch_bytes
         self.load_id = str(uuid.uuid4())
@@ -609,7 +610,7 @@ class Reader(StorageReader):
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id:
-            self.path = os.fspath(checkpoint_id)
+            self.path = local_path(checkpoint_id)
         self.storage_data = {}
         self._resolved = None
         self.load_id = str(uuid.uuid4())

@@ -30,6 +30,7 @@ from ..engine.policy import Policy
 from ..errors import DeltaCkptError
 from ..interop.files import FolderReport, is_folder_state, read_folder, write_folder
 from ..repository import Repository
+from ..store.location import local_path
 
 _FOLDER = re.compile(r"checkpoint-(\d+)")
 
@@ -137,7 +138,7 @@ class _Callback:
                  policy: Policy | str | None = None, **policy_kwargs: Any) -> None:
         if type(keep_folders) is not int or keep_folders < 0:
             raise ValueError(f"keep_folders must be an int >= 0, got {keep_folders!r}")
-        self.repo_path = os.fspath(repo_path)
+        self.repo_path = local_path(repo_path)  # a URL is refused here, not at the first save
         self.keep_folders = keep_folders
         self._policy = policy
         self._policy_kwargs = dict(policy_kwargs)

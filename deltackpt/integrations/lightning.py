@@ -58,6 +58,7 @@ from ..format import checksum
 from ..format.tree import Leaf, flatten, unflatten
 from ..interop.pointer import POINTER_KIND, read_pointer
 from ..repository import Repository
+from ..store.location import local_path
 from ..store.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -184,7 +185,7 @@ class _DeltaCheckpointIO:
                  **policy_kwargs: Any) -> None:
         if unsupported not in ("error", "drop"):
             raise ValueError("unsupported must be 'error' or 'drop'")
-        self.repo_path = os.path.abspath(os.fspath(repo_path))
+        self.repo_path = os.path.abspath(local_path(repo_path))  # a URL is refused here
         self.delete_removed = delete_removed
         self.unsupported = unsupported
         self._policy = policy
