@@ -9,13 +9,23 @@ requirements, not capabilities, since no repository can be kept consistent witho
 
 * ``write_atomic`` makes a whole file appear at once, durably, or not at all;
 * a stream opened by ``create_stream`` is invisible until ``commit`` returns, then durable;
-* ``lock`` gives one holder at a time and is released if the holder dies.
+* ``write_new`` creates a file only if it is absent (a step's commit point on a store without
+  rename: one conditional write);
+* ``lock`` gives one holder at a time and is released if the holder dies (a lease: once it
+  expires); :meth:`Lock.check` tells a holder whose lock was lost.
 """
 from __future__ import annotations
 
 import builtins
+import errno
+import threading
 from abc import ABC, abstractmethod
 from typing import ClassVar
+
+#: serialises the default :meth:`Backend.write_new` of every backend in this process, so that
+#: threads racing to create one name cannot both see it absent (other processes are excluded
+#: by the writer lock); a backend with a native create-if-absent overrides the method instead
+_WRITE_NEW_MUTEX = threading.Lock()
 
 
 class Stream(ABC):
@@ -40,6 +50,15 @@ class Lock(ABC):
     @abstractmethod
     def release(self) -> None:
         """Give the lock up; safe to call twice."""
+
+    def check(self) -> None:  # noqa: B027 - a lock that cannot be lost has nothing to check
+        """Raise :class:`deltackpt.errors.LockedError` if this lock is no longer held.
+
+        A writer calls it right before its commit point, so that a writer whose lease was taken
+        over (or expired while it was stalled) stops instead of committing next to the new
+        holder. The default does nothing: a flock (or an in-process lock) cannot be lost while
+        its holder lives.
+        """
 
 
 class Backend(ABC):
@@ -83,6 +102,21 @@ class Backend(ABC):
     def write_atomic(self, name: str, data: bytes) -> None:
         """Write a whole file durably; it replaces ``name`` atomically."""
 
+    def write_new(self, name: str, data: bytes) -> None:
+        """Create ``name`` holding ``data``, durably and whole, only if it does not exist;
+        raise :class:`FileExistsError` (touching nothing) if it does.
+
+        The commit point of a store without atomic rename is one such create (an object store:
+        a conditional PUT with ``If-None-Match: *``), so of two racing creators exactly one wins.
+        The default checks :meth:`exists` then calls :meth:`write_atomic` under one lock shared
+        by this process's threads; other processes are excluded only by the writer's
+        :meth:`lock`, which every writer of a repository holds.
+        """
+        with _WRITE_NEW_MUTEX:
+            if self.exists(name):
+                raise FileExistsError(errno.EEXIST, "File exists", name)
+            self.write_atomic(name, data)
+
     @abstractmethod
     def create_stream(self, name: str) -> Stream: ...
 
@@ -106,7 +140,7 @@ class Backend(ABC):
     @abstractmethod
     def lock(self, name: str, owner: str) -> Lock:
         """Take the exclusive lock ``name`` or raise :class:`deltackpt.errors.LockedError`
-        (whose message names the holder's ``owner`` text)."""
+        (whose message names the holder's ``owner`` text). It never waits for the holder."""
 
     def fingerprint(self, name: str) -> tuple[int, ...] | None:
         """A value that changes whenever ``name`` is replaced or removed, ``None`` if it is

@@ -3,8 +3,9 @@
 Subclass :class:`BackendTests` in a test module (the name must start with ``Test`` for pytest
 to collect it) and implement :meth:`BackendTests.make_backend`; every promise of the Backend
 ABC is then checked against the backend: whole files, ranged reads, streams invisible until
-commit, atomic replacement under concurrent readers, listing, deletion, typed errors for
-missing files, name validation, locks (across processes when ``interprocess_lock``),
+commit, atomic replacement under concurrent readers, create-if-absent (one winner among racing
+threads), listing, deletion, typed errors for missing files, name validation, locks (across
+processes when ``interprocess_lock``; a lease that lapses sets ``lock_expiry_seconds``),
 fingerprints (when ``fingerprints``) and usage. deltackpt runs it against its own backends
 (tests/test_store_conformance.py)::
 
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +47,11 @@ class BackendTests:
     """The Backend contract. Subclass, implement :meth:`make_backend`, and (for the
     cross-process lock tests of a backend with ``interprocess_lock``) :meth:`backend_code`.
     The name does not start with ``Test``, so pytest collects only the subclasses."""
+
+    #: seconds after its holder dies until a lock can be taken again: 0 for a lock the system
+    #: drops with its holder (flock); a lease's time to live (plus slack) for a lease that
+    #: lapses when nobody renews it
+    lock_expiry_seconds: float = 0.0
 
     def make_backend(self, tmp_path: Path) -> Backend:
         """A fresh, empty backend (``tmp_path``: a private directory it may use)."""
@@ -191,6 +198,53 @@ class BackendTests:
         assert not b.exists("t/one")
         assert b.read("t/two") == b"2" * 20
 
+    # -- write_new -----------------------------------------------------------------------------
+    def test_write_new_creates(self, b: Backend) -> None:
+        b.write_new("steps/1.manifest", b"first")
+        assert b.read("steps/1.manifest") == b"first"
+        assert b.list("steps") == ["1.manifest"]
+        b.write_new("top", b"")
+        assert b.exists("top") and b.read("top") == b""
+
+    def test_write_new_refuses_existing(self, b: Backend) -> None:
+        b.write_new("n/f", b"first")
+        with pytest.raises(FileExistsError):
+            b.write_new("n/f", b"second")
+        assert b.read("n/f") == b"first"          # the loser touched nothing
+        b.write_atomic("n/g", b"old")
+        with pytest.raises(FileExistsError):      # whatever wrote the file
+            b.write_new("n/g", b"new")
+        assert b.read("n/g") == b"old"
+        b.delete("n/f")
+        b.write_new("n/f", b"again")              # absent again: created
+        assert b.read("n/f") == b"again"
+
+    def test_write_new_race_one_winner(self, b: Backend) -> None:
+        n = 8
+        barrier = threading.Barrier(n)
+        won: list[int] = []
+        lost: list[int] = []
+        errors: list[BaseException] = []
+
+        def creator(i: int) -> None:
+            barrier.wait()
+            try:
+                b.write_new("race/commit", f"writer {i}".encode())
+                won.append(i)
+            except FileExistsError:
+                lost.append(i)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=creator, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors[:3]
+        assert len(won) == 1 and len(lost) == n - 1, (won, lost)
+        assert b.read("race/commit") == f"writer {won[0]}".encode()
+
     # -- list / delete -------------------------------------------------------------------------
     def test_list(self, b: Backend) -> None:
         assert b.list("nothing") == []
@@ -233,7 +287,7 @@ class BackendTests:
     def test_invalid_names_rejected(self, b: Backend, tmp_path: Path, name: str) -> None:
         ops = [lambda: b.exists(name), lambda: b.read(name), lambda: b.size(name),
                lambda: b.read_range(name, 0, 1), lambda: b.write_atomic(name, b"evil"),
-               lambda: b.create_stream(name), lambda: b.delete(name)]
+               lambda: b.write_new(name, b"evil"), lambda: b.create_stream(name), lambda: b.delete(name)]
         for op in ops:
             with pytest.raises((ValueError, DeltaCkptError)):
                 op()
@@ -289,6 +343,14 @@ class BackendTests:
         with pytest.raises(LockedError):
             b.lock("lock", "owner-four")
         lk2.release()
+
+    def test_lock_check_while_held(self, b: Backend) -> None:
+        lk = b.lock("lock", "checker")
+        try:
+            lk.check()                     # held: no error
+            lk.check()
+        finally:
+            lk.release()
 
     def test_distinct_locks_independent(self, b: Backend) -> None:
         l1 = b.lock("lock", "x")
@@ -354,4 +416,14 @@ class BackendTests:
             if p.poll() is None:
                 os.kill(p.pid, signal.SIGKILL)
                 p.wait()
-        b.lock("lock", "parent").release()
+        # free at once (flock), or once the dead holder's lease has lapsed
+        deadline = time.monotonic() + self.lock_expiry_seconds
+        while True:
+            try:
+                lk = b.lock("lock", "parent")
+                break
+            except LockedError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+        lk.release()
