@@ -30,6 +30,7 @@ from .errors import (
     SelectionError,
     StepExistsError,
     StepNotFoundError,
+    StorageError,
     UnsupportedValueError,
 )
 
@@ -75,6 +76,6 @@ __all__ = [
     "DeltaCkptError", "DeltaCkptWarning", "DigestMismatchError", "FormatVersionError",
     "IntegrityError", "LocationError", "LockedError", "MissingChunkError", "Policy", "PolicyError", "Problem",
     "ReadOnlyError", "Repository", "RepositoryNotFoundError", "SaveInfo", "SelectionError",
-    "StepExistsError", "StepNotFoundError", "UnsupportedValueError", "VerifyReport", "get_codec",
-    "open", "register_codec", "rng_state", "set_rng_state",
+    "StepExistsError", "StepNotFoundError", "StorageError", "UnsupportedValueError",
+    "VerifyReport", "get_codec", "open", "register_codec", "rng_state", "set_rng_state",
 ]

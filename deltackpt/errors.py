@@ -46,6 +46,17 @@ class LockedError(DeltaCkptError):
     """Another writer holds the repository lock."""
 
 
+class StorageError(DeltaCkptError):
+    """A storage service refused an operation for good, or kept failing it after every retry:
+    permission or authentication denied, a bad request or configuration, a server that still
+    answers 5xx when the retry budget is spent. ``key`` names the object and the message the
+    cause (missing objects raise :class:`FileNotFoundError`, as on a local disk)."""
+
+    def __init__(self, message: str, *, key: str | None = None, cause: str | None = None) -> None:
+        self.key = key
+        super().__init__(message, cause=cause)
+
+
 class ReadOnlyError(DeltaCkptError):
     """A write was attempted on a repository opened with mode='r' (or already closed)."""
 
