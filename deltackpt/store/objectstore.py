@@ -465,13 +465,15 @@ class _Lease(Lock):
 
     def check(self) -> None:
         """Raise :class:`LockedError` if a renewal was refused (the lease was taken over or
-        removed) or the lease expired without a renewal (by this machine's clock)."""
+        removed) or the lease is about to expire without a renewal: less than a tenth of its
+        ttl left, by this machine's clock (a margin for clock skew between writers and for the
+        latency of the commit that follows the check)."""
         if self._stop.is_set():
             raise LockedError(f"the writer lease {self._name!r} on {self._backend.url!r} "
                               "was released")
         why = self._lost
-        if why is None and time.time() >= self._expires:
-            why = self._holder(f"expired at {_when(self._expires)} without renewal")
+        if why is None and time.time() >= self._expires - self._backend.lease_ttl / 10:
+            why = self._holder(f"expired at {_when(self._expires)} without a renewal")
         if why is not None:
             raise LockedError(f"this writer ({self._owner}) lost its lease {self._name!r} on "
                               f"{self._backend.url!r}: {why}")
