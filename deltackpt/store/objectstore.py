@@ -33,7 +33,7 @@ import os
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import LocationError, LockedError, StorageError
@@ -100,9 +100,6 @@ class ObjectStoreBackend(Backend):
     fingerprints = True
     #: the lease excludes every process that reaches the bucket
     interprocess_lock = True
-
-    #: the lease schema: ``{"owner": text, "token": hex, "expires": UTC epoch seconds}``
-    LEASE_FIELDS: ClassVar[tuple[str, ...]] = ("owner", "token", "expires")
 
     def __init__(self, store: ObjectStore, *, url: str | None = None, lease_ttl: float = LEASE_TTL,
                  part_size: int = PART_SIZE, max_concurrency: int = MAX_CONCURRENCY) -> None:
