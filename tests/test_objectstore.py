@@ -118,10 +118,10 @@ def test_second_taker_refused_names_owner_and_expiry(ob: ObjectStoreBackend) -> 
 
 
 def test_renewal_keeps_lease_past_ttl(s3_server: S3Server) -> None:
-    b = _backend(s3_server, lease_ttl=1.0)
+    b = _backend(s3_server, lease_ttl=1.5)
     lk = b.lock("lock", "long runner")
     try:
-        time.sleep(2.5)                           # > 2 ttl: alive only through renewals
+        time.sleep(3.2)                           # > 2 ttl: alive only through renewals
         lk.check()
         with pytest.raises(LockedError, match="long runner"):
             b.lock("lock", "newcomer")
