@@ -41,6 +41,10 @@ class Lock(ABC):
     def release(self) -> None:
         """Give the lock up; safe to call twice."""
 
+    def check(self) -> None:  # noqa: B027 - a flock cannot be lost: nothing to check
+        """Raise :class:`deltackpt.errors.LockedError` if the lock is no longer held (a lease
+        taken over or expired). The default does nothing."""
+
 
 class Backend(ABC):
     """Files of one repository. Names are relative, '/'-separated, never '..'; a directory
@@ -82,6 +86,14 @@ class Backend(ABC):
     @abstractmethod
     def write_atomic(self, name: str, data: bytes) -> None:
         """Write a whole file durably; it replaces ``name`` atomically."""
+
+    def write_new(self, name: str, data: bytes) -> None:
+        """Create ``name`` only if it is absent (an object store: one conditional PUT);
+        raises FileExistsError if it exists. The default suits a backend whose writer holds
+        an exclusive lock: an existence check, then :meth:`write_atomic`."""
+        if self.exists(name):
+            raise FileExistsError(name)
+        self.write_atomic(name, data)
 
     @abstractmethod
     def create_stream(self, name: str) -> Stream: ...
