@@ -26,6 +26,9 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 #: S3 and S3-compatible stores (``s3a`` as Hadoop writes it), Google Cloud Storage, Azure
 OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
+#: schemes written as another (fsspec's ``gcs://`` is obstore's ``gs://``)
+_ALIASES = {"gcs": "gs"}
+
 #: what to write instead of a scheme users try that is not one of ours
 _HINTS = {"r2": "Cloudflare R2 is S3-compatible: open s3://bucket/prefix with "
                 "storage_options={'endpoint': 'https://<account>.r2.cloudflarestorage.com'}"}
@@ -63,7 +66,8 @@ def _file_url_path(text: str) -> str:
 
 
 def _object_url(text: str) -> str:
-    """``text`` checked as an object-store URL: it names a bucket; trailing '/' dropped."""
+    """``text`` checked as an object-store URL: it names a bucket; trailing '/' dropped;
+    ``gcs://`` written ``gs://``."""
     parts = urlsplit(text)
     if not parts.netloc:
         raise LocationError(f"{text!r}: an object-store URL names a bucket or container "
@@ -74,13 +78,14 @@ def _object_url(text: str) -> str:
     path = parts.path.rstrip("/")
     if any(p in (".", "..") for p in path.split("/")[1:]):
         raise LocationError(f"{text!r}: '.' and '..' are not allowed in an object-store URL")
-    return f"{text[:len(parts.scheme)]}://{parts.netloc}{path}"
+    scheme = _ALIASES.get(parts.scheme, text[:len(parts.scheme)])
+    return f"{scheme}://{parts.netloc}{path}"
 
 
 def resolve(location: str | os.PathLike[str]) -> str:
     """``location`` as deltackpt opens it: a local path as given, a ``file://`` URL's path, or
-    an object-store URL (checked, trailing '/' dropped). Raises :class:`LocationError` for any
-    other URL, before anything is created."""
+    an object-store URL (checked, trailing '/' dropped, ``gcs://`` as ``gs://``). Raises
+    :class:`LocationError` for any other URL, before anything is created."""
     text = os.fspath(location)
     scheme = url_scheme(text)
     if scheme is None:
