@@ -1,8 +1,9 @@
 """The repository: save steps as keyframes or deltas, load any step, verify, list.
 
 Write protocol (spec/FORMAT.md, "Ordering invariants"): journal the transaction → write and
-fsync packs → write indexes → write the manifest by atomic rename (the commit point) → drop the
-journal. A crash anywhere leaves earlier steps untouched; the next writer removes leftovers.
+fsync packs → write indexes → check the writer lock → write the manifest (the commit point: an
+atomic rename on a local disk, one conditional create on an object store, see "Object storage")
+→ drop the journal. A crash anywhere leaves earlier steps untouched; the next writer removes leftovers.
 The journal, commits and recovery are :class:`~deltackpt.engine.transaction.Transactions`
 (``repo.transactions``); this facade orders them on its writer thread.
 """
