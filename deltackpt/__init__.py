@@ -51,8 +51,15 @@ __version__ = "0.1.0"
 
 
 def open(path: str | os.PathLike[str], mode: str = "a", policy: Policy | str | None = None,
+         *, storage_options: dict[str, Any] | None = None,
          **kwargs: Any) -> Repository:  # noqa: A001 - mirrors builtins.open on purpose
     """Open (mode='a': create if missing, take the writer lock) or read (mode='r') a repository.
+
+    ``path``: a local directory, a ``file://`` URL, or an object-store URL (``s3://bucket/
+    prefix``; ``gs://``, ``az://``/``abfs://``), which needs ``pip install "deltackpt[s3]"``.
+    ``storage_options``: settings of the object-store client (``endpoint``, ``region``,
+    credentials, ... as obstore names them); the usual environment variables (``AWS_*``,
+    ...) work without them. Any other URL scheme raises :class:`LocationError`.
 
     Keyword arguments are :class:`Policy` fields, e.g. ``keyframe_every=20, codec="xor"``, and
     ``retention=`` (the default policy of ``gc()``) with ``auto_gc=True`` to apply it after
@@ -60,7 +67,7 @@ def open(path: str | os.PathLike[str], mode: str = "a", policy: Policy | str | N
     """
     from .repository import Repository
 
-    return Repository(path, mode, policy, **kwargs)
+    return Repository(path, mode, policy, storage_options=storage_options, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

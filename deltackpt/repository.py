@@ -1,8 +1,9 @@
 """The repository: save steps as keyframes or deltas, load any step, verify, list.
 
 Write protocol (spec/FORMAT.md, "Ordering invariants"): journal the transaction → write and
-fsync packs → write indexes → write the manifest by atomic rename (the commit point) → drop the
-journal. A crash anywhere leaves earlier steps untouched; the next writer removes leftovers.
+fsync packs → write indexes → check the writer lock → write the manifest (the commit point: an
+atomic rename on a local disk, one conditional create on an object store, see "Object storage")
+→ drop the journal. A crash anywhere leaves earlier steps untouched; the next writer removes leftovers.
 The journal, commits and recovery are :class:`~deltackpt.engine.transaction.Transactions`
 (``repo.transactions``); this facade orders them on its writer thread.
 """
@@ -51,9 +52,8 @@ from .ops.gc import GCReport, delete_steps, sweep
 from .ops.stepdiff import StepUsage, TensorDiff, diff_steps, usage
 from .ops.verify import VerifyReport
 from .ops.verify import verify as verify_repo
-from .store.backend import Backend
-from .store.local import LocalBackend
-from .store.location import local_path
+from .store.backend import Backend, Lock
+from .store.location import open_backend
 from .store.manifest import (
     MAX_STEP,
     Manifest,
@@ -148,26 +148,32 @@ class Repository:
 
     def __init__(self, path: str | os.PathLike[str], mode: str = "a",
                  policy: Policy | str | None = None, *, backend: Backend | None = None,
+                 storage_options: dict[str, Any] | None = None,
                  retention: Retention | None = None, auto_gc: bool = False,
                  **policy_kwargs: Any) -> None:
+        """Open the repository at ``path``: a local directory, a ``file://`` URL or an
+        object-store URL (``s3://bucket/prefix``, ``gs://``, ``az://``/``abfs://``, with
+        ``storage_options`` for its client; see :func:`deltackpt.store.location.open_backend`).
+        With ``backend``, ``path`` is only its label."""
         if mode not in ("r", "a"):
             raise ValueError("mode must be 'r' (read) or 'a' (read/write, create if missing)")
         if type(auto_gc) is not bool:
             raise TypeError(f"auto_gc must be True or False, got {auto_gc!r}")
         if auto_gc and retention is None:
             raise ValueError("auto_gc=True needs a retention policy (retention=KeepLast(5), ...)")
-        # a URL is never a local path (file:// is); with a backend, path is only its label
-        self.path = local_path(path) if backend is None else os.fspath(path)
+        if backend is not None and storage_options:
+            raise ValueError("storage_options configure the backend opened from a URL; they "
+                             "cannot be given with backend=")
         self.mode = mode
         self.policy = Policy.from_kwargs(policy, policy_kwargs)
         #: the default policy of :meth:`gc`; applied after every save only with ``auto_gc``
         self.retention = retention
         self.auto_gc = auto_gc
-        if backend is None and os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise RepositoryNotFoundError(f"{self.path!r} is a file, not a repository directory: "
-                                          "give a directory path (created if missing)")
-        self.backend = backend or LocalBackend(self.path, fsync=self.policy.fsync)
-        self._lock = None
+        if backend is None:  # a URL is never a local path (file:// is); unknown schemes raise
+            self.path, self.backend = open_backend(path, storage_options, self.policy.fsync)
+        else:                # path is only the backend's label
+            self.path, self.backend = os.fspath(path), backend
+        self._lock: Lock | None = None
         self._closed = False
         self._closing = False
         self._writer_ident: int | None = None
@@ -176,15 +182,24 @@ class Repository:
         self._ref_loaded = False
         #: the keyframe's state, kept when ``max_chain`` restarts chains from it (read-only)
         self._key: RefState | None = None
-        #: the journal and commits of this writer's transactions (see engine/transaction.py)
-        self.transactions = Transactions(self.backend, self.manifest, self._manifests)
         if not self.backend.exists(CONFIG_NAME):
             if mode == "r":
+                if backend is None:  # ours: an object store's client holds connections
+                    self.backend.close()
                 raise RepositoryNotFoundError(f"{self.path!r} is not a deltackpt repository "
                                               f"(no {CONFIG_NAME})")
         if mode == "a":
-            self._lock = self.backend.lock(
-                LOCK_NAME, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}")
+            try:
+                self._lock = self.backend.lock(
+                    LOCK_NAME, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}")
+            except BaseException:
+                if backend is None:
+                    self.backend.close()
+                raise
+        #: the journal and commits of this writer's transactions (see engine/transaction.py);
+        #: a commit checks the writer lock is still held (a lease can be lost) before it
+        self.transactions = Transactions(self.backend, self.manifest, self._manifests,
+                                         lock=self._lock)
         try:
             if not self.backend.exists(CONFIG_NAME):
                 self.backend.write_atomic(CONFIG_NAME, checksum.dump({
@@ -706,7 +721,7 @@ class Repository:
 
         def run() -> Manifest:
             old = self.manifest(step)
-            return self.transactions.commit(step, build,
+            return self.transactions.commit(step, build, new=False,
                                             base_stored=int(old.stats.get("stored_bytes", 0)))
 
         return self.run_exclusive(run)

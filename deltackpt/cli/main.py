@@ -1,12 +1,14 @@
 """Command-line interface: ``deltackpt {log,du,show,verify,export,import,diff,gc,delete,demo}``.
 
 Commands that only read manifests (``log``, ``du``, ``show``) never import torch, which takes
-seconds to import; long ones show a progress bar on stderr when it is a terminal.
+seconds to import; long ones show a progress bar on stderr when it is a terminal. Every
+command's REPO is a directory or an object-store URL (``s3://bucket/prefix``); the store's
+client is configured by the environment (``AWS_*``, ...) or by repeated
+``--storage-option KEY=VALUE``.
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -21,6 +23,7 @@ from .fmt import human, table
 
 if TYPE_CHECKING:
     from ..engine.retention import Retention
+    from ..repository import Repository
 
 Progress = Callable[[str, int, int], None]
 
@@ -90,21 +93,42 @@ def _short_time(iso: str) -> str:
     return iso[:19].replace("T", " ") if len(iso) >= 19 else iso
 
 
-def _dcp_note(path: str) -> str:
+def _dcp_note(repo: Repository) -> str:
     """A pointer to the rank sub-repositories of a torch.distributed.checkpoint repository,
-    whose top-level steps hold only DCP's metadata (no tensors)."""
-    ranks = sorted(glob.glob(os.path.join(path, "dcp", "rank-*")))
+    whose top-level steps hold only DCP's metadata (no tensors). Listed through the backend:
+    the repository may be an object-store URL."""
+    ranks = [f"dcp/{d}" for d in repo.backend.list_dirs("dcp") if d.startswith("rank-")]
     if not ranks:
         return ""
     return (f"\ntorch.distributed.checkpoint repository: the tensors are in {len(ranks)} rank "
-            f"sub-repositories ({', '.join(os.path.relpath(r, path) for r in ranks[:4])}"
+            f"sub-repositories ({', '.join(ranks[:4])}"
             f"{', ...' if len(ranks) > 4 else ''}); run log/du/verify on each of them")
+
+
+def storage_option(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` of ``--storage-option`` (the value may hold '=')."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE (e.g. "
+                                         "endpoint=http://127.0.0.1:9000)")
+    return key.strip(), value
+
+
+def _open(args: argparse.Namespace, mode: str) -> Repository:
+    """The repository ``args.repo`` with the ``--storage-option`` settings given."""
+    return open_repo(args.repo, mode=mode, storage_options=_options(args))
+
+
+def _options(args: argparse.Namespace) -> dict[str, str] | None:
+    pairs = getattr(args, "storage_option", None) or []
+    return dict(pairs) or None
 
 
 def cmd_log(args: argparse.Namespace) -> int:
     damaged: dict[int, str] = {}
-    with open_repo(args.repo, mode="r") as repo:
+    with _open(args, "r") as repo:
         rows = repo.history(unreadable=damaged)
+        note = _dcp_note(repo)
     if args.json:
         print(json.dumps([r.__dict__ for r in rows]
                          + [{"step": s, "unreadable": why} for s, why in damaged.items()],
@@ -124,7 +148,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     if damaged:
         print(f"deltackpt: {len(damaged)} step(s) not listed; `deltackpt verify {args.repo}` "
               "says what can be recovered", file=sys.stderr)
-    if note := _dcp_note(args.repo):
+    if note:
         print(note)
     return 1 if damaged else 0
 
@@ -132,8 +156,9 @@ def cmd_log(args: argparse.Namespace) -> int:
 def cmd_du(args: argparse.Namespace) -> int:
     from ..ops.stepdiff import account
 
-    with open_repo(args.repo, mode="r") as repo:
+    with _open(args, "r") as repo:
         acc = account(repo)
+        note = _dcp_note(repo)
     rows = acc.steps
     logical = sum(r.logical_bytes for r in rows)
     if args.json:
@@ -172,13 +197,13 @@ def cmd_du(args: argparse.Namespace) -> int:
               "overhead, the chunks only they name with the dead chunks); gc reclaims nothing "
               f"until they are deleted or restored: `deltackpt verify {args.repo}`",
               file=sys.stderr)
-    if note := _dcp_note(args.repo):
+    if note:
         print(note)
     return 1 if acc.unreadable else 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    with open_repo(args.repo, mode="r") as repo:
+    with _open(args, "r") as repo:
         rows = repo.diff(args.a, args.b)
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=1))
@@ -248,7 +273,7 @@ def _retention(args: argparse.Namespace) -> Retention | None:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     retention = _retention(args)
-    with open_repo(args.repo, mode="r" if args.dry_run else "a") as repo:
+    with _open(args, "r" if args.dry_run else "a") as repo:
         if retention is None and repo.retention is None:
             print("no --keep-* option: deleting no steps, only packs nothing references, and "
                   f"repacking packs whose live share is below {args.repack_below}",
@@ -273,7 +298,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    with open_repo(args.repo, mode="a") as repo, _progress(args) as bar:
+    with _open(args, "a") as repo, _progress(args) as bar:
         report = repo.delete(*args.steps, progress=bar)
     print(f"deleted steps {report.deleted_steps}; rebased {report.rebased_steps or 'none'}; "
           f"freed {human(report.freed_bytes)}, rebasing wrote {human(report.rebase_bytes)}")
@@ -284,7 +309,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    with open_repo(args.repo, mode="r") as repo:
+    with _open(args, "r") as repo:
         step = repo.resolve_step(args.step)
         m = repo.manifest(step)
     if args.json:
@@ -316,16 +341,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from ..ops.repair import apply as repair_apply
     from ..ops.repair import plan as repair_plan
 
-    with open_repo(args.repo, mode="r") as repo:
+    with _open(args, "r") as repo:
         with _progress(args) as bar:
             report = repo.verify(args.step, progress=bar)
         todo = repair_plan(repo) if not report.ok and args.step is None else None
     repaired = False
     if args.repair and todo is not None and any(a.recoverable for a in todo.actions):
-        with open_repo(args.repo, mode="a") as writer:
+        with _open(args, "a") as writer:
             todo = repair_apply(writer, todo)
         repaired = True
-        with open_repo(args.repo, mode="r") as repo:
+        with _open(args, "r") as repo:
             report = repo.verify()
     if args.json:
         print(json.dumps({"ok": report.ok, "steps": report.steps, "tensors": report.tensors,
@@ -367,7 +392,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ..interop.export import export_step, export_steps, parse_steps
 
-    with open_repo(args.repo, mode="r") as repo:
+    with _open(args, "r") as repo:
         if args.steps is not None:
             if args.step is not None:
                 print("deltackpt: give --step or --steps, not both", file=sys.stderr)
@@ -409,7 +434,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                 print(line, flush=True)
 
         report = import_checkpoints(args.repo, args.sources, step=args.step, progress=row,
-                                    ticks=bar)
+                                    ticks=bar, storage_options=_options(args))
     if report.note:
         print(f"deltackpt: note: {report.note}", file=sys.stderr)
     if report.skipped:
@@ -450,7 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext, description=helptext,
                             formatter_class=_HelpFormatter)
         if repo:
-            sp.add_argument("repo", help="repository directory")
+            sp.add_argument("repo", help="repository: a directory, or an object-store URL "
+                            "(s3://bucket/prefix, gs://..., az://...)")
+            sp.add_argument("--storage-option", type=storage_option, action="append",
+                            metavar="KEY=VALUE", help="a setting of the object store's client "
+                            "(endpoint, region, access_key_id, ...); repeatable. The "
+                            "environment (AWS_*, GOOGLE_*, AZURE_*) works without any")
         return sp
 
     def json_flag(sp: argparse.ArgumentParser, what: str) -> None:

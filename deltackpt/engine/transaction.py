@@ -3,8 +3,12 @@
 Every write that creates packs (a save, a rebase, a repair's re-pointing, a repack) runs as a
 journaled transaction (spec/FORMAT.md, "Journal" and "Ordering invariants"): journal it in
 ``txn/<txn>.json`` → write and fsync packs (each journaled before it exists) → write indexes →
-write the manifest by atomic rename (the commit point) → drop the journal. A crash anywhere
-leaves earlier steps untouched; :meth:`Transactions.recover` (the next writer) removes leftovers.
+check the writer lock is still held → write the manifest (the commit point) → drop the journal.
+A new step's manifest is created by :meth:`Backend.write_new` (create-if-absent: on an object
+store one conditional PUT, the commit without rename of spec/FORMAT.md "Object storage"); a
+rewrite of a committed step's manifest (rebase, repair) replaces it by ``write_atomic``. A crash
+anywhere leaves earlier steps untouched; :meth:`Transactions.recover` (the next writer) removes
+leftovers.
 """
 from __future__ import annotations
 
@@ -12,9 +16,9 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import DeltaCkptError, ReadOnlyError
+from ..errors import DeltaCkptError, LockedError, ReadOnlyError, StepExistsError
 from ..format import checksum
-from ..store.backend import Backend
+from ..store.backend import Backend, Lock
 from ..store.manifest import Manifest, manifest_name
 from ..store.packs import ChunkStore, index_name, is_pack_id, pack_name
 
@@ -29,11 +33,14 @@ class Transactions:
     that cache, which a commit updates so the writer never serves its own step stale.
     ``store`` is the chunk store whose new packs are journaled (:meth:`journal_pack` is its
     ``on_new_pack``); it is set once recovery has run, before the first transaction.
+    ``lock``: the writer lock, checked (:meth:`Lock.check`) right before every commit point, so
+    a writer whose lease was taken over stops before it commits (None: a reader's, no commits).
     """
 
     def __init__(self, backend: Backend, manifest: Callable[[int], Manifest],
-                 manifests: dict[int, Manifest]) -> None:
+                 manifests: dict[int, Manifest], lock: Lock | None = None) -> None:
         self.backend = backend
+        self.lock = lock
         self.manifest = manifest
         self.manifests = manifests
         self.store: ChunkStore | None = None
@@ -119,19 +126,28 @@ class Transactions:
         self.backend.write_atomic(f"txn/{txn}.json", checksum.dump(doc))
 
     # -- committing ----------------------------------------------------------------------------
-    def commit(self, step: int, build: Build, base_stored: int = 0) -> Manifest:
+    def commit(self, step: int, build: Build, base_stored: int = 0, *,
+               new: bool = True) -> Manifest:
         """Run ``build(txn)`` (which writes chunks and returns the manifest and the chunk bytes
         it wrote) inside a journaled transaction, then commit the manifest of ``step``.
 
+        ``new``: ``step`` is not committed yet; its manifest is created only if absent
+        (:meth:`Backend.write_new`), and :class:`StepExistsError` is raised if another writer
+        committed it first. Otherwise (a rebase or repair) the committed manifest is replaced.
+        Either way the writer lock is checked first: :class:`LockedError` if it was lost.
+
         All or nothing: on any error, the chunks written are removed again and the step's
-        previous manifest (if any) stays as it was. ``base_stored``: stored bytes the step
-        keeps from a previous manifest (a rebase), counted in its ``stored_bytes``.
+        previous manifest (if any) stays as it was; after a lost lock or a lost race for the
+        step, they are left to the next writer's recovery and gc instead (another writer owns
+        the store now). ``base_stored``: stored bytes the step keeps from a previous manifest
+        (a rebase), counted in its ``stored_bytes``.
         """
         store = self.store
         if store is None:
             raise ReadOnlyError("transactions need the writer's chunk store")
         txn = self.begin(step)
         packs: list[str] = []
+        at_commit = False
         try:
             m, written = build(txn)
             packs = store.flush()
@@ -147,9 +163,28 @@ class Transactions:
                 size = len(data)
             self._manifest_size = len(data)
             self.manifests.pop(step, None)
-            self.backend.write_atomic(manifest_name(step), data)   # the commit point
+            at_commit = True
+            if self.lock is not None:
+                self.lock.check()  # LockedError: a writer that lost its lease never commits
+            if new:
+                try:
+                    self.backend.write_new(manifest_name(step), data)   # the commit point
+                except FileExistsError:
+                    raise StepExistsError(
+                        f"step {step} was committed by another writer while this one saved "
+                        "it; this save is discarded", step=step) from None
+            else:
+                self.backend.write_atomic(manifest_name(step), data)   # the commit point
         except BaseException as exc:
             self._journal = None
+            if at_commit and isinstance(exc, (LockedError, StepExistsError)):  # another writer
+                store.abort()
+                for pid in packs:
+                    store.forget_pack(pid)
+                exc.add_note(f"deltackpt: step {step} was not saved; its uploaded packs and "
+                             f"journal txn/{txn}.json are left to the next writer's recovery "
+                             "and gc")
+                raise
             if self.committed(step, txn):
                 if isinstance(exc, OSError):
                     exc.add_note(f"deltackpt: step {step} is committed; only the cleanup after "

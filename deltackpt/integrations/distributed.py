@@ -77,7 +77,7 @@ from ..errors import (
 from ..format.dtypes import ALL_TORCH_DTYPES
 from ..format.tree import escape_key
 from ..repository import Repository
-from ..store.location import local_path
+from ..store.location import identity, is_object_store, join, open_backend, resolve
 from ..store.manifest import MAX_STEP, manifest_name
 
 try:  # DCP's own version string for the metadata it writes (FileSystemWriter does the same)
@@ -109,8 +109,9 @@ _MEMORY_FORMATS = {n: getattr(torch, n) for n in ("contiguous_format", "channels
 
 
 def rank_path(path: str | os.PathLike[str], rank: int) -> str:
-    """The sub-repository of ``rank`` under repository ``path``: ``path/dcp/rank-NNNNN``."""
-    return os.path.join(os.fspath(path), DCP_DIR, f"rank-{rank:05d}")
+    """The sub-repository of ``rank`` under repository ``path``: ``path/dcp/rank-NNNNN``
+    ('/'-joined under an object-store URL)."""
+    return join(resolve(path), DCP_DIR, f"rank-{rank:05d}")
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,8 @@ _OPEN_LOCK = threading.Lock()
 
 @contextmanager
 def _writable(path: str, rank: int | None, keep_open: bool, policy: Policy | str | None,
-              policy_kwargs: dict[str, Any]) -> Iterator[Repository]:
+              policy_kwargs: dict[str, Any],
+              storage_options: dict[str, Any] | None = None) -> Iterator[Repository]:
     """The top-level repository (``rank`` None) or a rank sub-repository, opened mode 'a'.
 
     With ``keep_open`` it stays open (writer lock and in-memory delta reference kept) for the
@@ -163,10 +165,11 @@ def _writable(path: str, rank: int | None, keep_open: bool, policy: Policy | str
     """
     where = path if rank is None else rank_path(path, rank)
     if not keep_open:
-        with Repository(where, "a", policy, **policy_kwargs) as repo:
+        with Repository(where, "a", policy, storage_options=storage_options,
+                        **policy_kwargs) as repo:
             yield repo
         return
-    key = (os.path.realpath(path), rank)
+    key = (identity(path), rank)
     want = Policy.from_kwargs(policy, dict(policy_kwargs))
     with _OPEN_LOCK:
         kept = _OPEN.get(key)
@@ -175,14 +178,15 @@ def _writable(path: str, rank: int | None, keep_open: bool, policy: Policy | str
             kept.close()
             kept = None
         if kept is None:
-            kept = _OPEN[key] = Repository(where, "a", policy, **policy_kwargs)
+            kept = _OPEN[key] = Repository(where, "a", policy, storage_options=storage_options,
+                                           **policy_kwargs)
     yield kept
 
 
 def close(path: str | os.PathLike[str] | None = None) -> None:
     """Close the repositories :class:`Writer` kept open in this process (all, or ``path``'s),
     releasing their writer locks."""
-    real = None if path is None else os.path.realpath(os.fspath(path))
+    real = None if path is None else identity(os.fspath(path))
     with _OPEN_LOCK:
         keys = [k for k in _OPEN if real is None or k[0] == real]
         repos = [_OPEN.pop(k) for k in keys]
@@ -200,16 +204,17 @@ atexit.register(close)
 
 
 # ------------------------------------------------------------------------------ liveness rule
-_WORLD: dict[tuple[str, int], tuple[tuple[int, int], int | None]] = {}
+_WORLD: dict[tuple[str, int], tuple[tuple[int, ...] | None, int | None]] = {}
 
 
-def _live_steps(path: str, steps: Sequence[int], rank: int) -> set[int]:
+def _live_steps(path: str, steps: Sequence[int], rank: int,
+                storage_options: dict[str, Any] | None = None) -> set[int]:
     """Those of ``steps`` (of ``rank``'s sub-repository) that a committed top-level DCP step
     refers to. A top-level manifest that cannot be read counts as referring (kept). A missing
     top-level repository is an error, never "nothing is live" (e.g. a rank on a node that
     does not share the file system must not delete its steps)."""
     try:
-        top = Repository(path, "r")
+        top = Repository(path, "r", storage_options=storage_options)
     except RepositoryNotFoundError:
         raise RepositoryNotFoundError(
             f"rank {rank} cannot see the top-level repository {path!r}; every rank must "
@@ -217,17 +222,18 @@ def _live_steps(path: str, steps: Sequence[int], rank: int) -> set[int]:
     try:
         committed = set(top.steps())
         live = set()
-        real = os.path.realpath(path)
+        real = identity(path)
         for s in steps:
             if s not in committed:
                 continue
-            try:  # cached by file identity: a re-saved step is a new file
-                st = os.stat(os.path.join(path, *manifest_name(s).split("/")))
-                ident = (st.st_ino, st.st_mtime_ns)
-            except FileNotFoundError:
+            # cached by file identity: a re-saved step is a new file (a backend that cannot
+            # tell is asked every time)
+            ident = top.backend.fingerprint(manifest_name(s)) if top.backend.fingerprints \
+                else None
+            if ident is None and not top.backend.exists(manifest_name(s)):
                 continue  # deleted meanwhile
             cached = _WORLD.get((real, s))
-            if cached is not None and cached[0] == ident:
+            if ident is not None and cached is not None and cached[0] == ident:
                 ws = cached[1]
             else:
                 try:
@@ -244,41 +250,47 @@ def _live_steps(path: str, steps: Sequence[int], rank: int) -> set[int]:
         top.close()
 
 
-def _remove_orphans(sub: Repository, path: str, rank: int) -> list[int]:
+def _remove_orphans(sub: Repository, path: str, rank: int,
+                    storage_options: dict[str, Any] | None = None) -> list[int]:
     steps = sub.steps()
-    live = _live_steps(path, steps, rank)
+    live = _live_steps(path, steps, rank, storage_options)
     orphans = [s for s in steps if s not in live]
     if orphans:
         sub.delete(*orphans)
     return orphans
 
 
-def prune(path: str | os.PathLike[str], *, dry_run: bool = False) -> dict[int, list[int]]:
+def prune(path: str | os.PathLike[str], *, dry_run: bool = False,
+          storage_options: dict[str, Any] | None = None) -> dict[int, list[int]]:
     """Delete every rank sub-repository step that no committed top-level DCP step refers to
     (left by a crashed save, or by ``delete``/``gc`` of top-level steps) and free its space.
 
     Needs the writer lock of every sub-repository (run it while no job writes ``path``).
-    Returns ``{rank: [deleted steps]}``.
+    Returns ``{rank: [deleted steps]}``. ``path`` may be an object-store URL.
     """
-    path = os.fspath(path)
+    path = resolve(path)
     out: dict[int, list[int]] = {}
-    root = os.path.join(path, DCP_DIR)
-    try:
-        names = sorted(os.listdir(root))
-    except FileNotFoundError:
+    if is_object_store(path) or os.path.isdir(path):
+        _label, backend = open_backend(path, storage_options)
+        try:
+            names = backend.list_dirs(DCP_DIR)
+        finally:
+            backend.close()
+    else:
         return out
     for name in names:
         if not (name.startswith("rank-") and name[5:].isdigit() and len(name) == 10):
             continue
         rank = int(name[5:])
         if dry_run:
-            with Repository(rank_path(path, rank), "r") as sub:
+            with Repository(rank_path(path, rank), "r", storage_options=storage_options) as sub:
                 steps = sub.steps()
-                out[rank] = [s for s in steps if s not in _live_steps(path, steps, rank)]
+                live = _live_steps(path, steps, rank, storage_options)
+                out[rank] = [s for s in steps if s not in live]
         else:
             close(path)  # our own cached writers would hold the locks
-            with Repository(rank_path(path, rank), "a") as sub:
-                out[rank] = _remove_orphans(sub, path, rank)
+            with Repository(rank_path(path, rank), "a", storage_options=storage_options) as sub:
+                out[rank] = _remove_orphans(sub, path, rank, storage_options)
     return out
 
 
@@ -446,13 +458,17 @@ class Writer(StorageWriter):
     the in-memory delta reference stay; reopening would rebuild the reference from disk);
     :func:`close` releases them. One save at a time per repository: wait for an
     ``async_save`` future before the next save to the same path.
+    ``path`` may be an object-store URL (``s3://bucket/prefix``; ``storage_options`` for its
+    client); every rank then reaches the same repository without a shared file system.
     """
 
     def __init__(self, path: str | os.PathLike[str], step: int, *,
                  meta: dict[str, Any] | None = None, keep_open: bool = True,
-                 policy: Policy | str | None = None, **policy_kwargs: Any) -> None:
+                 policy: Policy | str | None = None,
+                 storage_options: dict[str, Any] | None = None, **policy_kwargs: Any) -> None:
         super().__init__()
-        self.path = local_path(path)
+        self.path = resolve(path)  # an unknown URL scheme is refused here, before any save
+        self.storage_options = dict(storage_options) if storage_options else None
         self.step = _check_step(step)
         self.meta = dict(meta or {})
         if "dcp" in self.meta:
@@ -468,7 +484,7 @@ class Writer(StorageWriter):
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """A new save begins; ``checkpoint_id`` (if given) is the repository path."""
         if checkpoint_id:
-            self.path = local_path(checkpoint_id)
+            self.path = resolve(checkpoint_id)
         self.save_id = str(uuid.uuid4())
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -484,7 +500,8 @@ class Writer(StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """Coordinator: create the repository if needed, refuse a committed step, and tell
         each rank its index and the save id."""
-        with _writable(self.path, None, self.keep_open, None, {}) as top:
+        with _writable(self.path, None, self.keep_open, None, {},
+                       self.storage_options) as top:
             if self.step in top:
                 raise StepExistsError(f"step {self.step} is already saved in {self.path!r}",
                                       step=self.step)
@@ -512,8 +529,9 @@ class Writer(StorageWriter):
                 info = StorageInfo(rank, "tensor", key, t.numel() * t.element_size())
             results.append(WriteResult(index=item.index, size_in_bytes=info.nbytes,
                                        storage_data=info))
-        with _writable(self.path, rank, self.keep_open, self.policy, self.policy_kwargs) as sub:
-            _remove_orphans(sub, self.path, rank)
+        with _writable(self.path, rank, self.keep_open, self.policy, self.policy_kwargs,
+                       self.storage_options) as sub:
+            _remove_orphans(sub, self.path, rank, self.storage_options)
             if self.step in sub:  # committed at top level after all: never overwrite
                 raise StepExistsError(f"rank {rank} already holds step {self.step}",
                                       step=self.step)
@@ -530,7 +548,8 @@ class Writer(StorageWriter):
         metadata.storage_meta = self.storage_meta()
         doc = metadata_to_doc(metadata, len(results), self.save_id)
         meta = {**self.meta, "dcp": {"world_size": len(results), "save_id": self.save_id}}
-        with _writable(self.path, None, self.keep_open, None, {}) as top:
+        with _writable(self.path, None, self.keep_open, None, {},
+                       self.storage_options) as top:
             top.save(self.step, {"dcp": doc}, meta=meta)
 
     def storage_meta(self) -> StorageMeta | None:
@@ -582,7 +601,11 @@ def _valid_path(checkpoint_id: Any) -> bool:
     if not isinstance(checkpoint_id, (str, os.PathLike)):
         return False
     p = os.fspath(checkpoint_id)
-    if not isinstance(p, str) or "://" in p:
+    if not isinstance(p, str):
+        return False
+    if is_object_store(p):
+        return True
+    if "://" in p:
         return False
     return not os.path.exists(p) or os.path.isdir(p)
 
@@ -597,9 +620,11 @@ class Reader(StorageReader):
     """
 
     def __init__(self, path: str | os.PathLike[str], step: int | None = None, *,
-                 read_batch_bytes: int = READ_BATCH_BYTES) -> None:
+                 read_batch_bytes: int = READ_BATCH_BYTES,
+                 storage_options: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.path = local_path(path)
+        self.path = resolve(path)  # an unknown URL scheme is refused here
+        self.storage_options = dict(storage_options) if storage_options else None
         self.step = None if step is None else _check_step(step)
         self.read_batch_bytes = read_batch_bytes
         self.load_id = str(uuid.uuid4())
@@ -610,7 +635,7 @@ class Reader(StorageReader):
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id:
-            self.path = local_path(checkpoint_id)
+            self.path = resolve(checkpoint_id)
         self.storage_data = {}
         self._resolved = None
         self.load_id = str(uuid.uuid4())
@@ -619,7 +644,7 @@ class Reader(StorageReader):
         """The checkpoint's ``Metadata``, rebuilt from the top-level step (no pickle)."""
         if kwargs.get("rank") is not None:
             raise DeltaCkptError("deltackpt.dcp writes no rank-local metadata")
-        with Repository(self.path, "r") as top:
+        with Repository(self.path, "r", storage_options=self.storage_options) as top:
             step = self.step if self.step is not None else top.latest
             if step is None:
                 raise StepNotFoundError(f"repository {self.path!r} has no steps yet")
@@ -661,7 +686,8 @@ class Reader(StorageReader):
             by_rank.setdefault(info.rank, []).append((req, info))
         for rank in sorted(by_rank):
             try:
-                sub = Repository(rank_path(self.path, rank), "r")
+                sub = Repository(rank_path(self.path, rank), "r",
+                                 storage_options=self.storage_options)
             except RepositoryNotFoundError:
                 raise BrokenChainError(f"rank {rank}'s sub-repository is missing",
                                        step=step) from None
@@ -721,7 +747,8 @@ class Reader(StorageReader):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return _valid_path(checkpoint_id) and os.path.isdir(os.fspath(checkpoint_id))
+        return _valid_path(checkpoint_id) and (is_object_store(os.fspath(checkpoint_id))
+                                               or os.path.isdir(os.fspath(checkpoint_id)))
 
 
 _MISSING = object()

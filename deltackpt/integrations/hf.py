@@ -27,10 +27,10 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from ..engine.policy import Policy
-from ..errors import DeltaCkptError
+from ..errors import DeltaCkptError, RepositoryNotFoundError
 from ..interop.files import FolderReport, is_folder_state, read_folder, write_folder
 from ..repository import Repository
-from ..store.location import local_path
+from ..store.location import resolve
 
 _FOLDER = re.compile(r"checkpoint-(\d+)")
 
@@ -54,16 +54,19 @@ def _folder_steps(output_dir: str) -> dict[int, str]:
 
 
 def materialize(repo_path: str | os.PathLike[str] | Repository, step: int | None,
-                out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> FolderReport:
+                out_dir: str | os.PathLike[str], *, overwrite: bool = False,
+                storage_options: dict[str, Any] | None = None) -> FolderReport:
     """Write ``step`` (default: the latest) of a repository back as a Trainer checkpoint
     folder at ``out_dir``, usable with ``trainer.train(resume_from_checkpoint=out_dir)``.
+    ``repo_path`` may be an object-store URL (``storage_options`` for its client).
 
     Text and raw files come back byte-identical (checked against the digest taken at save
     time); safetensors and torch files load to identical tensors and values, and the returned
     report says per file whether the bytes matched the original too.
     """
     owned = not isinstance(repo_path, Repository)
-    repo = repo_path if isinstance(repo_path, Repository) else Repository(repo_path, "r")
+    repo = repo_path if isinstance(repo_path, Repository) \
+        else Repository(repo_path, "r", storage_options=storage_options)
     try:
         if step is None:
             step = _latest_folder_step(repo)
@@ -87,17 +90,20 @@ def _latest_folder_step(repo: Repository) -> int | None:
 
 
 def restore_checkpoint(repo_path: str | os.PathLike[str], output_dir: str | os.PathLike[str],
-                       step: int | None = None) -> str | None:
+                       step: int | None = None, *,
+                       storage_options: dict[str, Any] | None = None) -> str | None:
     """Make ``output_dir/checkpoint-{step}`` exist for resuming (``step`` default: the latest
     folder step in the repository) and return its path; ``None`` when the repository does not
     exist or holds no folders (start from scratch). A folder already on disk is used as is.
+    ``repo_path`` may be an object-store URL (``storage_options`` for its client).
 
     >>> trainer.train(resume_from_checkpoint=restore_checkpoint(repo, args.output_dir))
     """
-    repo_path = os.fspath(repo_path)
-    if not os.path.exists(os.path.join(repo_path, "deltackpt.json")):
+    try:  # through the backend: a URL's repository is no local file to look for
+        opened = Repository(repo_path, "r", storage_options=storage_options)
+    except RepositoryNotFoundError:
         return None
-    with Repository(repo_path, "r") as repo:
+    with opened as repo:
         if step is None:
             step = _latest_folder_step(repo)
             if step is None:
@@ -135,10 +141,13 @@ class _Callback:
     """Implementation of :class:`DeltaCheckpointCallback` (mixed into ``TrainerCallback``)."""
 
     def __init__(self, repo_path: str | os.PathLike[str], keep_folders: int = 1, *,
-                 policy: Policy | str | None = None, **policy_kwargs: Any) -> None:
+                 policy: Policy | str | None = None,
+                 storage_options: dict[str, Any] | None = None, **policy_kwargs: Any) -> None:
         if type(keep_folders) is not int or keep_folders < 0:
             raise ValueError(f"keep_folders must be an int >= 0, got {keep_folders!r}")
-        self.repo_path = local_path(repo_path)  # a URL is refused here, not at the first save
+        # an unknown URL scheme is refused here, not at the first save; object stores work
+        self.repo_path = resolve(repo_path)
+        self.storage_options = dict(storage_options) if storage_options else None
         self.keep_folders = keep_folders
         self._policy = policy
         self._policy_kwargs = dict(policy_kwargs)
@@ -149,7 +158,8 @@ class _Callback:
     # -- storage -------------------------------------------------------------------------------
     def _open(self) -> Repository:
         if self.repo is None:
-            self.repo = Repository(self.repo_path, "a", self._policy, **self._policy_kwargs)
+            self.repo = Repository(self.repo_path, "a", self._policy,
+                                   storage_options=self.storage_options, **self._policy_kwargs)
         return self.repo
 
     def close(self) -> None:
@@ -226,6 +236,8 @@ writes the latest step back as a folder first. The best model's folder
 (written before the callback was added) are left alone. Keyword arguments are
 :class:`deltackpt.Policy` options (``policy="balanced"``, ``keyframe_every=20``, ...). The
 repository's writer lock is held from the first save until training ends (or :meth:`close`).
+``repo_path`` may be an object-store URL (``s3://bucket/prefix``; ``storage_options=`` for its
+client); the Trainer's own folders stay on the local ``output_dir``.
 """
 _classes: dict[str, type] = {}
 

@@ -53,12 +53,12 @@ import torch
 import xxhash
 
 from ..engine.policy import Policy
-from ..errors import DeltaCkptError, UnsupportedValueError
+from ..errors import DeltaCkptError, RepositoryNotFoundError, UnsupportedValueError
 from ..format import checksum
 from ..format.tree import Leaf, flatten, unflatten
 from ..interop.pointer import POINTER_KIND, read_pointer
 from ..repository import Repository
-from ..store.location import local_path
+from ..store.location import resolve
 from ..store.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -135,9 +135,11 @@ def _normalize(v: Any, path: str, drop: bool, dropped: list[str]) -> Any:
 
 
 def load(path: str | os.PathLike[str], map_location: str | torch.device | None = None,
-         repo_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+         repo_path: str | os.PathLike[str] | None = None, *,
+         storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load the checkpoint a pointer file (or an indexed path of ``repo_path``) names, without
-    Lightning; e.g. to inspect ``last.ckpt``."""
+    Lightning; e.g. to inspect ``last.ckpt``. ``storage_options``: for a repository on an
+    object store (``s3://...``) that the environment alone does not configure."""
     key = _key(path)
     pointer = read_pointer(os.fspath(path))
     if repo_path is None:
@@ -145,7 +147,7 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device | None =
             raise DeltaCkptError(f"{os.fspath(path)!r} is not a deltackpt pointer file; pass "
                                  "repo_path")
         repo_path = pointer["repository"]
-    with Repository(repo_path, "r") as repo:
+    with Repository(repo_path, "r", storage_options=storage_options) as repo:
         entry = _read_index(repo)["paths"].get(key)
         if entry is None and pointer is not None:
             entry = _read_index(repo)["paths"].get(pointer.get("key")) or \
@@ -182,10 +184,13 @@ class _DeltaCheckpointIO:
 
     def __init__(self, repo_path: str | os.PathLike[str], *, delete_removed: bool = True,
                  unsupported: str = "error", policy: Policy | str | None = None,
+                 storage_options: dict[str, Any] | None = None,
                  **policy_kwargs: Any) -> None:
         if unsupported not in ("error", "drop"):
             raise ValueError("unsupported must be 'error' or 'drop'")
-        self.repo_path = os.path.abspath(local_path(repo_path))  # a URL is refused here
+        # a local path is made absolute; an object-store URL is kept; other URLs raise here
+        self.repo_path = _key(resolve(repo_path))
+        self.storage_options = dict(storage_options) if storage_options else None
         self.delete_removed = delete_removed
         self.unsupported = unsupported
         self._policy = policy
@@ -196,7 +201,8 @@ class _DeltaCheckpointIO:
     # -- repository ------------------------------------------------------------------------
     def _writer(self) -> Repository:
         if self._repo is None:
-            self._repo = Repository(self.repo_path, "a", self._policy, **self._policy_kwargs)
+            self._repo = Repository(self.repo_path, "a", self._policy,
+                                    storage_options=self.storage_options, **self._policy_kwargs)
         return self._repo
 
     def _write_index(self, repo: Repository, doc: dict[str, Any]) -> None:
@@ -212,7 +218,8 @@ class _DeltaCheckpointIO:
 
     def steps(self) -> dict[str, int]:
         """Checkpoint path → step, from the index."""
-        repo = self._repo or Repository(self.repo_path, "r")
+        repo = self._repo or Repository(self.repo_path, "r",
+                                        storage_options=self.storage_options)
         try:
             return {k: int(e["step"]) for k, e in _read_index(repo)["paths"].items()}
         finally:
@@ -328,8 +335,11 @@ class _DeltaCheckpointIO:
         path = os.fspath(path)
         key = _key(path)
         repo = self._repo
-        if repo is None and os.path.exists(os.path.join(self.repo_path, "deltackpt.json")):
-            repo = Repository(self.repo_path, "r")  # a reader: every rank may load at once
+        if repo is None:
+            try:  # a reader: every rank may load at once
+                repo = Repository(self.repo_path, "r", storage_options=self.storage_options)
+            except RepositoryNotFoundError:
+                repo = None
         pointer = read_pointer(path)
         try:
             if repo is not None:
@@ -378,7 +388,10 @@ written at the checkpoint path, and ``trainer.fit(model, ckpt_path=...)`` (a pat
 ``ModelCheckpoint`` removes deletes its step once no path refers to it. ``unsupported``:
 ``"error"`` (default) or ``"drop"`` for values deltackpt cannot store without pickle. Other
 keyword arguments are :class:`deltackpt.Policy` options. The writer lock is held from the first
-save until ``teardown`` (the end of ``fit``).
+save until ``teardown`` (the end of ``fit``). ``repo_path`` may be an object-store URL
+(``s3://bucket/prefix``, with ``storage_options=`` for its client if the environment does not
+configure it), and Lightning's checkpoint paths may be remote too (pointer files are written
+through Lightning's fsspec filesystem).
 """
 _classes: dict[str, type] = {}
 

@@ -206,10 +206,12 @@ def import_checkpoints(repo: Repository | str | os.PathLike[str],
                        progress: Callable[[ImportedStep], None] | None = None,
                        ticks: Callable[[str, int, int], None] | None = None,
                        **open_kwargs: Any) -> ImportReport:
-    """Save every checkpoint found in ``paths`` as a step of ``repo`` (a repository or a path,
-    created if missing; ``open_kwargs`` are policy options). Nothing is written when a step
-    already exists. ``progress`` is called with each step imported; ``ticks("import", done,
-    total)`` before the first and after each (as the other long operations report)."""
+    """Save every checkpoint found in ``paths`` as a step of ``repo`` (a repository, or a path
+    or object-store URL, created if missing; ``open_kwargs`` are policy options and
+    ``storage_options``). The checkpoints themselves are local files and folders. Nothing is
+    written when a step already exists. ``progress`` is called with each step imported;
+    ``ticks("import", done, total)`` before the first and after each (as the other long
+    operations report)."""
     sources, skipped = discover(paths)
     owned = not isinstance(repo, Repository)
     r = repo if isinstance(repo, Repository) else Repository(repo, "a", **open_kwargs)
