@@ -834,6 +834,39 @@ def test_flip_sweep_with_repair_plans(dmg_base, tmp_path):
     _flip_sweep(dmg_base, str(tmp_path / "w"), stride=23)
 
 
+def test_damaged_frame_that_still_decodes_is_rederived_not_lost(dmg_base, tmp_path):
+    """A flipped bit in step 20's delta frame that its decode ignores (zstd's unused header
+    bit): the frame fails its id (verify reports the pack), every step still loads
+    bit-exactly, so the plan must not call
+    step 20 lost, even once step 10's link is cached (chunk() used to skip plane replay then),
+    and applying it must keep every step: the rebuilt bytes are stored raw before the repack
+    drops the damaged frame."""
+    work = str(tmp_path / "w")
+    shutil.copytree(dmg_base, work)
+    with deltackpt.open(work, "r", workers=1) as r:
+        rec = r.manifest(20).tensor("model/w").chunks[1]
+        assert rec.ref == 10
+        loc = r.store.locate(rec.id)
+    path = os.path.join(work, "packs", loc.pack[:2], loc.pack + ".pack")
+    data = open(path, "rb").read()
+    found = None
+    for i in range(loc.offset, loc.offset + loc.length):
+        bad = bytearray(data)
+        bad[i] ^= 0x10
+        open(path, "wb").write(bad)
+        loads, report, todo = dmg_probe(work)    # (its own checks hold for every flip)
+        if all(e is None for e in loads.values()) and not report.ok:
+            found = (i, todo)
+            break
+    assert found is not None, "no byte of the frame is one no needed plane reads"
+    i, todo = found
+    assert todo.lost_steps == [] and todo.recoverable, todo
+    assert any(a.kind == "rederive" and a.step == 20 for a in todo.actions), todo
+    assert _repair_and_check(work, todo) == set(DMG_STEPS)
+    with deltackpt.open(work, "r", workers=1) as r:
+        assert r.verify().ok
+
+
 @pytest.mark.slow
 def test_flip_every_byte_with_repair_plans(dmg_base, tmp_path):
     _flip_sweep(dmg_base, str(tmp_path / "w"), stride=1)

@@ -103,15 +103,15 @@ class Reconstructor:
                                    cause="broken chain")
         return base
 
-    def _chain(self, step: int, entry: TensorEntry,
-               i: int) -> tuple[list[tuple[int, TensorEntry]], np.ndarray | None]:
+    def _chain(self, step: int, entry: TensorEntry, i: int, cached: bool = True
+               ) -> tuple[list[tuple[int, TensorEntry]], np.ndarray | None]:
         """The links to decode for chunk ``i``, latest first, down to its self-contained base
-        or to the first link found in the cache (returned with its cached value)."""
+        or (``cached``) to the first link found in the cache (returned with its cached value)."""
         chain: list[tuple[int, TensorEntry]] = []
         s, e = step, entry
         seen: set[int] = set()
         while True:
-            value = self.cache.get((s, e.path, i))
+            value = self.cache.get((s, e.path, i)) if cached else None
             if value is not None:
                 return chain, value
             chain.append((s, e))
@@ -198,15 +198,15 @@ class Reconstructor:
                 value.flags.writeable = False
                 self.cache.put((s, e.path, i), value)
         except IntegrityError:
-            # a link is damaged only in planes a later link stores literal: the target rebuilds
-            # bit-exactly (checked against its digest) as a load rebuilds it, so it is intact
-            if cached is None and len(chain) > 1:
-                lo, hi = entry.chunk_span(i)
-                out = np.empty(hi - lo, np.uint8)
-                if self._replay_planes(chain, i, out):
-                    out.flags.writeable = False
-                    self.cache.put((step, entry.path, i), out)
-                    return out
+            # a link is damaged only in planes a later link stores literal (or in frame bytes
+            # no plane reads): the target rebuilds bit-exactly (checked against its digest) as
+            # a load rebuilds it, so it is intact. Plane replay starts at the self-contained
+            # base, so a chain cut short by the cache is walked again in full.
+            out = self._replay_full(step, entry, i, chain if cached is None else None)
+            if out is not None:
+                out.flags.writeable = False
+                self.cache.put((step, entry.path, i), out)
+                return out
             raise
         assert value is not None
         return value
@@ -219,8 +219,28 @@ class Reconstructor:
             return
         if value is not None:
             out[...] = value
-        for s, e in reversed(chain):
-            value = self._decode_link(s, e, i, value if value is None else out, out)
+        try:
+            for s, e in reversed(chain):
+                value = self._decode_link(s, e, i, value if value is None else out, out)
+        except IntegrityError:
+            if value is None or (full := self._replay_full(step, entry, i, None)) is None:
+                raise   # (plane replay of the uncached chain already failed above)
+            out[...] = full
+
+    def _replay_full(self, step: int, entry: TensorEntry, i: int,
+                     chain: list[tuple[int, TensorEntry]] | None) -> np.ndarray | None:
+        """Chunk ``i`` rebuilt by plane replay of its whole chain (``chain`` if already walked
+        without the cache), or None where that does not rebuild it to its digest."""
+        if chain is None:
+            try:
+                chain = self._chain(step, entry, i, cached=False)[0]
+            except IntegrityError:
+                return None
+        if len(chain) < 2:
+            return None
+        lo, hi = entry.chunk_span(i)
+        out = np.empty(hi - lo, np.uint8)
+        return out if self._replay_planes(chain, i, out) else None
 
     def _replay_planes(self, chain: list[tuple[int, TensorEntry]], i: int,
                        out: np.ndarray) -> bool:

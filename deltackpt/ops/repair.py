@@ -270,9 +270,14 @@ def plan(repo: Repository) -> RepairPlan:
             for i in range(len(entry.chunks)):
                 try:
                     repo.reconstructor.chunk(s, entry, i)
-                    continue
                 except DeltaCkptError as exc:
                     error = exc
+                else:
+                    heal = _decodable_damage(repo, intact, s, entry, i)
+                    if heal is not None:
+                        damaged.add(s)
+                        repoints.setdefault((heal.step, heal.path, heal.chunk), heal)  # type: ignore[arg-type]
+                    continue
                 damaged.add(s)
                 action = _fix(repo, intact, twins, s, entry, i, error)
                 if action is None:
@@ -286,6 +291,30 @@ def plan(repo: Repository) -> RepairPlan:
     out.damaged_steps = sorted(damaged)
     repo.cache.clear()
     return out
+
+
+def _decodable_damage(repo: Repository, intact: dict[bytes, Location], step: int,
+                      entry: TensorEntry, i: int) -> Action | None:
+    """A 'rederive' for a chunk that rebuilds to its digest although a link of its chain is a
+    damaged frame (bytes changed that no plane it needs reads): store the rebuilt bytes raw
+    before a repack drops that frame. At the damaged link's step where that link rebuilds
+    itself (which heals every step above it), else at ``step``; None if nothing is damaged."""
+    for s_k, e_k in _chain(repo, step, entry, i):
+        if intact.get(e_k.chunks[i].id) is not None:
+            continue
+        target = (step, entry)
+        if s_k != step:
+            try:
+                repo.reconstructor.chunk(s_k, e_k, i)
+                target = (s_k, e_k)
+            except DeltaCkptError:
+                pass
+        t_step, t_entry = target
+        return Action("rederive", "a frame of its chain is damaged but still rebuilds it to "
+                      "its save-time digest: store the rebuilt bytes raw", step=t_step,
+                      path=t_entry.path, chunk=i, source=t_entry.chunks[i].digest,
+                      origin=(t_step, t_entry.path, i))
+    return None
 
 
 def _fix(repo: Repository, intact: dict[bytes, Location],
@@ -380,6 +409,15 @@ def _apply_once(repo: Repository, todo: RepairPlan) -> RepairPlan:
                 and not backend.exists(pack_name(a.pack)):
             backend.delete(index_name(a.pack))
     repo.refresh()
+    # re-point first: a rederive may rebuild from a damaged frame that the repack then drops
+    by_step: dict[int, list[Action]] = {}
+    for a in todo.actions:
+        if a.kind in ("repoint", "rederive") and a.step is not None:
+            by_step.setdefault(a.step, []).append(a)
+    for step in sorted(by_step):
+        _repoint(repo, step, by_step[step])
+    repo.refresh()
+    repo.forget_steps(sorted(by_step))
     live = {c.id for s in repo.steps() for t in _tensors(repo, s) for c in t.chunks}
     for a in todo.actions:
         if a.kind == "repack" and a.pack is not None:
@@ -397,14 +435,6 @@ def _apply_once(repo: Repository, todo: RepairPlan) -> RepairPlan:
                 backend.delete(index_name(a.pack))
                 backend.delete(pack_name(a.pack))
     repo.refresh()
-    by_step: dict[int, list[Action]] = {}
-    for a in todo.actions:
-        if a.kind in ("repoint", "rederive") and a.step is not None:
-            by_step.setdefault(a.step, []).append(a)
-    for step in sorted(by_step):
-        _repoint(repo, step, by_step[step])
-    repo.refresh()
-    repo.forget_steps(sorted(by_step))
     return plan(repo)
 
 
