@@ -136,3 +136,27 @@ def test_writer_killed_mid_save_leaves_committed_steps(s3_server: S3Server, wher
         repo.save(3, again)
         assert_bitexact(repo.load(3), again)
         assert repo.verify().ok
+
+
+def test_dcp_writer_and_reader_on_a_url(s3_server: S3Server) -> None:
+    """torch.distributed.checkpoint through deltackpt.dcp on s3:// (one process, no_dist):
+    two saves (the second a delta), a load of each bit-exact, prune finds nothing to drop."""
+    import torch.distributed.checkpoint as dcp
+
+    from deltackpt.dcp import Reader, Writer, prune, rank_path
+
+    url, opts = s3_server.url("dcp"), s3_server.storage_options
+    state = {"w": torch.arange(300, dtype=torch.float32), "n": 3}
+    dcp.save(state, storage_writer=Writer(url, 0, keep_open=False, storage_options=opts),
+             no_dist=True)
+    second = {"w": state["w"].clone(), "n": 4}
+    second["w"][5] = -1
+    dcp.save(second, storage_writer=Writer(url, 1, keep_open=False, storage_options=opts),
+             no_dist=True)
+    with deltackpt.open(rank_path(url, 0), "r", storage_options=opts) as sub:
+        assert sub.steps() == [0, 1] and sub.manifest(1).kind == "delta"
+    for step, want in ((0, state), (1, second)):
+        got = {"w": torch.zeros(300), "n": 0}
+        dcp.load(got, storage_reader=Reader(url, step, storage_options=opts), no_dist=True)
+        assert torch.equal(got["w"], want["w"]) and got["n"] == want["n"]
+    assert prune(url, dry_run=True, storage_options=opts) == {0: []}   # rank 0: nothing to drop
