@@ -13,12 +13,12 @@ approximation, and :func:`can_encode` is false so callers keep zstd.
 """
 from __future__ import annotations
 
-import os
 import struct
 
 import numpy as np
 
 from ..errors import CorruptChunkError
+from ..runtime.native import NativeSwitch
 
 try:
     from . import _entropy as _native  # type: ignore[attr-defined]
@@ -44,26 +44,23 @@ _BATCH_TABLES = 256
 _BATCH_SYMBOLS = 1 << 22
 
 
+_switch = NativeSwitch(_native)
+
+
 def native_available() -> bool:
     """Whether the compiled coder was built and is enabled (``DELTACKPT_NATIVE`` not ``0``)."""
-    return _native is not None and os.environ.get("DELTACKPT_NATIVE", "1") != "0"
-
-
-_use_native = native_available()
+    return _switch.available()
 
 
 def native_in_use() -> bool:
     """Whether :func:`decode` and :func:`estimate` currently run the compiled coder."""
-    return _use_native
+    return _switch.on
 
 
 def set_native(enabled: bool) -> bool:
     """Switch the compiled decoder and estimator on or off (tests compare both paths); returns
     the old state. :func:`encode` always needs the compiled coder."""
-    global _use_native
-    old = _use_native
-    _use_native = bool(enabled) and _native is not None
-    return old
+    return _switch.set(enabled)
 
 
 def can_encode() -> bool:
@@ -122,7 +119,7 @@ def estimate(plane: np.ndarray, ctx: np.ndarray | None = None, nctx: int = 1, *,
     _check_array("plane", plane)
     _check_ctx(plane, ctx, nctx)
     block_log2 = _check_block_log2(block_log2, nctx)
-    if _use_native:
+    if _switch.on:
         return _native.estimate(plane, ctx, nctx, block_log2)
     return _estimate_numpy(plane, ctx, nctx, block_log2)
 
@@ -153,7 +150,7 @@ def decode(body: bytes | memoryview, n: int,
         top = _check_array("top", ctx[1], n)
         if isinstance(nctx, bool) or not isinstance(nctx, int) or not 1 <= nctx <= MAX_CTX:
             raise ValueError(f"nctx must be an int in 1..{MAX_CTX}, got {nctx!r}")
-        if not _use_native:
+        if not _switch.on:
             ctx = np.frombuffer(top.tobytes().translate(cmap.tobytes()), np.uint8)
         elif np.may_share_memory(top, out):
             raise ValueError("top must not overlap out")
@@ -161,7 +158,7 @@ def decode(body: bytes | memoryview, n: int,
             ctx = (cmap, top)
     else:
         _check_ctx(out, ctx, nctx)
-    if _use_native:
+    if _switch.on:
         err = _native.decode(body, ctx, nctx, out)
         if err is not None:
             raise CorruptChunkError(err)

@@ -6,11 +6,12 @@ the same bytes, and is what runs when the extension is missing or ``DELTACKPT_NA
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from ..runtime.native import NativeSwitch
 
 try:
     from . import _planes as _native  # type: ignore[attr-defined]
@@ -20,25 +21,22 @@ except ImportError:  # no compiler at install time: the numpy path below is comp
 _NATIVE_WORDS = (2, 4, 8)
 
 
+_switch = NativeSwitch(_native)
+
+
 def native_available() -> bool:
     """Whether the compiled kernels were built and are enabled."""
-    return _native is not None and os.environ.get("DELTACKPT_NATIVE", "1") != "0"
-
-
-_use_native = native_available()
+    return _switch.available()
 
 
 def native_in_use() -> bool:
     """Whether :func:`split` and :func:`merge` currently run the compiled kernels."""
-    return _use_native
+    return _switch.on
 
 
 def set_native(enabled: bool) -> bool:
     """Switch the native kernels on or off (tests compare both paths); returns the old state."""
-    global _use_native
-    old = _use_native
-    _use_native = bool(enabled) and _native is not None
-    return old
+    return _switch.set(enabled)
 
 
 def split(src: np.ndarray, word: int, out: np.ndarray) -> np.ndarray:
@@ -49,7 +47,7 @@ def split(src: np.ndarray, word: int, out: np.ndarray) -> np.ndarray:
         raise ValueError(f"split: {src.size} source bytes, {out.size} destination bytes, "
                          f"word {word}")
     grouped = out.reshape(word, n)
-    if _use_native and word in _NATIVE_WORDS:
+    if _switch.on and word in _NATIVE_WORDS:
         _native.split(src, out, word)
     else:
         words = src.reshape(n, word)
@@ -61,7 +59,7 @@ def split(src: np.ndarray, word: int, out: np.ndarray) -> np.ndarray:
 def merge(planes: Sequence[Any], word: int, out: np.ndarray) -> np.ndarray:
     """Regroup ``word`` planes (each a bytes-like of ``len(out) // word`` bytes) into ``out``
     (1-D contiguous uint8); returns ``out``. With ``word == 1`` that is a plain copy."""
-    if _use_native and word in _NATIVE_WORDS:
+    if _switch.on and word in _NATIVE_WORDS:
         _native.merge(planes, out, word)
         return out
     n = out.size // word
