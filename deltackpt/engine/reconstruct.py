@@ -215,16 +215,18 @@ class Reconstructor:
         """Rebuild chunk ``i`` straight into ``out`` (its 1-D uint8 slice of the output),
         applying each delta in place: no intermediate copies, nothing added to the cache."""
         chain, value = self._chain(step, entry, i)
-        if value is None and len(chain) > 1 and self._replay_planes(chain, i, out):
+        cut = value is not None   # the cache cut the chain short: plane replay not tried yet
+        if not cut and len(chain) > 1 and self._replay_planes(chain, i, out):
             return
-        if value is not None:
+        if cut:
             out[...] = value
         try:
             for s, e in reversed(chain):
                 value = self._decode_link(s, e, i, value if value is None else out, out)
         except IntegrityError:
-            if value is None or (full := self._replay_full(step, entry, i, None)) is None:
-                raise   # (plane replay of the uncached chain already failed above)
+            full = self._replay_full(step, entry, i, None) if cut else None
+            if full is None:
+                raise
             out[...] = full
 
     def _replay_full(self, step: int, entry: TensorEntry, i: int,
