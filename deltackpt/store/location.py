@@ -9,7 +9,6 @@ scheme is refused with a :class:`~deltackpt.errors.LocationError` before anythin
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import posixpath
 import re
@@ -153,26 +152,8 @@ def open_backend(location: str | os.PathLike[str],
 
 
 def _object_store(url: str, storage_options: dict[str, Any]) -> Backend:
-    missing = LocationError(f"{url!r}: repositories on object storage need the optional "
-                            f"extra: {INSTALL_HINT} (obstore)")
-    try:
-        have = importlib.util.find_spec("obstore") is not None
-    except (ImportError, ValueError):
-        have = False
-    if not have:
-        raise missing
-    try:  # imported here: ``import deltackpt`` never imports obstore
-        from .objectstore import ObjectStoreBackend
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and exc.name.split(".")[0] == "obstore":
-            raise missing from exc
-        if exc.name == f"{__package__}.objectstore":
-            raise LocationError(f"{url!r}: this build of deltackpt has no object-store "
-                                "backend (deltackpt.store.objectstore)") from exc
-        raise
-    try:
-        return ObjectStoreBackend.from_url(url, storage_options)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and exc.name.split(".")[0] == "obstore":
-            raise missing from exc
-        raise
+    # imported here, so that ``import deltackpt`` never imports obstore; without obstore the
+    # module still imports and ``from_url`` raises LocationError saying what to install
+    from .objectstore import ObjectStoreBackend
+
+    return ObjectStoreBackend.from_url(url, storage_options)

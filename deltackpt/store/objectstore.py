@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 from ..errors import LocationError, LockedError, StorageError
 from .backend import Backend, Lock, Stream
+from .location import INSTALL_HINT
 
 try:
     import obstore as obs
@@ -66,7 +67,7 @@ RETRY_CONFIG: dict[str, Any] = {
 }
 #: a lease's default time to live; it is renewed every third of it
 LEASE_TTL = 30.0
-_INSTALL = 'object storage needs obstore: pip install "deltackpt[s3]"'
+_INSTALL = f"object storage needs obstore: {INSTALL_HINT}"
 
 
 def _require_obstore() -> None:
