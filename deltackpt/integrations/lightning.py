@@ -50,7 +50,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import xxhash
 
 from ..engine.policy import Policy
 from ..errors import DeltaCkptError, RepositoryNotFoundError, UnsupportedValueError
@@ -89,7 +88,7 @@ def _raw_digest(value: torch.Tensor | np.ndarray) -> bytes:
     else:
         a = np.ascontiguousarray(value)
         raw = a.reshape(-1).view(np.uint8) if a.size else b""
-    return xxhash.xxh3_128(raw).digest()
+    return checksum.digest(raw)
 
 
 def _same_tensors(m: Manifest, leaves: list[Leaf]) -> bool:
