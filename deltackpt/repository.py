@@ -28,7 +28,7 @@ import numpy as np
 
 from .engine.outputs import allocate, finish
 from .engine.policy import Policy
-from .engine.reconstruct import ChunkCache, Reconstructor
+from .engine.reconstruct import ChunkCache, Reconstructor, prefetch_windows
 from .engine.retention import Retention, StepView, parse_time, plan
 from .engine.staging import StagingPool, materialize, stage
 from .engine.transaction import Build, Transactions
@@ -548,10 +548,16 @@ class Repository:
             lo, hi = entry.chunk_span(c)
             rebuild.chunk_into(step, entry, c, bufs[i][lo:hi])
 
-        for _ in bounded_map(self._pool, fill, jobs, 4 * self.policy.workers,
-                             lambda job: chunk_size(m.tensors[job[0]].chunk_bytes,
-                                                    bufs[job[0]].size)):
-            pass
+        # where each request is a round trip (an object store), frames arrive ahead of the
+        # workers, window by window, in a few large parallel requests
+        windows = prefetch_windows(
+            self.store, jobs, lambda job: rebuild.chain_ids(step, m.tensors[job[0]], job[1])) \
+            if self.store.backend.batch_reads else iter([jobs])
+        for window in windows:
+            for _ in bounded_map(self._pool, fill, window, 4 * self.policy.workers,
+                                 lambda job: chunk_size(m.tensors[job[0]].chunk_bytes,
+                                                        bufs[job[0]].size)):
+                pass
         whole = [i for i in wanted if not rebuild.proven_by_chunks(m.tensors[i])]
         for _ in bounded_map(self._pool, lambda i: rebuild.check(step, m.tensors[i], bufs[i]),
                              whole, 4 * self.policy.workers, lambda i: bufs[i].size):

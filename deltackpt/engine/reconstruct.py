@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import xxhash
@@ -36,6 +38,10 @@ from ..store.manifest import Manifest, TensorEntry
 from ..store.packs import ChunkStore
 
 MAX_CHAIN = 100_000
+#: a load from a backend with ``batch_reads`` fetches its frames ahead in windows of about
+#: this many bytes: at most two windows are in memory, one being decoded, the next arriving
+PREFETCH_WINDOW = 64 << 20
+J = TypeVar("J")
 
 
 class ChunkCache:
@@ -129,6 +135,15 @@ class Reconstructor:
                                        f"whose chunk has depth {e.chunks[i].depth}", step=s,
                                        path=entry.path, cause="broken chain")
             s = rec.ref
+
+    def chain_ids(self, step: int, entry: TensorEntry, i: int) -> list[bytes]:
+        """The ids of the frames rebuilding chunk ``i`` reads (down to a cached link); none
+        where the chain is broken (the rebuild itself reports that)."""
+        try:
+            chain, _value = self._chain(step, entry, i)
+        except DeltaCkptError:
+            return []
+        return [e.chunks[i].id for _s, e in chain]
 
     def _decode_link(self, s: int, e: TensorEntry, i: int, ref: np.ndarray | None,
                      out: np.ndarray | None) -> np.ndarray:
@@ -350,3 +365,53 @@ class Reconstructor:
             raise DigestMismatchError("rebuilt tensor does not match the digest taken at save "
                                       "time", step=step, path=entry.path, cause="digest mismatch")
 
+
+
+def prefetch_windows(store: ChunkStore, jobs: Sequence[J], ids: Callable[[J], list[bytes]],
+                     budget: int | None = None) -> Iterator[list[J]]:
+    """``jobs`` in consecutive windows of about ``budget`` frame bytes (default
+    :data:`PREFETCH_WINDOW`; ``ids(job)``: the frames a job reads), each window's frames
+    fetched ahead with :meth:`ChunkStore.prefetch`: the next window's arrive while the caller
+    works on the current one, whose frames are released once the caller asks for the next.
+    For backends where every request is a round trip (``batch_reads``); prefetching is best
+    effort, so a job still reads what is missing."""
+    budget = PREFETCH_WINDOW if budget is None else budget
+    windows: list[tuple[list[J], set[bytes]]] = []
+    cur: list[J] = []
+    cur_ids: set[bytes] = set()
+    cur_bytes = 0
+    for job in jobs:
+        wanted = ids(job)
+        new = [c for c in wanted if c not in cur_ids]
+        size = sum(store.frame_bytes(c) for c in new)
+        if cur and cur_bytes + size > budget:
+            windows.append((cur, cur_ids))
+            cur, cur_ids, new = [], set(), wanted
+            size = sum(store.frame_bytes(c) for c in set(new))
+            cur_bytes = 0
+        cur.append(job)
+        cur_ids.update(new)
+        cur_bytes += size
+    if cur:
+        windows.append((cur, cur_ids))
+    mine = set().union(*(w[1] for w in windows)) if windows else set()
+    with ThreadPoolExecutor(1, thread_name_prefix="deltackpt-prefetch") as ahead:
+        fut: Future[int] | None = None
+        try:
+            if windows:
+                fut = ahead.submit(store.prefetch, windows[0][1])
+            for k, (window, wids) in enumerate(windows):
+                if fut is not None:
+                    fut.result()
+                following = windows[k + 1][1] if k + 1 < len(windows) else set()
+                fut = ahead.submit(store.prefetch, following) if following else None
+                yield window
+                store.release(wids - following)
+        finally:
+            if fut is not None:
+                fut.cancel()
+                try:
+                    fut.result()
+                except Exception:  # noqa: BLE001, S110 - best effort; cancelled or failed
+                    pass
+            store.release(mine)

@@ -20,6 +20,7 @@ import builtins
 import errno
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 #: serialises the default :meth:`Backend.write_new` of every backend in this process, so that
@@ -81,6 +82,11 @@ class Backend(ABC):
     #: its cached manifests on every access, so another process's delete, rebase or re-save of
     #: a step is never served from a stale parse. False: cached manifests are trusted.
     fingerprints: ClassVar[bool] = False
+    #: every request costs a round trip (an object store): a load fetches the frames it
+    #: needs ahead, window by window, with :meth:`read_ranges` (a few large parallel requests
+    #: per pack), and indexes are read in parallel. False (a local disk): one ``pread`` per
+    #: frame, as it is needed.
+    batch_reads: ClassVar[bool] = False
 
     @abstractmethod
     def exists(self, name: str) -> bool: ...
@@ -93,6 +99,13 @@ class Backend(ABC):
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         """``length`` bytes from ``offset`` (fewer only if the file is short); FileNotFoundError
         if absent, ValueError on a negative offset or length."""
+
+    def read_ranges(self, name: str, ranges: Sequence[tuple[int, int]]
+                    ) -> list[bytes | memoryview]:
+        """The bytes of each ``(offset, length)`` range of ``name``, in order (each as
+        :meth:`read_range` returns it). The default reads them one by one; a backend with
+        :attr:`batch_reads` fetches them together."""
+        return [self.read_range(name, off, n) for off, n in ranges]
 
     @abstractmethod
     def size(self, name: str) -> int:

@@ -11,7 +11,8 @@ import os
 import re
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,13 @@ PACK_TAIL = struct.Struct("<8s16s")         # end magic, xxh3-128 of every byte 
 PACK_OVERHEAD = PACK_HEAD.size + PACK_TAIL.size
 _INDEX_HEAD = struct.Struct("<8sII16s")     # magic, version, count, pack id
 _INDEX_ENTRY = struct.Struct("<16sQQQ")     # chunk id, frame offset, frame length, payload length
+#: a prefetch joins frames of one pack less than this many bytes apart into one request ...
+READ_GAP = 1 << 20
+#: ... of at most this many bytes (a window arrives as parallel requests of this size)
+READ_GROUP = 8 << 20
+#: packs fetched at once by a prefetch, index files read at once by a refresh (``batch_reads``)
+PACK_READERS = 8
+INDEX_READERS = 16
 MAX_CHUNK_BYTES = 1 << 31                   # readers refuse larger declared payloads
 MAX_PACK_END = 1 << 60                      # frames past this offset are refused (pread's off_t)
 _PACK_ID = re.compile(r"[0-9a-f]{32}")
@@ -184,32 +192,46 @@ class ChunkStore:
         self._pending: dict[bytes, Location] = {}
         self._open: PackWriter | None = None
         self._written: list[str] = []
+        self._ahead: dict[bytes, tuple[Location, bytes | memoryview]] = {}
         self.refresh()
 
     # -- index ---------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Load index files that appeared since the last call (other writers, new saves).
+        """Load index files that appeared since the last call (other writers, new saves); on
+        a backend with ``batch_reads`` (each request a round trip) they are fetched in parallel.
 
         A damaged index does not stop the repository from opening: it is remembered in
         ``bad_indexes`` and named by any chunk lookup that fails, and by ``verify``.
         """
+        new = []
         for fname in self.backend.list("index"):
             if not fname.endswith(".idx"):
                 continue
             pid = fname[:-4]
             if pid in self._loaded or pid in self.bad_indexes or not is_pack_id(pid):
                 continue  # (verify reports index files whose name is not a pack id)
+            new.append(pid)
+        if self.backend.batch_reads and len(new) > 1:
+            with ThreadPoolExecutor(min(INDEX_READERS, len(new))) as ex:
+                fetched = list(ex.map(self._fetch_index, new))
+        else:
+            fetched = [self._fetch_index(pid) for pid in new]
+        for pid, data in zip(new, fetched):
+            if data is None:
+                continue
             try:
-                self.load_index(pid)
+                self._install_index(pid, data)
             except (CorruptFileError, FormatVersionError) as exc:
                 self.bad_indexes[pid] = exc
 
-    def load_index(self, pid: str) -> list[tuple[bytes, int, int, int]]:
-        name = index_name(pid)
+    def _fetch_index(self, pid: str) -> bytes | None:
         try:
-            data = self.backend.read(name)
+            return self.backend.read(index_name(pid))
         except FileNotFoundError:
-            return []
+            return None
+
+    def _install_index(self, pid: str, data: bytes) -> list[tuple[bytes, int, int, int]]:
+        name = index_name(pid)
         got, entries = decode_index(data, name)
         if got != pid:
             raise CorruptFileError(f"{name}: names pack {got}, not {pid}")
@@ -218,6 +240,10 @@ class ChunkStore:
                 self._index.setdefault(cid, Location(pid, off, length, plen))
             self._loaded.add(pid)
         return entries
+
+    def load_index(self, pid: str) -> list[tuple[bytes, int, int, int]]:
+        data = self._fetch_index(pid)
+        return [] if data is None else self._install_index(pid, data)
 
     def reload(self) -> None:
         """Forget every loaded index and read them all again (after packs moved)."""
@@ -254,7 +280,8 @@ class ChunkStore:
         return sorted(self._loaded)
 
     # -- read ----------------------------------------------------------------------------------
-    def read_frame(self, cid: bytes, max_length: int | None = None) -> tuple[bytes, Location]:
+    def read_frame(self, cid: bytes, max_length: int | None = None
+                   ) -> tuple[bytes | memoryview, Location]:
         """The stored frame of chunk ``cid`` and its location, *not* yet checked against the id
         (:meth:`get` decodes and checks it; a caller using this must check what it builds).
 
@@ -265,6 +292,9 @@ class ChunkStore:
             raise CorruptChunkError(f"chunk {cid.hex()} in pack {loc.pack}: the index declares "
                                     f"a {loc.payload_length}-byte payload where at most "
                                     f"{max_length} can be used", cause="corrupt chunk")
+        ahead = self._ahead.get(cid)
+        if ahead is not None and ahead[0] == loc:
+            return ahead[1], loc
         try:
             frame = self.backend.read_range(pack_name(loc.pack), loc.offset, loc.length)
         except FileNotFoundError:
@@ -317,6 +347,68 @@ class ChunkStore:
             raise CorruptChunkError(f"chunk {cid.hex()} in pack {loc.pack} does not match its "
                                     "id (bytes changed on disk)", cause="corrupt chunk")
         return payload
+
+    def frame_bytes(self, cid: bytes) -> int:
+        """The stored size of chunk ``cid``'s frame (0 if it is in no loaded index)."""
+        loc = self._index.get(cid)
+        return loc.length if loc is not None else 0
+
+    def prefetch(self, cids: Iterable[bytes]) -> int:
+        """Fetch the frames of ``cids`` ahead, for :meth:`read_frame` to serve until
+        :meth:`release`; returns the bytes fetched.
+
+        Per pack, frames less than :data:`READ_GAP` apart are joined into requests of at most
+        :data:`READ_GROUP` bytes, all fetched with one ``read_ranges`` call; packs are fetched
+        in parallel. Best effort: an id in no index, or a request that fails, is left to the
+        read that needs it, which reports it (prefetched frames are checked like read ones).
+        """
+        by_pack: dict[str, list[tuple[Location, bytes]]] = {}
+        for cid in set(cids):
+            loc = self._index.get(cid)
+            if loc is not None and cid not in self._ahead:
+                by_pack.setdefault(loc.pack, []).append((loc, cid))
+        if not by_pack:
+            return 0
+        if len(by_pack) == 1:
+            return self._prefetch_pack(*next(iter(by_pack.items())))
+        with ThreadPoolExecutor(min(PACK_READERS, len(by_pack))) as ex:
+            return sum(ex.map(lambda kv: self._prefetch_pack(*kv), by_pack.items()))
+
+    def _prefetch_pack(self, pid: str, frames: list[tuple[Location, bytes]]) -> int:
+        frames.sort(key=lambda f: f[0].offset)
+        groups: list[list[tuple[Location, bytes]]] = []
+        for f in frames:
+            if groups:
+                first, last = groups[-1][0][0], groups[-1][-1][0]
+                end = max(last.offset + last.length, f[0].offset + f[0].length)
+                if f[0].offset - (last.offset + last.length) <= READ_GAP \
+                        and end - first.offset <= READ_GROUP:
+                    groups[-1].append(f)
+                    continue
+            groups.append([f])
+        spans = [(g[0][0].offset, max(loc.offset + loc.length for loc, _ in g) - g[0][0].offset)
+                 for g in groups]
+        try:
+            got = self.backend.read_ranges(pack_name(pid), spans)
+        except Exception:  # noqa: BLE001 - best effort: the reads that need them report it
+            return 0
+        fetched = 0
+        for g, (start, _n), buf in zip(groups, spans, got):
+            view = memoryview(buf)
+            fetched += len(view)
+            for loc, cid in g:
+                part = view[loc.offset - start:loc.offset - start + loc.length]
+                if len(part) == loc.length:
+                    self._ahead[cid] = (loc, part)
+        return fetched
+
+    def release(self, cids: Iterable[bytes] | None = None) -> None:
+        """Forget prefetched frames (``cids``, or all)."""
+        if cids is None:
+            self._ahead.clear()
+            return
+        for cid in cids:
+            self._ahead.pop(cid, None)
 
     # -- write ---------------------------------------------------------------------------------
     def put(self, payload: np.ndarray, word: int, level: int,
