@@ -83,8 +83,9 @@ class Rule:
     delay: float = 0.0
     after_bytes: int = 0
     hits: int = 0
-    _path_re: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
-    _query_re: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
+    _path_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _query_re: re.Pattern[str] | None = field(default=None, init=False, repr=False,
+                                              compare=False)
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
