@@ -5,6 +5,11 @@ user what is broken and where, without a traceback.
 """
 from __future__ import annotations
 
+import copy
+from typing import TypeVar
+
+_E = TypeVar("_E", bound="DeltaCkptError")
+
 
 class DeltaCkptError(Exception):
     """Root of every error deltackpt raises on purpose."""
@@ -21,6 +26,13 @@ class DeltaCkptError(Exception):
             where.append(repr(path) if path else "the state's root")
         prefix = f"[{', '.join(where)}] " if where else ""
         super().__init__(prefix + message)
+
+    def located(self: _E, message: str, *, step: int | None, path: str | None) -> _E:
+        """This error again, same type and attributes (a :class:`StorageError`'s ``key``, ...),
+        with ``message`` at ``step`` and ``path``: how a layer that knows where adds it."""
+        out = copy.copy(self)
+        DeltaCkptError.__init__(out, message, step=step, path=path, cause=self.cause)
+        return out
 
 
 class DeltaCkptWarning(UserWarning):

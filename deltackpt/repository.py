@@ -1017,7 +1017,7 @@ def _with_step(exc: DeltaCkptError, step: int) -> DeltaCkptError:
     """``exc`` naming ``step`` (the state-tree decoder knows paths, not steps)."""
     if exc.step is not None:
         return exc
-    out = type(exc)(str(exc), step=step, cause=exc.cause)
+    out = exc.located(str(exc), step=step, path=None)
     out.path = exc.path
     return out
 

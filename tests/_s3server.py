@@ -12,6 +12,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -19,6 +20,13 @@ import pytest
 BUCKET = "deltackpt-test"
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 REGION = "us-east-1"
+#: obstore's retries for tests that inject faults: 3 retries, 10-100 ms apart, 10 s at most
+FAST_RETRY: dict[str, Any] = {
+    "max_retries": 3,
+    "retry_timeout": timedelta(seconds=10),
+    "backoff": {"init_backoff": timedelta(milliseconds=10),
+                "max_backoff": timedelta(milliseconds=100), "base": 2},
+}
 
 
 def _free_port() -> int:
@@ -36,6 +44,11 @@ class S3Server:
     def storage_options(self) -> dict[str, Any]:
         """obstore options for this server (plain HTTP is allowed for an http:// endpoint)."""
         return {"endpoint_url": self.endpoint, "region": REGION, **CREDENTIALS}
+
+    def options_via(self, endpoint: str) -> dict[str, Any]:
+        """obstore options that reach this server through ``endpoint`` (a proxy), with
+        :data:`FAST_RETRY`."""
+        return {**self.storage_options, "endpoint_url": endpoint, "retry_config": FAST_RETRY}
 
     def url(self, name: str = "t") -> str:
         """A fresh, empty prefix of the bucket: ``s3://bucket/<name>-<random>``."""

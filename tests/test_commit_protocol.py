@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import deltackpt
-from deltackpt.errors import LockedError, StepExistsError
+from deltackpt.errors import LockedError, StepExistsError, StorageError
 from deltackpt.store.backend import Backend, Lock
 from deltackpt.store.local import LocalBackend
 from deltackpt.store.manifest import manifest_name
@@ -214,3 +214,41 @@ def test_local_saves_create_manifests_with_write_new(tmp_path, monkeypatch):
     assert calls == [manifest_name(3), manifest_name(4)]
     with deltackpt.open(tmp_path / "r") as repo:
         assert repo.backend.list("txn") == []
+
+
+@pytest.mark.parametrize("answer", ["lost", "retried"])
+def test_a_create_applied_but_unanswered_is_a_commit(answer):
+    """The store applies the manifest's create but the writer never hears so: the answer is
+    lost (StorageError), or a retry of the create finds the object (FileExistsError). The step
+    is committed; the save reports it saved (the manifest on the store is this transaction's),
+    not failed, and the writer goes on; a save whose create never landed still fails."""
+    store = FakeObjectStore()
+    real = FakeObjectStore.write_new
+
+    def applied_then(name: str, data: bytes) -> None:
+        real(store, name, data)
+        if answer == "lost":
+            raise StorageError(f"creating {name!r} failed: connection reset", key=name)
+        real(store, name, data)     # the retry: "precondition failed"
+
+    with deltackpt.open("fake", backend=store, keyframe_every=2) as repo:
+        repo.save(0, _state(0))
+        store.write_new = applied_then  # type: ignore[method-assign]
+        info = repo.save(1, _state(1))
+        assert info.step == 1 and repo.steps() == [0, 1]
+        del store.write_new
+        assert store.list("txn") == []               # the journal is dropped as after a commit
+        repo.save(2, _state(2))
+        assert all(_same(repo.load(s), _state(s)) for s in (0, 1, 2))
+
+        def lost(name: str, data: bytes) -> None:
+            raise StorageError(f"creating {name!r} failed: connection reset", key=name)
+
+        store.write_new = lost  # type: ignore[method-assign]
+        with pytest.raises(StorageError):            # never landed: the save fails
+            repo.save(3, _state(3))
+        del store.write_new
+        assert repo.steps() == [0, 1, 2]
+    with deltackpt.open("fake", backend=store) as repo:
+        assert repo.steps() == [0, 1, 2] and repo.verify().ok
+        assert all(_same(repo.load(s), _state(s)) for s in (0, 1, 2))

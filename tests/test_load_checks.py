@@ -64,3 +64,37 @@ def test_a_tensor_digest_unlike_its_chunks_still_fails(tmp_path: Path, step: int
     with deltackpt.open(root, "r") as r, pytest.raises(DigestMismatchError) as exc:
         r.load(step)
     assert exc.value.path == "small" and exc.value.step == step
+
+
+def test_a_storage_error_reading_a_pack_stays_typed() -> None:
+    """A storage service refusing a pack's read (an object store's 403) reaches the caller of
+    load as a StorageError naming the object, the step and the tensor, and verify reports it
+    as the cause (it once became a TypeError where the chunk's location was added)."""
+    from deltackpt.errors import StorageError
+    from deltackpt.store.memory import MemoryBackend
+
+    class Refusing(MemoryBackend):
+        refuse = False
+
+        def read_range(self, name: str, offset: int, length: int) -> bytes:
+            if self.refuse and name.startswith("packs/"):
+                raise StorageError(f"reading {name!r} failed: access denied", key=name)
+            return super().read_range(name, offset, length)
+
+        def read(self, name: str) -> bytes:
+            if self.refuse and name.startswith("packs/"):
+                raise StorageError(f"reading {name!r} failed: access denied", key=name)
+            return super().read(name)
+
+    store = Refusing()
+    with deltackpt.open("mem", backend=store) as repo:
+        repo.save(0, _state(0))
+    store.refuse = True
+    with deltackpt.open("mem", mode="r", backend=store) as repo:
+        with pytest.raises(StorageError) as err:
+            repo.load(0)
+        assert err.value.key is not None and err.value.key.startswith("packs/")
+        assert err.value.key in str(err.value) and err.value.step == 0
+        assert err.value.path in ("small", "big")
+        report = repo.verify()                 # verify reports it, naming the cause
+        assert not report.ok and {p.cause for p in report.problems} == {"StorageError"}

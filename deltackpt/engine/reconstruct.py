@@ -170,8 +170,7 @@ class Reconstructor:
                 codec.decode_into(payload, ref, out, e.etype)
                 value = out
         except DeltaCkptError as exc:
-            raise type(exc)(f"chunk {i}: {exc}", step=s, path=e.path,
-                            cause=exc.cause) from None
+            raise exc.located(f"chunk {i}: {exc}", step=s, path=e.path) from None
         # a record of the value itself whose id is its digest: the store just checked these
         # very bytes' hash (a frame coded against the reference is hashed as it is stored)
         hashed = codec.stores_value and not codec.frame_reference and rec.id == rec.digest \
@@ -192,8 +191,7 @@ class Reconstructor:
             try:
                 loc = self.store.locate(rec.id)
             except DeltaCkptError as exc:
-                raise type(exc)(f"chunk {i}: {exc}", step=step, path=entry.path,
-                                cause=exc.cause) from None
+                raise exc.located(f"chunk {i}: {exc}", step=step, path=entry.path) from None
             bound = codec.max_payload(hi - lo, entry.etype)
             if bound is not None and loc.payload_length > bound \
                     or loc.payload_length < codec.min_payload(hi - lo, entry.etype):

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import DeltaCkptError, LockedError, ReadOnlyError, StepExistsError
+from ..errors import DeltaCkptError, LockedError, ReadOnlyError, StepExistsError, StorageError
 from ..format import checksum
 from ..store.backend import Backend, Lock
 from ..store.manifest import Manifest, manifest_name
@@ -135,6 +135,9 @@ class Transactions:
         (:meth:`Backend.write_new`), and :class:`StepExistsError` is raised if another writer
         committed it first. Otherwise (a rebase or repair) the committed manifest is replaced.
         Either way the writer lock is checked first: :class:`LockedError` if it was lost.
+        A commit-point write that a storage service applied without the writer hearing so (a
+        lost answer: :class:`StorageError`; a retried create that found the object) is a commit
+        when the manifest now there is this transaction's.
 
         All or nothing: on any error, the chunks written are removed again and the step's
         previous manifest (if any) stays as it was; after a lost lock or a lost race for the
@@ -166,15 +169,21 @@ class Transactions:
             at_commit = True
             if self.lock is not None:
                 self.lock.check()  # LockedError: a writer that lost its lease never commits
-            if new:
-                try:
+            try:
+                if new:
                     self.backend.write_new(manifest_name(step), data)   # the commit point
-                except FileExistsError:
+                else:
+                    self.backend.write_atomic(manifest_name(step), data)   # the commit point
+            except (FileExistsError, StorageError) as exc:
+                # a storage service applied the write but its answer was lost, or the retry of
+                # a create found the object its first try made: the step is committed if the
+                # manifest there is this transaction's (a store's write is durable once applied)
+                if not self.committed(step, txn):
+                    if not (new and isinstance(exc, FileExistsError)):
+                        raise
                     raise StepExistsError(
                         f"step {step} was committed by another writer while this one saved "
                         "it; this save is discarded", step=step) from None
-            else:
-                self.backend.write_atomic(manifest_name(step), data)   # the commit point
         except BaseException as exc:
             self._journal = None
             if at_commit and isinstance(exc, (LockedError, StepExistsError)):  # another writer

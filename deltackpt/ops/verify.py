@@ -17,6 +17,7 @@ from ..errors import (
     CorruptFileError,
     DeltaCkptError,
     StepNotFoundError,
+    StorageError,
     UnsupportedValueError,
 )
 from ..format.tree import MAX_GENERATOR_STATE, leaf_indices, unflatten
@@ -222,6 +223,9 @@ def _verify_store(repo: Repository, report: VerifyReport) -> None:
             continue
         try:
             problems = scan_pack(backend, pid, entries)
+        except StorageError as exc:  # the store refused the read: no damage seen, say so
+            report.add(exc)
+            continue
         except DeltaCkptError as exc:  # e.g. the pack is not a file
             problems = [str(exc)]
         if problems and not backend.exists(index_name(pid)):
