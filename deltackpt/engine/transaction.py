@@ -155,8 +155,7 @@ class Transactions:
             m, written = build(txn)
             packs = store.flush()
             m.packs, m.txn = packs, txn
-            stored = base_stored + written + sum(self.backend.size(index_name(p))
-                                                 for p in packs)
+            stored = base_stored + written + sum(store.index_bytes(p) for p in packs)
             size = self._manifest_size  # a guess: manifests of a run have similar sizes
             for _ in range(4):  # the manifest counts its own size: iterate to a fixed point
                 m.stats["stored_bytes"] = stored + size

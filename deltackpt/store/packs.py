@@ -142,6 +142,8 @@ class PackWriter:
         self.stream = backend.create_stream(pack_name(pack_id))
         #: (chunk id, frame offset, frame length, payload length), as the index lists them
         self.entries: list[tuple[bytes, int, int, int]] = []
+        #: the size of the index file, once :meth:`commit` has written it
+        self.index_bytes = 0
         self._hash = xxhash.xxh3_128()
         self._write(PACK_HEAD.pack(PACK_MAGIC, PACK_VERSION, 0))
 
@@ -165,7 +167,9 @@ class PackWriter:
         durably, then its index: an index never names a pack that is not whole."""
         self.stream.write(PACK_TAIL.pack(PACK_END_MAGIC, self._hash.digest()))
         self.stream.commit()
-        self.backend.write_atomic(index_name(self.id), encode_index(self.id, self.entries))
+        index = encode_index(self.id, self.entries)
+        self.backend.write_atomic(index_name(self.id), index)
+        self.index_bytes = len(index)
 
     def abort(self) -> None:
         """Discard the pack if it was not committed (its index, if written, stays)."""
@@ -192,6 +196,7 @@ class ChunkStore:
         self._pending: dict[bytes, Location] = {}
         self._open: PackWriter | None = None
         self._written: list[str] = []
+        self._index_bytes: dict[str, int] = {}
         self._ahead: dict[bytes, tuple[Location, bytes | memoryview]] = {}
         self.refresh()
 
@@ -348,6 +353,12 @@ class ChunkStore:
                                     "id (bytes changed on disk)", cause="corrupt chunk")
         return payload
 
+    def index_bytes(self, pid: str) -> int:
+        """The size of pack ``pid``'s index file: known without a request for a pack this
+        store wrote (once: the commit that follows its flush asks), else asked of the backend."""
+        known = self._index_bytes.pop(pid, None)
+        return known if known is not None else self.backend.size(index_name(pid))
+
     def frame_bytes(self, cid: bytes) -> int:
         """The stored size of chunk ``cid``'s frame (0 if it is in no loaded index)."""
         loc = self._index.get(cid)
@@ -446,6 +457,7 @@ class ChunkStore:
     def _finish(self, pack: PackWriter) -> None:
         self._written.append(pack.id)  # from here on abort() deletes it, index or not
         pack.commit()
+        self._index_bytes[pack.id] = pack.index_bytes
 
     def flush(self) -> list[str]:
         """Commit open packs and their indexes durably; returns the pack ids written since the
