@@ -33,7 +33,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -373,7 +373,7 @@ class ObjectStoreBackend(Backend):
 
 
 def _when(epoch: float) -> str:
-    moment = datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    moment = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return f"{moment} (in {epoch - time.time():.0f} s)" if epoch > time.time() else \
         f"{moment} (expired)"
 
