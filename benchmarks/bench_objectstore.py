@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(args)
     summary = summarize(res)
     meta = {"argv": "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
-            "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": git_commit(), "torch": torch.__version__,
             "obstore": pkg_version("obstore"), "moto": pkg_version("moto"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",

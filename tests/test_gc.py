@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 import numpy as np
@@ -1001,9 +1001,9 @@ def test_diff_across_chunk_layouts_and_after_rebase(tmp_path):
 # ==================================================================== retention policies
 def _views(steps: list[int], meta: dict[int, dict[str, Any]] | None = None,
            age_days: dict[int, float] | None = None) -> list[StepView]:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return [StepView(s, now - timedelta(days=(age_days or {}).get(s, 0.0)),
                      (meta or {}).get(s, {})) for s in steps]
 

@@ -70,10 +70,14 @@ class _Snapshot(Callback):
             self.state = _state(trainer, pl_module)
 
 
-def _trainer(ckdir, plugin, callbacks=(), max_steps=10, **ckpt) -> pl.Trainer:
-    mc = ModelCheckpoint(dirpath=str(ckdir), **({"every_n_train_steps": 3, "save_top_k": -1,
-                                                   "save_last": True} | ckpt))
+def _trainer(ckdir, plugin, callbacks=(), max_steps=10, root=None, **ckpt) -> pl.Trainer:
+    """``ckdir`` None: ModelCheckpoint's default directory, ``root``/checkpoints (``root``:
+    the Trainer's ``default_root_dir``)."""
+    mc = ModelCheckpoint(dirpath=None if ckdir is None else str(ckdir),
+                         **({"every_n_train_steps": 3, "save_top_k": -1, "save_last": True}
+                            | ckpt))
     return pl.Trainer(max_steps=max_steps, plugins=[plugin], callbacks=[mc, *callbacks],
+                      default_root_dir=root,
                       accelerator="cpu", logger=False, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0)
 

@@ -34,8 +34,17 @@ UNKNOWN = ("hdfs", "http", "memory", "r2", "ftp")
 @pytest.fixture
 def no_obstore(monkeypatch):
     """As if ``pip install "deltackpt[s3]"`` had not been run."""
+    import deltackpt.store
+
     monkeypatch.setitem(sys.modules, "obstore", None)
     monkeypatch.delitem(sys.modules, "deltackpt.store.objectstore", raising=False)
+    yield
+    # the module imported without obstore is not kept, neither in sys.modules (monkeypatch
+    # puts back one imported before) nor as the package's attribute, which
+    # ``from deltackpt.store import objectstore`` would find first
+    stale = sys.modules.pop("deltackpt.store.objectstore", None)
+    if stale is not None and getattr(deltackpt.store, "objectstore", None) is stale:
+        delattr(deltackpt.store, "objectstore")
 
 
 @pytest.fixture
@@ -98,6 +107,55 @@ def test_importing_deltackpt_never_imports_obstore():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.stdout.strip() == "False"
+
+
+#: the obstore store each scheme must reach, and where its bucket/container name lands
+_CLOUD = {"s3": ("S3Store", "bucket"), "s3a": ("S3Store", "bucket"),
+          "gs": ("GCSStore", "bucket"), "gcs": ("GCSStore", "bucket"),
+          **{s: ("AzureStore", "container_name") for s in ("az", "azure", "adl", "abfs", "abfss")}}
+
+
+def test_every_listed_scheme_routes_to_the_object_store_backend(tmp_path, monkeypatch):
+    """One list of schemes (location.OBJECT_STORE_SCHEMES) for routing and for
+    ObjectStoreBackend.from_url, each reaching the real obstore store of its cloud: built
+    only, no request is sent (obstore connects on the first read or write)."""
+    pytest.importorskip("obstore")
+    from deltackpt.store import objectstore
+    from deltackpt.store.objectstore import ObjectStoreBackend
+
+    monkeypatch.chdir(tmp_path)
+    assert set(OBJECT_STORE_SCHEMES) == set(_CLOUD)
+    assert not hasattr(objectstore, "SCHEMES")             # no second list to drift apart
+    azure = {"account_name": "acct", "account_key": "a2V5"}   # (Azure needs an account)
+    for scheme in OBJECT_STORE_SCHEMES:
+        cls, bucket_key = _CLOUD[scheme]
+        opts = azure if cls == "AzureStore" else {}
+        url = f"{scheme}://bkt/runs/exp1/"
+        label, backend = open_backend(url, storage_options=opts)
+        canonical = "gs://bkt/runs/exp1" if scheme == "gcs" else f"{scheme}://bkt/runs/exp1"
+        assert label == canonical and isinstance(backend, ObjectStoreBackend), scheme
+        assert backend.url == canonical
+        assert type(backend.store).__name__ == cls, scheme
+        assert backend.store.prefix == "runs/exp1" and backend.store.config[bucket_key] == "bkt"
+        direct = ObjectStoreBackend.from_url(url, opts)     # the same check, the same URL
+        assert direct.url == canonical and type(direct.store).__name__ == cls
+        assert is_object_store(url) and is_object_store(url.upper())
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("scheme", UNKNOWN + ("wasb", "wasbs", "https", "s3n", "abfsx"))
+def test_unlisted_schemes_are_refused_by_routing_and_by_from_url(scheme):
+    """Schemes obstore itself would open (memory, http(s)) or that name a store deltackpt does
+    not route (wasb, Hadoop's s3n) are refused alike, whichever way they come in."""
+    pytest.importorskip("obstore")
+    from deltackpt.store.objectstore import ObjectStoreBackend
+
+    url = f"{scheme}://bkt/runs/exp1"
+    assert not is_object_store(url)
+    with pytest.raises(deltackpt.LocationError, match="unknown URL scheme"):
+        open_backend(url)
+    with pytest.raises(deltackpt.LocationError, match="not an object store URL"):
+        ObjectStoreBackend.from_url(url)
 
 
 def test_object_store_urls_open_the_object_store_backend(tmp_path, monkeypatch, fake_store):

@@ -11,7 +11,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .policy import check_choice, check_int, refuse
@@ -131,7 +131,7 @@ class KeepNewerThan(Retention):
             raise refuse("KeepNewerThan", "age", self.age, "a datetime.timedelta")
 
     def keep(self, steps: Sequence[StepView]) -> set[int]:
-        cutoff = datetime.now(timezone.utc) - self.age
+        cutoff = datetime.now(UTC) - self.age
         return {s.step for s in steps if s.time >= cutoff}
 
 

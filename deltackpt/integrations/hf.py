@@ -30,7 +30,7 @@ from ..engine.policy import Policy
 from ..errors import DeltaCkptError, RepositoryNotFoundError
 from ..interop.files import FolderReport, is_folder_state, read_folder, write_folder
 from ..repository import Repository
-from ..store.location import resolve
+from ..store.location import local_path, resolve
 
 _FOLDER = re.compile(r"checkpoint-(\d+)")
 
@@ -62,8 +62,11 @@ def materialize(repo_path: str | os.PathLike[str] | Repository, step: int | None
 
     Text and raw files come back byte-identical (checked against the digest taken at save
     time); safetensors and torch files load to identical tensors and values, and the returned
-    report says per file whether the bytes matched the original too.
+    report says per file whether the bytes matched the original too. ``out_dir`` is a local
+    directory (or a ``file://`` URL): any other URL raises
+    :class:`~deltackpt.errors.LocationError` before anything is read or written.
     """
+    out_dir = local_path(out_dir)  # never a directory named "s3:" here
     owned = not isinstance(repo_path, Repository)
     repo = repo_path if isinstance(repo_path, Repository) \
         else Repository(repo_path, "r", storage_options=storage_options)
@@ -95,10 +98,13 @@ def restore_checkpoint(repo_path: str | os.PathLike[str], output_dir: str | os.P
     """Make ``output_dir/checkpoint-{step}`` exist for resuming (``step`` default: the latest
     folder step in the repository) and return its path; ``None`` when the repository does not
     exist or holds no folders (start from scratch). A folder already on disk is used as is.
-    ``repo_path`` may be an object-store URL (``storage_options`` for its client).
+    ``repo_path`` may be an object-store URL (``storage_options`` for its client);
+    ``output_dir`` is local, as the Trainer's is (a ``file://`` URL too; any other URL raises
+    :class:`~deltackpt.errors.LocationError`).
 
     >>> trainer.train(resume_from_checkpoint=restore_checkpoint(repo, args.output_dir))
     """
+    output_dir = local_path(output_dir)
     try:  # through the backend: a URL's repository is no local file to look for
         opened = Repository(repo_path, "r", storage_options=storage_options)
     except RepositoryNotFoundError:
@@ -108,7 +114,7 @@ def restore_checkpoint(repo_path: str | os.PathLike[str], output_dir: str | os.P
             step = _latest_folder_step(repo)
             if step is None:
                 return None
-        target = os.path.join(os.fspath(output_dir), f"checkpoint-{step}")
+        target = os.path.join(output_dir, f"checkpoint-{step}")
         if os.path.isfile(os.path.join(target, "trainer_state.json")):
             return target
         materialize(repo, step, target, overwrite=True)

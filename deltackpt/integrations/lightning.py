@@ -25,6 +25,14 @@ the path and pointer, and deletes the step once no path refers to it (dependent 
 rebased first, so they stay loadable). With ``delete_removed=False`` steps stay in the
 repository and deltackpt's retention/``gc`` decides instead.
 
+The checkpoint a run resumed from (loaded before the run's first save: the Trainer restoring
+``fit(ckpt_path=...)``) is never deleted by the plugin during that run. Lightning means
+``ModelCheckpoint`` never to remove that ``ckpt_path``, but on a remote filesystem it does
+(Lightning issue #21813): ``remove_checkpoint`` of that path keeps path, pointer and step (a
+warning says so). When its path is overwritten instead (``last.ckpt`` saved again), its step
+stays in the repository, loadable by step number (``deltackpt log``/``export``,
+``Repository.load``) once no path names it.
+
 Values deltackpt cannot store without pickle: mappings other than dict/OrderedDict (such as
 Lightning's ``AttributeDict`` or ``argparse.Namespace`` in hyperparameters) are stored as plain
 dicts, list and tuple subclasses (namedtuples) as lists and tuples. Anything else (a class, a
@@ -57,7 +65,7 @@ from ..format import checksum
 from ..format.tree import Leaf, flatten, unflatten
 from ..interop.pointer import POINTER_KIND, read_pointer
 from ..repository import Repository
-from ..store.location import resolve
+from ..store.location import is_object_store, resolve
 from ..store.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -196,6 +204,10 @@ class _DeltaCheckpointIO:
         self._policy_kwargs = dict(policy_kwargs)
         Policy.from_kwargs(policy, self._policy_kwargs)  # validate now
         self._repo: Repository | None = None
+        #: index keys and steps of the checkpoints loaded before the run's first save: the run
+        #: resumed from them, so the plugin never deletes them (see the module docstring)
+        self._resumed_keys: set[str] = set()
+        self._resumed_steps: set[int] = set()
 
     # -- repository ------------------------------------------------------------------------
     def _writer(self) -> Repository:
@@ -208,7 +220,10 @@ class _DeltaCheckpointIO:
         repo.backend.write_atomic(INDEX_NAME, checksum.dump(doc))
 
     def teardown(self) -> None:
-        """Close the repository (release the writer lock); it reopens on the next save."""
+        """Close the repository (release the writer lock); it reopens on the next save. The
+        run is over: what it resumed from is no longer kept from removal."""
+        self._resumed_keys.clear()
+        self._resumed_steps.clear()
         if self._repo is not None:
             try:
                 self._repo.close()
@@ -319,8 +334,9 @@ class _DeltaCheckpointIO:
         os.replace(tmp, path)
 
     def _release_step(self, repo: Repository, index: dict[str, Any], step: int) -> None:
-        """Delete ``step`` if no path refers to it any more (and deletion is on)."""
-        if not self.delete_removed or step not in repo:
+        """Delete ``step`` if no path refers to it any more (and deletion is on), unless a run
+        resumed from it."""
+        if not self.delete_removed or step in self._resumed_steps or step not in repo:
             return
         if any(int(e["step"]) == step for e in index["paths"].values()):
             return
@@ -330,16 +346,21 @@ class _DeltaCheckpointIO:
     def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
         """Rebuild the checkpoint stored for ``path`` (bit-exact; never unpickles). A path this
-        plugin did not write is loaded as a plain Lightning checkpoint file."""
+        plugin did not write is loaded as a plain Lightning checkpoint file.
+
+        A load before the run's first save (the Trainer restoring ``ckpt_path``) marks the
+        checkpoint as the one the run resumed from: kept until :meth:`teardown`."""
         path = os.fspath(path)
         key = _key(path)
         repo = self._repo
+        starting = repo is None  # no save yet in this run
         if repo is None:
             try:  # a reader: every rank may load at once
                 repo = Repository(self.repo_path, "r", storage_options=self.storage_options)
             except RepositoryNotFoundError:
                 repo = None
         pointer = read_pointer(path)
+        loaded: dict[str, Any] | None = None
         try:
             if repo is not None:
                 paths = _read_index(repo)["paths"]
@@ -349,21 +370,36 @@ class _DeltaCheckpointIO:
                     # our pointer, moved (with the repository or not) since it was written
                     entry = paths.get(pointer.get("key")) or {"step": int(pointer["step"])}
                 if entry is not None:
-                    return _load_entry(repo, entry, map_location)
+                    loaded = _load_entry(repo, entry, map_location)
+                    if starting:
+                        self._resumed_steps.add(int(entry["step"]))
         finally:
             if repo is not None and repo is not self._repo:
                 repo.close()
-        if pointer is not None:  # another repository's checkpoint
-            return load(path, map_location)
-        from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+        if loaded is None and pointer is not None:
+            # another repository's checkpoint: on an object store, read with this plugin's
+            # storage_options (the same store, most likely), else with the environment's
+            other = os.fspath(pointer.get("repository", ""))
+            loaded = load(path, map_location, storage_options=self.storage_options
+                          if is_object_store(other) else None)
+        if loaded is None:
+            from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-        return TorchCheckpointIO().load_checkpoint(path, map_location=map_location,
-                                                   weights_only=weights_only)
+            loaded = TorchCheckpointIO().load_checkpoint(path, map_location=map_location,
+                                                         weights_only=weights_only)
+        if starting:
+            self._resumed_keys.add(key)
+        return loaded
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Forget ``path`` (and its pointer file); delete its step once no path refers to it."""
         path = os.fspath(path)
         key = _key(path)
+        if key in self._resumed_keys:
+            warnings.warn(f"deltackpt: kept checkpoint {path!r}, which this run resumed from "
+                          "(Lightning asked to remove it: on a remote filesystem "
+                          "ModelCheckpoint does, Lightning issue #21813)", stacklevel=2)
+            return
         repo = self._writer()
         index = _read_index(repo)
         entry = index["paths"].pop(key, None)

@@ -21,12 +21,16 @@ from .backend import Backend
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 
-#: URL schemes of object stores, opened by ``ObjectStoreBackend.from_url`` (obstore): Amazon
-#: S3 and S3-compatible stores (``s3a`` as Hadoop writes it), Google Cloud Storage, Azure
-OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
-
-#: schemes written as another (fsspec's ``gcs://`` is obstore's ``gs://``)
+#: schemes written as another: fsspec's ``gcs://`` is obstore's ``gs://`` (obstore 0.12 does
+#: not recognise ``gcs://``)
 _ALIASES = {"gcs": "gs"}
+
+#: URL schemes of object stores: the one list that both routing (here) and
+#: ``ObjectStoreBackend.from_url`` accept. Those obstore's ``from_url`` opens (0.12): Amazon S3
+#: and S3-compatible stores (``s3``, and ``s3a`` as Hadoop writes it), Google Cloud Storage
+#: (``gs``), Azure Blob Storage and Data Lake (``az``, ``azure``, ``adl``, ``abfs``, ``abfss``);
+#: then the aliases above, rewritten before obstore sees them
+OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "az", "azure", "adl", "abfs", "abfss", *_ALIASES)
 
 #: what to write instead of a scheme users try that is not one of ours
 _HINTS = {"r2": "Cloudflare R2 is S3-compatible: open s3://bucket/prefix with "

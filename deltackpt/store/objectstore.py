@@ -33,13 +33,12 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from ..errors import LocationError, LockedError, StorageError
 from .backend import Backend, Lock, Stream
-from .location import INSTALL_HINT
+from .location import INSTALL_HINT, OBJECT_STORE_SCHEMES, resolve, url_scheme
 
 try:
     import obstore as obs
@@ -50,8 +49,6 @@ except ImportError:  # the s3 extra is not installed: ObjectStoreBackend says wh
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
-#: URL schemes obstore opens (s3a is S3; abfs/abfss/adl/azure are Azure)
-SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss", "adl", "azure")
 #: a stream's buffer and multipart part size: memory per open stream is about
 #: ``PART_SIZE * (max_concurrency + 1)``
 PART_SIZE = 8 << 20
@@ -120,8 +117,10 @@ class ObjectStoreBackend(Backend):
     @classmethod
     def from_url(cls, url: str, storage_options: dict[str, Any] | None = None,
                  **kwargs: Any) -> ObjectStoreBackend:
-        """The backend for ``url`` (``s3://bucket/prefix``, ``gs://...``, ``az://...``,
-        ``abfs://...``). ``storage_options`` are obstore's store options (``endpoint``,
+        """The backend for ``url``: ``s3://bucket/prefix``, ``gs://...``, ``az://...``, or any
+        other scheme of :data:`deltackpt.store.location.OBJECT_STORE_SCHEMES` (checked and
+        written as :func:`~deltackpt.store.location.resolve` does: ``gcs://`` as ``gs://``,
+        no trailing '/'). ``storage_options`` are obstore's store options (``endpoint``,
         ``access_key_id``, ``region``, ... and the aliases object_store accepts, such as
         ``endpoint_url`` and ``aws_access_key_id``), plus ``client_options`` and
         ``retry_config`` (default :data:`RETRY_CONFIG`); with none, the usual environment
@@ -129,9 +128,10 @@ class ObjectStoreBackend(Backend):
         go to the constructor (``lease_ttl``, ``part_size``, ``max_concurrency``)."""
         if obs is None:
             raise LocationError(f"{url!r}: {_INSTALL}")
-        scheme = urlsplit(url).scheme.lower()
-        if scheme not in SCHEMES:
-            raise LocationError(f"{url!r}: not an object store URL (schemes: {', '.join(SCHEMES)})")
+        if url_scheme(url) not in OBJECT_STORE_SCHEMES:
+            raise LocationError(f"{url!r}: not an object store URL (schemes: "
+                                f"{', '.join(OBJECT_STORE_SCHEMES)})")
+        url = resolve(url)
         opts = dict(storage_options or {})
         client = dict(opts.pop("client_options", None) or {})
         retry = opts.pop("retry_config", None) or RETRY_CONFIG
@@ -373,7 +373,7 @@ class ObjectStoreBackend(Backend):
 
 
 def _when(epoch: float) -> str:
-    moment = datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    moment = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return f"{moment} (in {epoch - time.time():.0f} s)" if epoch > time.time() else \
         f"{moment} (expired)"
 
