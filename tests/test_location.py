@@ -355,3 +355,22 @@ def test_hf_and_lightning_on_urls(tmp_path, monkeypatch, fake_store):
     io.teardown()
     assert fake_store[0][-1] == ("s3://b/pl", {"region": "x"})
     assert DeltaCheckpointIO("rel/path").repo_path == os.path.abspath("rel/path")
+
+
+def test_export_and_import_files_stay_local_and_say_so(tmp_path, monkeypatch, capsys):
+    """Export and import read and write files on this machine: an object-store URL there is a
+    LocationError before any work, never a local directory named ``s3:``."""
+    monkeypatch.chdir(tmp_path)
+    repo = tmp_path / "repo"
+    with deltackpt.open(repo) as r:
+        r.save(1, {"w": torch.ones(3)})
+    for argv in (["export", str(repo), "s3://bucket/out.pt"],
+                 ["export", str(repo), "--steps", "1", "s3://bucket/outdir"],
+                 ["import", str(repo), "s3://bucket/ckpt.pt"]):
+        assert main(argv) != 0
+        err = capsys.readouterr().err
+        assert "local file path is needed" in err and "s3://" in err, (argv, err)
+    with deltackpt.open(repo, "r") as r:
+        with pytest.raises(deltackpt.LocationError):
+            r.export(1, "gs://bucket/out.safetensors")
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "gs:").exists()

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import DeltaCkptError
+from ..store.location import local_path
 from .files import PLAIN_SAFETENSORS_META, PT_SUFFIXES, export_state, is_folder_state, write_folder
 
 #: export formats (``auto``: a folder state as a folder, anything else by the file suffix)
@@ -62,7 +63,7 @@ def export_step(repo: Any, step: int | None, out: str | os.PathLike[str], fmt: s
             from ..errors import StepNotFoundError
 
             raise StepNotFoundError(f"repository {repo.path!r} has no steps yet")
-    out = os.fspath(out)
+    out = local_path(out)  # LocationError for an object-store URL, before any work
     meta = repo.manifest(step).meta
     state = repo.load(step)
     if fmt == "auto" and not is_folder_state(state):
@@ -100,7 +101,7 @@ def export_steps(repo: Any, steps: Iterable[int], out_dir: str | os.PathLike[str
                  ) -> list[tuple[int, str]]:
     """Export several steps into the directory ``out_dir`` (see :func:`export_name`);
     returns ``(step, path)`` pairs. ``progress(stage, done, total)`` is called per step."""
-    out_dir = os.fspath(out_dir)
+    out_dir = local_path(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     done: list[tuple[int, str]] = []
     used: set[str] = set()

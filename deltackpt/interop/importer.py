@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import DeltaCkptError, StepExistsError
 from ..repository import Repository, SaveInfo
+from ..store.location import local_path
 from .files import (
     PLAIN_SAFETENSORS_META,
     PT_SUFFIXES,
@@ -120,7 +121,7 @@ def discover(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Source], lis
     ``checkpoint-N`` folders (a Trainer ``output_dir``) contributes only those folders."""
     sources: list[Source] = []
     skipped: list[str] = []
-    for p in (os.fspath(x) for x in paths):
+    for p in (local_path(x) for x in paths):  # LocationError for an object-store URL
         _check_not_pointer(p)
         if os.path.isfile(p):
             if not p.endswith(FILE_SUFFIXES):
