@@ -1,7 +1,8 @@
 """Object storage: deltackpt on ``s3://`` against ``torch.save`` + upload, side by side.
 
-A real S3 API on loopback (moto's ``ThreadedMotoServer``, started here) stands in for the
-bucket. Three links to it, each measured in the same run:
+A real S3 API on loopback (moto's ``ThreadedMotoServer``, started here in a child process,
+so that its threads and the proxies' never compete for the measured process's GIL) stands in
+for the bucket. Three links to it, each measured in the same run:
 
 * ``loopback``: the client talks to the server directly (no bandwidth limit; the server's own
   speed, a Python process on this machine, is the limit);
@@ -92,28 +93,87 @@ def _span(xs: list[float]) -> list[float] | None:
     return [min(xs), max(xs)] if xs else None
 
 
-class Link:
-    """One way to reach the bucket: its endpoint, and the proxy (with its byte counters) if any."""
+class Servers:
+    """The S3 server and the throttling proxies, in a child process (``--serve``): their
+    Python threads then never hold the measured process's GIL, as a remote store's would not.
+    A line protocol on the child's stdin/stdout reads the proxies' byte counters."""
 
-    def __init__(self, name: str, upstream: str, bandwidth: float | None) -> None:
+    def __init__(self, bandwidths: dict[str, float]) -> None:
+        import json
+        import subprocess
+        self._json = json
+        spec = ",".join(f"{name}={bw}" for name, bw in bandwidths.items())
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", spec],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     bufsize=1)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the server process did not start (see its stderr)")
+        got = json.loads(line)
+        self.upstream: str = got["upstream"]
+        self.proxies: dict[str, str] = got["proxies"]
+
+    def bytes_up(self, name: str) -> int:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"stats {name}\n")
+        return int(self._json.loads(self.proc.stdout.readline())["bytes_up"])
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def serve(spec: str) -> int:
+    """``--serve``: moto on loopback plus one FaultProxy per ``name=bytes_per_s`` of ``spec``;
+    prints the endpoints as one JSON line, then answers ``stats NAME`` until stdin closes."""
+    import json
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from deltackpt.testing.httpproxy import FaultProxy
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request log
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    upstream = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=upstream, region_name=REGION, **CREDENTIALS) \
+        .create_bucket(Bucket=BUCKET)
+    proxies = {}
+    for item in filter(None, spec.split(",")):
+        name, bw = item.rsplit("=", 1)
+        proxies[name] = FaultProxy(upstream, bandwidth=float(bw)).start()
+    print(json.dumps({"upstream": upstream,
+                      "proxies": {n: p.endpoint for n, p in proxies.items()}}), flush=True)
+    for line in sys.stdin:
+        cmd, _, name = line.strip().partition(" ")
+        if cmd == "stats":
+            print(json.dumps({"bytes_up": proxies[name].stats.bytes_up}), flush=True)
+    for p in proxies.values():
+        p.stop()
+    server.stop()
+    return 0
+
+
+class Link:
+    """One way to reach the bucket: its endpoint, and whether a proxy counts its bytes."""
+
+    def __init__(self, name: str, servers: Servers) -> None:
         self.name = name
-        self.proxy: Any = None
-        self.endpoint = upstream
-        if bandwidth is not None:
-            from deltackpt.testing.httpproxy import FaultProxy
-            self.proxy = FaultProxy(upstream, bandwidth=bandwidth).start()
-            self.endpoint = self.proxy.endpoint
+        self.servers = servers
+        self.proxied = name in servers.proxies
+        self.endpoint = servers.proxies.get(name, servers.upstream)
 
     @property
     def options(self) -> dict[str, Any]:
         return {"endpoint_url": self.endpoint, "region": REGION, **CREDENTIALS}
 
     def bytes_up(self) -> int | None:
-        return int(self.proxy.stats.bytes_up) if self.proxy is not None else None
-
-    def close(self) -> None:
-        if self.proxy is not None:
-            self.proxy.stop()
+        return self.servers.bytes_up(self.name) if self.proxied else None
 
 
 class DeltaSide:
@@ -237,20 +297,8 @@ def _dcp_unavailable() -> str | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import logging
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request log
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    upstream = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=upstream, region_name=REGION, **CREDENTIALS) \
-        .create_bucket(Bucket=BUCKET)
-    links = [Link(name, upstream, bw) for name, bw in LINKS if name in args.links]
+    servers = Servers({name: bw for name, bw in LINKS if bw is not None and name in args.links})
+    links = [Link(name, servers) for name, _bw in LINKS if name in args.links]
     dcp_why = _dcp_unavailable() if not args.no_dcp else "not run: --no-dcp"
     kinds: list[type] = [DeltaSide, DeltaAsyncSide, TorchUploadSide] + \
         ([DCPSide] if dcp_why is None else [])
@@ -319,9 +367,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for per in sides.values():
             for side in per:
                 side.close()
-        for link in links:
-            link.close()
-        server.stop()
+        servers.close()
     return {"saves": saves, "stalls": stalls, "upload": upload, "loads": loads, "exact": exact,
             "state_bytes": state_size, "steps": steps, "load_steps": load_steps,
             "dcp": dcp_why, "methods": [k.name for k in kinds]}
@@ -459,7 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--links", default=",".join(n for n, _ in LINKS),
                    help="comma-separated: " + ", ".join(n for n, _ in LINKS))
     p.add_argument("--no-dcp", action="store_true", help="skip DCP's fsspec writer")
+    p.add_argument("--serve", help=argparse.SUPPRESS)  # the child process of Servers
     args = p.parse_args(argv)
+    if args.serve is not None:
+        return serve(args.serve)
     args.saves = args.saves or (4 if args.quick else 12)
     args.dim = args.dim or (64 if args.quick else 256)
     args.layers = args.layers or (2 if args.quick else 4)
