@@ -279,6 +279,35 @@ def test_shared_link_and_stop(echo: str) -> None:
     idle.close()
 
 
+def test_many_connections_at_once_are_all_accepted(echo: str) -> None:
+    """A client opening many connections at once (a load fetching packs and ranges in
+    parallel) gets every one: none waits for a dropped SYN to be resent (1 s later; a listen
+    backlog of 5 did that), so a connect timeout well under 1 s never fires."""
+    import socket
+
+    with FaultProxy(echo) as p:
+        host, port = p.endpoint.removeprefix("http://").split(":")
+        barrier = threading.Barrier(48)
+        failed: list[BaseException] = []
+
+        def connect() -> None:
+            barrier.wait()
+            try:
+                with socket.create_connection((host, int(port)), timeout=0.9) as sock:
+                    sock.sendall(b"GET /bytes/3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    sock.settimeout(30)
+                    assert sock.recv(12).startswith(b"HTTP/1.")
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failed.append(exc)
+
+        threads = [threading.Thread(target=connect) for _ in range(48)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failed, failed[:3]
+
+
 # -- obstore through the proxy to moto ---------------------------------------------------------
 
 obstore = pytest.importorskip("obstore", reason="needs obstore: pip install 'deltackpt[s3]'")

@@ -254,6 +254,9 @@ class _Handler(socketserver.BaseRequestHandler):
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog is 5: a client opening more connections at once (a load
+    # fetching packs and ranges in parallel) had its extra SYNs dropped and retried after 1 s
+    request_queue_size = 128
     proxy: FaultProxy
 
 
