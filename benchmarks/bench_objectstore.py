@@ -434,7 +434,7 @@ def _mb(x: float | None) -> str:
 
 def _ratio_of(rows: dict[str, Any], key: str) -> str:
     mine, base = rows[DeltaSide.name].get(key), rows[TorchUploadSide.name].get(key)
-    return f"{mine / base:.2f}x" if mine and base else "(not counted on this link)"
+    return f", uploading {mine / base:.2f}x its bytes" if mine and base else ""
 
 
 def to_markdown(meta: dict[str, Any], res: dict[str, Any], summary: dict[str, Any]) -> str:
@@ -469,8 +469,9 @@ def to_markdown(meta: dict[str, Any], res: dict[str, Any], summary: dict[str, An
                          f"| {_mb(r['bytes_up_per_step'])} | {_mb(r['bytes_up_total'])} |")
     lines += ["", "Reading the table: " + "; ".join(
         f"on {link}, a blocking deltackpt save takes {_x(rows[DeltaSide.name]['save_ratio'])} "
-        f"the time of torch.save + upload, uploading "
-        f"{_ratio_of(rows, 'bytes_up_total')} of its bytes"
+        f"the time of torch.save + upload{_ratio_of(rows, 'bytes_up_total')}, and "
+        f"`save(blocking=False)` holds training for "
+        f"{_x(rows[DeltaAsyncSide.name].get('stall_ratio'))} of it"
         for link, rows in summary.items()) + "."]
     lines += ["", "## Loads (fresh reader; bit-exact checked on every load)", "",
               "| link | method | latest step | ratio | first step (keyframe) | ratio |",
@@ -505,10 +506,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--links", default=",".join(n for n, _ in LINKS),
                    help="comma-separated: " + ", ".join(n for n, _ in LINKS))
     p.add_argument("--no-dcp", action="store_true", help="skip DCP's fsspec writer")
+    p.add_argument("--rerender", metavar="DIR", help="rewrite DIR/objectstore.md from "
+                   "DIR/objectstore.json (after a change to the report's wording)")
     p.add_argument("--serve", help=argparse.SUPPRESS)  # the child process of Servers
     args = p.parse_args(argv)
     if args.serve is not None:
         return serve(args.serve)
+    if args.rerender:
+        import json
+        for stem in sorted(f[:-5] for f in os.listdir(args.rerender)
+                           if f.startswith("objectstore") and f.endswith(".json")):
+            with open(os.path.join(args.rerender, f"{stem}.json"), encoding="utf-8") as f:
+                got = json.load(f)
+            with open(os.path.join(args.rerender, f"{stem}.md"), "w", encoding="utf-8") as f:
+                f.write(to_markdown(got["meta"], got["raw"], got["summary"]))
+        return 0
     args.saves = args.saves or (4 if args.quick else 12)
     args.dim = args.dim or (64 if args.quick else 256)
     args.layers = args.layers or (2 if args.quick else 4)
