@@ -726,8 +726,11 @@ class Repository:
         self.check_open(write=True)
 
         def run() -> Manifest:
+            # the fingerprint first: a change after it makes the replace refuse, never pass
+            expected = self.backend.fingerprint(manifest_name(step)) \
+                if self.backend.fingerprints else None
             old = self.manifest(step)
-            return self.transactions.commit(step, build, new=False,
+            return self.transactions.commit(step, build, new=False, expected=expected,
                                             base_stored=int(old.stats.get("stored_bytes", 0)))
 
         return self.run_exclusive(run)

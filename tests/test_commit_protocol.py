@@ -252,3 +252,40 @@ def test_a_create_applied_but_unanswered_is_a_commit(answer):
     with deltackpt.open("fake", backend=store) as repo:
         assert repo.steps() == [0, 1, 2] and repo.verify().ok
         assert all(_same(repo.load(s), _state(s)) for s in (0, 1, 2))
+
+
+def _intruding_rewrite(repo: deltackpt.Repository, step: int) -> bytes:
+    """Rewrite ``step``'s manifest while someone else replaces it between this writer's read
+    and its commit; returns the bytes the intruder wrote."""
+    import copy
+
+    name = manifest_name(step)
+    intruder = repo.backend.read(name) + b"\n"
+
+    def build(txn: str):  # type: ignore[no-untyped-def]
+        m = copy.deepcopy(repo.manifest(step))
+        repo.backend.write_atomic(name, intruder)    # another writer, meanwhile
+        return m, 0
+
+    with pytest.raises(LockedError, match=f"manifest of step {step} changed"):
+        repo.rewrite_manifest(step, build)
+    return intruder
+
+
+@pytest.mark.parametrize("kind", ["fake-object-store", "local"])
+def test_a_rewrite_never_overwrites_a_manifest_changed_meanwhile(tmp_path, kind):
+    """Rule 6: a rebase or repair replaces a manifest only if it is the one it read (If-Match
+    on an object store): one changed by anyone else since stays as they wrote it."""
+    if kind == "local":
+        repo = deltackpt.open(tmp_path / "r")
+    else:
+        repo = deltackpt.open("fake", backend=FakeObjectStore())
+    with repo:
+        repo.save(1, _state(1))
+        repo.save(2, _state(2))
+        intruder = _intruding_rewrite(repo, 1)
+        assert repo.backend.read(manifest_name(1)) == intruder
+    with deltackpt.open(tmp_path / "r" if kind == "local" else "fake",
+                        **({} if kind == "local" else {"backend": repo.backend})) as again:
+        assert again.backend.read(manifest_name(1)) == intruder
+        assert again.backend.list("txn") == []        # recovery removed the discarded rewrite

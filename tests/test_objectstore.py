@@ -334,3 +334,18 @@ def test_repository_round_trip(s3_server: S3Server) -> None:
     b = _backend(s3_server, url)
     assert not b.exists("lock")                 # closed: the lease is gone
     assert b.list("") and b.list_dirs("")
+
+
+def test_write_replace_is_if_match(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The object changes between the replace's HEAD and its PUT (another machine): the PUT's
+    If-Match on the ETag read refuses, so the other writer's object stays."""
+    a, other = _backend(s3_server), None
+    a.write_atomic("steps/7.manifest", b"read")
+    seen = a.fingerprint("steps/7.manifest")
+    stale = a._head("steps/7.manifest")  # noqa: SLF001 - the HEAD the race makes stale
+    other = ObjectStoreBackend(a.store, url=a.url)
+    other.write_atomic("steps/7.manifest", b"other writer")
+    monkeypatch.setattr(a, "_head", lambda name: stale)
+    with pytest.raises(FileExistsError):
+        a.write_replace("steps/7.manifest", b"rebased", seen)
+    assert a.read("steps/7.manifest") == b"other writer"

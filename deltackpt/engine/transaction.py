@@ -127,13 +127,15 @@ class Transactions:
 
     # -- committing ----------------------------------------------------------------------------
     def commit(self, step: int, build: Build, base_stored: int = 0, *,
-               new: bool = True) -> Manifest:
+               new: bool = True, expected: tuple[int, ...] | None = None) -> Manifest:
         """Run ``build(txn)`` (which writes chunks and returns the manifest and the chunk bytes
         it wrote) inside a journaled transaction, then commit the manifest of ``step``.
 
         ``new``: ``step`` is not committed yet; its manifest is created only if absent
         (:meth:`Backend.write_new`), and :class:`StepExistsError` is raised if another writer
-        committed it first. Otherwise (a rebase or repair) the committed manifest is replaced.
+        committed it first. Otherwise (a rebase or repair) the committed manifest is replaced,
+        only if its fingerprint is still ``expected`` (:meth:`Backend.write_replace`; else
+        :class:`LockedError`: someone else changed it).
         Either way the writer lock is checked first: :class:`LockedError` if it was lost.
         A commit-point write that a storage service applied without the writer hearing so (a
         lost answer: :class:`StorageError`; a retried create that found the object) is a commit
@@ -171,15 +173,20 @@ class Transactions:
             try:
                 if new:
                     self.backend.write_new(manifest_name(step), data)   # the commit point
-                else:
-                    self.backend.write_atomic(manifest_name(step), data)   # the commit point
+                else:   # the commit point: replaced only if unchanged since it was read
+                    self.backend.write_replace(manifest_name(step), data, expected)
             except (FileExistsError, StorageError) as exc:
                 # a storage service applied the write but its answer was lost, or the retry of
                 # a create found the object its first try made: the step is committed if the
                 # manifest there is this transaction's (a store's write is durable once applied)
                 if not self.committed(step, txn):
-                    if not (new and isinstance(exc, FileExistsError)):
+                    if not isinstance(exc, FileExistsError):
                         raise
+                    if not new:
+                        raise LockedError(
+                            f"the manifest of step {step} changed since this writer read it "
+                            "(another writer holds the repository?); this rewrite is discarded",
+                            step=step) from None
                     raise StepExistsError(
                         f"step {step} was committed by another writer while this one saved "
                         "it; this save is discarded", step=step) from None

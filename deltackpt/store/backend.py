@@ -130,6 +130,25 @@ class Backend(ABC):
                 raise FileExistsError(errno.EEXIST, "File exists", name)
             self.write_atomic(name, data)
 
+    def write_replace(self, name: str, data: bytes, expected: tuple[int, ...] | None) -> None:
+        """Replace ``name`` by ``data`` (as :meth:`write_atomic`) only if it is unchanged since
+        :meth:`fingerprint` returned ``expected``; raise :class:`FileExistsError` (touching
+        nothing) if it changed or is gone. ``expected`` None (a backend without
+        :attr:`fingerprints`): replace unconditionally.
+
+        A rebase or repair rewrites a committed manifest this way, so a manifest that anyone
+        else changed meanwhile is never overwritten (an object store: a PUT with ``If-Match``).
+        The default compares fingerprints, then writes: other processes are excluded by the
+        writer's :meth:`lock`, as for :meth:`write_new`.
+        """
+        if expected is not None and self.fingerprints:
+            with _WRITE_NEW_MUTEX:
+                if self.fingerprint(name) != expected:
+                    raise FileExistsError(errno.EEXIST, "changed since it was read", name)
+                self.write_atomic(name, data)
+            return
+        self.write_atomic(name, data)
+
     @abstractmethod
     def create_stream(self, name: str) -> Stream: ...
 

@@ -239,6 +239,10 @@ class ObjectStoreBackend(Backend):
             meta = self._head(name)
         except FileNotFoundError:
             return None
+        return self._fingerprint_of(meta)
+
+    @staticmethod
+    def _fingerprint_of(meta: dict[str, Any]) -> tuple[int, ...]:
         tag = f"{meta.get('e_tag')}\0{meta.get('version')}".encode()
         modified = meta.get("last_modified")
         stamp = int(modified.timestamp() * 1e6) if isinstance(modified, datetime) else 0
@@ -267,6 +271,26 @@ class ObjectStoreBackend(Backend):
             raise FileExistsError(errno.EEXIST, f"object exists in {self.url}", name) from None
         except Exception as exc:  # noqa: BLE001 - mapped to typed errors
             raise self.typed_error(exc, name, "creating", write=True) from None
+
+    def write_replace(self, name: str, data: bytes, expected: tuple[int, ...] | None) -> None:
+        """One HEAD, then one PUT with ``If-Match`` on the ETag whose fingerprint is
+        ``expected``: the object is replaced only if nobody changed it since it was read."""
+        _check(name)
+        if expected is None:
+            self.write_atomic(name, data)
+            return
+        try:
+            meta = self._head(name)
+        except FileNotFoundError:
+            raise FileExistsError(errno.EEXIST, f"object removed in {self.url}", name) from None
+        if self._fingerprint_of(meta) != tuple(expected) or not meta.get("e_tag"):
+            raise FileExistsError(errno.EEXIST, f"object changed in {self.url}", name)
+        try:
+            self.put_object(name, data, mode={"e_tag": meta["e_tag"]})
+        except (PreconditionError, FileNotFoundError):
+            raise FileExistsError(errno.EEXIST, f"object changed in {self.url}", name) from None
+        except Exception as exc:  # noqa: BLE001 - mapped to typed errors
+            raise self.typed_error(exc, name, "replacing", write=True) from None
 
     def create_stream(self, name: str) -> Stream:
         return _ObjectStream(self, _check(name))

@@ -246,6 +246,33 @@ class BackendTests:
         assert b.read("race/commit") == f"writer {won[0]}".encode()
 
     # -- list / delete -------------------------------------------------------------------------
+    def test_write_replace_only_if_unchanged(self, b: Backend) -> None:
+        b.write_atomic("steps/2.manifest", b"read")
+        seen = b.fingerprint("steps/2.manifest")
+        if not b.fingerprints:   # nothing to compare: an unconditional replace
+            b.write_replace("steps/2.manifest", b"rebased", seen)
+            assert b.read("steps/2.manifest") == b"rebased"
+            return
+        assert seen is not None
+        b.write_replace("steps/2.manifest", b"rebased", seen)
+        assert b.read("steps/2.manifest") == b"rebased"
+        with pytest.raises(FileExistsError):      # changed since `seen` (by this very replace)
+            b.write_replace("steps/2.manifest", b"stale", seen)
+        assert b.read("steps/2.manifest") == b"rebased"
+        now = b.fingerprint("steps/2.manifest")
+        assert now is not None
+        b.write_atomic("steps/2.manifest", b"someone else")
+        with pytest.raises(FileExistsError):
+            b.write_replace("steps/2.manifest", b"mine", now)
+        assert b.read("steps/2.manifest") == b"someone else"
+        gone = b.fingerprint("steps/2.manifest")
+        b.delete("steps/2.manifest")
+        with pytest.raises(FileExistsError):      # removed meanwhile: not recreated
+            b.write_replace("steps/2.manifest", b"mine", gone)
+        assert not b.exists("steps/2.manifest")
+        b.write_replace("steps/3.manifest", b"any", None)   # no expectation: plain replace
+        assert b.read("steps/3.manifest") == b"any"
+
     def test_list(self, b: Backend) -> None:
         assert b.list("nothing") == []
         for name in ("l/c", "l/a", "l/b", "l/sub/deep"):
