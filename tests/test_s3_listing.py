@@ -206,6 +206,7 @@ def test_delete_and_gc_keep_every_listed_step_loadable(s3_server: S3Server,
         for s, state in saved.items():
             writer.save(s, state)
         delete, write_atomic = writer.backend.delete, writer.backend.write_atomic
+        write_replace = writer.backend.write_replace
 
         def checked_delete(name: str) -> None:
             consistent(f"DELETE {name}")
@@ -216,6 +217,11 @@ def test_delete_and_gc_keep_every_listed_step_loadable(s3_server: S3Server,
                 consistent(f"PUT {name}")
             write_atomic(name, data)
 
+        def checked_replace(name: str, data: bytes, expected: tuple[int, ...] | None) -> None:
+            consistent(f"PUT {name}")       # a rebase replaces a manifest (If-Match)
+            write_replace(name, data, expected)
+
+        monkeypatch.setattr(writer.backend, "write_replace", checked_replace)
         monkeypatch.setattr(writer.backend, "delete", checked_delete)
         monkeypatch.setattr(writer.backend, "write_atomic", checked_write)
         report = writer.delete(2, 3, 5)
