@@ -216,15 +216,23 @@ class ChunkStore:
             if pid in self._loaded or pid in self.bad_indexes or not is_pack_id(pid):
                 continue  # (verify reports index files whose name is not a pack id)
             new.append(pid)
+        def fetch(pid: str) -> bytes | Exception | None:
+            try:
+                return self._fetch_index(pid)
+            except (CorruptFileError, FormatVersionError) as exc:  # e.g. not a regular file
+                return exc
+
         if self.backend.batch_reads and len(new) > 1:
             with ThreadPoolExecutor(min(INDEX_READERS, len(new))) as ex:
-                fetched = list(ex.map(self._fetch_index, new))
+                fetched = list(ex.map(fetch, new))
         else:
-            fetched = [self._fetch_index(pid) for pid in new]
+            fetched = [fetch(pid) for pid in new]
         for pid, data in zip(new, fetched):
             if data is None:
                 continue
             try:
+                if isinstance(data, Exception):
+                    raise data
                 self._install_index(pid, data)
             except (CorruptFileError, FormatVersionError) as exc:
                 self.bad_indexes[pid] = exc
