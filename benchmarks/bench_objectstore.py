@@ -277,15 +277,8 @@ def _dcp_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dcp_template(state: dict[str, Any]) -> dict[str, Any]:
-    def empty(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return torch.empty_like(v)
-        if isinstance(v, dict):
-            return {k: empty(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [empty(x) for x in v]
-        return v
-    return empty(_dcp_state(state))
+    """Fresh tensors of the same shapes for DCP to load into (it loads in place)."""
+    return _empty_like(_dcp_state(state))
 
 
 def _dcp_unavailable() -> str | None:
@@ -354,7 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         if isinstance(side, DeltaAsyncSide):
                             continue  # the same bytes as the blocking saves'
                         t0 = time.perf_counter()
-                        got = side.load(step, _dcp_template_copy(templates[step]))
+                        got = side.load(step, _empty_like(templates[step]))
                         loads[link.name][which][side.name].append(time.perf_counter() - t0)
                         ref = fps[step]
                         if isinstance(side, DCPSide):
@@ -373,13 +366,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "dcp": dcp_why, "methods": [k.name for k in kinds]}
 
 
-def _dcp_template_copy(t: Any) -> Any:
+def _empty_like(t: Any) -> Any:
     if isinstance(t, torch.Tensor):
         return torch.empty_like(t)
     if isinstance(t, dict):
-        return {k: _dcp_template_copy(v) for k, v in t.items()}
+        return {k: _empty_like(v) for k, v in t.items()}
     if isinstance(t, list):
-        return [_dcp_template_copy(v) for v in t]
+        return [_empty_like(v) for v in t]
     return t
 
 
