@@ -62,7 +62,13 @@ from deltackpt.engine.policy import PRESETS, Rule
 from deltackpt.format.tree import flatten
 
 #: published compression ratios quoted in the issue (literature, not measured here)
-PUBLISHED = (("LC-Checkpoint", "~28x"), ("DynaQuant", "39x"), ("ExCP", "~70x"))
+#: (name, ratio, what it was measured on): drawn as anchors on the frontier plot, never as points
+PUBLISHED: tuple[tuple[str, float, str], ...] = (
+    ("ExCP", 70.0, "~70x, Pythia-410M weights + Adam"),
+    ("Inshrinkerator", 39.0, "39x"),
+    ("LC-Checkpoint", 28.0, "~28x"),
+    ("BitSnap", 16.0, '16x "without accuracy loss"'),
+)
 TARGET_RATIO = 20.0       # the issue's goal: >= 20x less disk than torch.save ...
 TARGET_LOSS_PCT = 1.0     # ... with the resumed run's final loss within 1%
 LAST = 10                 # final loss = mean of the last LAST steps' losses
@@ -902,7 +908,7 @@ def verdict(t: dict[str, Any]) -> list[str]:
     within = [x for x in rows if abs(x["resume"]["diff_pct"]) <= TARGET_LOSS_PCT]
     best_within = max(within, key=lambda x: x["ratio"], default=None)
     best = max(rows, key=lambda x: x["ratio"], default=None)
-    pub = ", ".join(f"{n} {v}" for n, v in PUBLISHED)
+    pub = ", ".join(f"{n} {v}" for n, _, v in PUBLISHED)
     lines = []
     if hit:
         lines.append(
@@ -994,6 +1000,19 @@ def to_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def anchors(ax: Any) -> None:
+    """The published ratios as labelled vertical markers (no loss value: not comparable)."""
+    tr = ax.get_xaxis_transform()  # x in data, y in axes fraction
+    for k, (name, ratio, what) in enumerate(PUBLISHED):
+        ax.axvline(ratio, color="tab:purple", ls=":", lw=1.2, alpha=0.7,
+                   label="published ratio, other model (not measured here)" if k == 0 else None)
+        ax.scatter([ratio], [0.97], marker="v", color="tab:purple", s=36, transform=tr,
+                   clip_on=False, zorder=4)
+        ax.annotate(f"{name} {what}\n(published, other model)", (ratio, 0.95), xycoords=tr,
+                    xytext=(-3, -4), textcoords="offset points", rotation=90, ha="right",
+                    va="top", fontsize=6.5, color="tab:purple")
+
+
 def plot(results: list[dict[str, Any]], out: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -1022,6 +1041,7 @@ def plot(results: list[dict[str, Any]], out: str) -> list[str]:
             for sign in (1, -1):
                 ax.axhline(sign * nf, color="grey", ls=":", lw=1,
                            label="noise floor (1-ulp flip)" if sign > 0 else None)
+        anchors(ax)
         cmap = plt.get_cmap("tab10")
         markers = "ovD^s<>phP*X"
         ax.scatter([1.0], [0.0], color="grey", marker="s", zorder=3, label="torch.save")
@@ -1034,16 +1054,23 @@ def plot(results: list[dict[str, Any]], out: str) -> list[str]:
         ys = [abs(p[1]) for p in pts if p[1]] + ([nf] if nf else [])
         ax.set_yscale("symlog", linthresh=max(1e-3, min(ys, default=1e-2)))
         ax.set_ylim(-2 * max(ys + [TARGET_LOSS_PCT]), 2 * max(ys + [TARGET_LOSS_PCT]))
-        ax.set_xlim(0.8, 1.6 * max([TARGET_RATIO] + [p[0] for p in pts]))
+        ax.set_xlim(0.8, 1.6 * max([TARGET_RATIO] + [p[0] for p in pts] +
+                                   [a[1] for a in PUBLISHED]))
         ax.set_xlabel("total disk saved vs torch.save (x, log)")
         ax.set_ylabel(f"resume final-loss difference (%), after {r['resume_steps']} steps")
         ax.set_title(f"{r['workload']}: {r['saves']} saves")
         handles, labels = ax.get_legend_handles_labels()
-        n_ref = len(labels) - len(pts)  # band, 20x line, noise floor, torch.save
+        n_ref = len(labels) - len(pts)  # band, 20x line, noise floor, anchors, torch.save
         labels = [lab if k < n_ref else f"{k - n_ref + 1}: {lab}" for k, lab in enumerate(labels)]
         ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
+    fig.text(0.01, 0.01, ("Purple dotted lines with ▼: published ratios of other systems on "
+                          "other models and baselines (" + "; ".join(
+                              f"{n} {v}" for n, _, v in PUBLISHED) + "). NOT measured here; "
+                          "their loss axes are not comparable with this one, so they are drawn "
+                          "at their ratio only, with no loss value."),
+             fontsize=8, style="italic", wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path = os.path.join(out, "lossy_frontier.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
