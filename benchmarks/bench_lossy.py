@@ -30,7 +30,7 @@ cycle's loss and accuracy compared with the uninterrupted run from the original 
 The methods are the table ``METHODS`` (one line each: name -> open kwargs, the workloads it
 runs on); every preset of deltackpt is included even if the table does not name it.
 
-    python benchmarks/bench_lossy.py            # full run (~35 min on 2 cores), writes results/
+    python benchmarks/bench_lossy.py            # full run (~40 min on 2 idle cores), writes results/
     python benchmarks/bench_lossy.py --quick    # CI-sized smoke run (< 1 min), writes nothing
     python benchmarks/bench_lossy.py --quick --workloads cnn --methods archive --out /tmp/x
 """
