@@ -25,9 +25,14 @@ def gpt_cfg(quick: bool, scale: float) -> GPTConfig:
     return GPTConfig(layers=4, dim=dim, block=128)
 
 
-def train_checkpoints(trainer: Any, saves: int, every: int) -> Iterator[tuple[int, Any]]:
+def train_checkpoints(trainer: Any, saves: int, every: int, losses: list[float] | None = None
+                      ) -> Iterator[tuple[int, Any]]:
+    """Train to step ``saves * every``, yielding ``(step, state)`` every ``every`` steps; each
+    step's loss is appended to ``losses`` if given."""
     while trainer.step < saves * every:
-        trainer.train_step()
+        loss = trainer.train_step()
+        if losses is not None:
+            losses.append(loss)
         if trainer.step % every == 0:
             yield trainer.step, trainer.state()
 
@@ -54,10 +59,7 @@ class BF16Trainer(Trainer):
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 p.copy_(self.bf16[name])  # compute with the bf16-rounded weights
-        n = self.data.numel() - self.cfg.block - 1
-        ix = torch.randint(0, n, (self.batch,), generator=self.gen)
-        x = torch.stack([self.data[i:i + self.cfg.block] for i in ix.tolist()])
-        y = torch.stack([self.data[i + 1:i + 1 + self.cfg.block] for i in ix.tolist()])
+        x, y = self.sample()
         logits = self.model(x)
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         self.model.zero_grad(set_to_none=True)

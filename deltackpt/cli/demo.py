@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,7 +74,46 @@ def encode_text(text: str = TEXT, vocab: int = 96) -> torch.Tensor:
     return torch.tensor([min(max(ord(c) - 31, 0), vocab - 1) for c in text], dtype=torch.long)
 
 
-class Trainer:
+class StepTrainer:
+    """One optimizer step per ``train_step`` on a batch that ``sample`` draws with the seeded
+    ``gen``, cross-entropy loss; ``state()`` is the checkpoint and ``load_state`` its inverse."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    gen: torch.Generator
+    step: int
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch (inputs, targets)."""
+        raise NotImplementedError
+
+    def train_step(self) -> float:
+        x, y = self.sample()
+        logits = self.model(x)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def state(self) -> dict[str, object]:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "data_rng": self.gen.get_state(),
+                "step": self.step}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (as ``state()`` returned it, or a load of it)."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["data_rng"])
+        self.step = int(state["step"])
+
+
+class Trainer(StepTrainer):
     """Model, AdamW, cosine schedule and a seeded batch sampler; ``state()`` is the checkpoint."""
 
     def __init__(self, cfg: GPTConfig = GPTConfig(), *, seed: int = 0, lr: float = 3e-4,
@@ -93,21 +133,9 @@ class Trainer:
         self.batch = batch
         self.step = 0
 
-    def train_step(self) -> float:
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.data.numel() - self.cfg.block - 1
         ix = torch.randint(0, n, (self.batch,), generator=self.gen)
         x = torch.stack([self.data[i:i + self.cfg.block] for i in ix.tolist()])
         y = torch.stack([self.data[i + 1:i + 1 + self.cfg.block] for i in ix.tolist()])
-        logits = self.model(x)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.sched.step()
-        self.step += 1
-        return float(loss.detach())
-
-    def state(self) -> dict[str, object]:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "data_rng": self.gen.get_state(),
-                "step": self.step}
+        return x, y
