@@ -39,6 +39,7 @@ def test_method_table_is_valid_and_includes_every_preset(bench: ModuleType) -> N
     assert [m.label for m in only] == ["torch.save", "lossless", "archive = q4"]
 
 
+@pytest.mark.slow  # about 1-2 min on 2 cores: run with --runslow
 def test_bench_lossy_quick_runs(bench: ModuleType, tmp_path, capsys) -> None:
     """All three workloads, baselines + one lossy preset, drift included; results written only
     to the folder asked for."""
