@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from . import (  # noqa: F401  (registration side effect)
     diff,
+    hold,
     lowrank,
     pxor,
     quant,
