@@ -29,6 +29,7 @@ about their entropy.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,19 @@ def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     per, mask = 8 // bits, (1 << bits) - 1
     parts = [(packed >> (k * bits)) & mask for k in range(per)]
     return np.stack(parts, axis=1).reshape(-1)[:count].astype(np.int64)
+
+
+def _largest(a: np.ndarray, k: int) -> np.ndarray:
+    """Mask of the ``k`` largest entries of each row of ``a`` (ties: the lower index first);
+    a partition and a pass, not a sort."""
+    b = a.shape[1]
+    if k >= b:
+        return np.ones(a.shape, bool)
+    thr = -np.partition(-a, k - 1, axis=1)[:, k - 1:k]   # each row's k-th largest value
+    above = a > thr
+    need = k - above.sum(axis=1, keepdims=True)           # ties at the threshold to take
+    tied = a == thr
+    return above | (tied & (np.cumsum(tied, axis=1) <= need))
 
 
 @register_codec
@@ -128,13 +142,12 @@ class SparseQuant(Quant):
         flat = np.zeros(nb * b)
         flat[:n] = np.abs(d.astype(np.float64))
         a: np.ndarray = flat.reshape(nb, b)
-        lens = np.full(nb, b)
+        top = np.zeros(a.shape, bool)
         if nb:
-            lens[-1] = n - (nb - 1) * b
-        k = np.ceil(self.keep * lens).astype(np.int64)
-        order = np.argsort(-a, axis=1, kind="stable")       # largest first, ties: lower index
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.arange(b)[None, :].repeat(nb, 0), axis=1)
+            full, last = nb - (n % b != 0), n - (nb - 1) * b
+            top[:full] = _largest(a[:full], math.ceil(self.keep * b))
+            if full < nb:
+                top[full:] = _largest(a[full:], math.ceil(self.keep * last))
         amax = a.max(axis=1, initial=0.0)
         m = 1 << (self.bits - 1)
         with np.errstate(over="ignore"):
@@ -144,23 +157,18 @@ class SparseQuant(Quant):
         scale = (af / np.float32(m)).astype(np.float32) if self.levels == "uniform" else af
         lv = self._levels(scale, np.float64)                # (nb, M) float64, exact copies
         usable = lv[:, 0] > 0                               # a level underflowed: prune block
-        kept = (rank < k[:, None]) & (a > 0) & usable[:, None]
+        kept = top & (a > 0) & usable[:, None]
         if self.levels == "uniform":
             with np.errstate(divide="ignore", invalid="ignore"):
                 j = np.rint(np.where(usable[:, None], a / lv[:, :1], 0))
             j = np.clip(j, 0, m).astype(np.int64)
-        else:  # the nearest level, found among the neighbours of the log2 estimate
-            with np.errstate(divide="ignore", invalid="ignore"):
-                est = np.rint(2 * np.log2(np.where(kept, a / np.maximum(amax, 1e-300)[:, None], 1)))
-            base = np.clip(m + est.astype(np.int64), 1, m)
-            best = np.zeros_like(base)
-            err = np.full(a.shape, np.inf)
-            for off in (-1, 0, 1):
-                cand = np.clip(base + off, 1, m)
-                e = np.abs(a - np.take_along_axis(lv, cand - 1, axis=1))
-                better = e < err
-                best, err = np.where(better, cand, best), np.where(better, e, err)
-            j = np.where(err < a, best, 0)   # a level no better than pruning: prune
+        else:  # the nearest level: count the midpoints below (a tie goes to the lower level)
+            mid = (lv[:, :-1] + lv[:, 1:]) / 2
+            j = np.ones(a.shape, np.int64)
+            for i in range(m - 1):
+                j += a > mid[:, i:i + 1]
+            lv_j = np.take_along_axis(lv, j - 1, axis=1)
+            j = np.where(np.abs(a - lv_j) < a, j, 0)  # no nearer than 0: prune
         kept &= j >= 1
         flat_kept = kept.reshape(-1)[:n]
         sign = (d < 0).astype(np.int64)
