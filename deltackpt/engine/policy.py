@@ -300,8 +300,9 @@ _EXP_AVG_SQ = "*exp_avg_sq"
 def preset(name: str) -> Policy:
     """A named policy. ``lossless`` (default): bit-exact always. ``balanced``: 8-bit
     closed-loop deltas, bit-exact every 10th save, a keyframe every 20th. ``archive``: 4-bit
-    closed-loop deltas, exact only at keyframes (every 100th save); for long runs where disk
-    matters most. Measured trade-offs (disk vs resume loss): benchmarks/results/lossy.md."""
+    closed-loop deltas, exact only at keyframes (every 100th save), ``exp_avg_sq`` (which moves
+    slowly) stored only every 10th save and held in between; for long runs where disk matters
+    most. Measured trade-offs (disk vs resume loss): benchmarks/results/lossy.md."""
     if name == "lossless":
         return Policy()
     if name == "balanced":
@@ -310,7 +311,8 @@ def preset(name: str) -> Policy:
             Rule("*", {"id": "quant", "bits": 8, "block": 256})))
     if name == "archive":
         return Policy(keyframe_every=100, exact_every=0, rules=(
-            Rule(_EXP_AVG_SQ, {"id": "quant", "bits": 4, "block": 256, "domain": "log"}),
+            Rule(_EXP_AVG_SQ, {"id": "quant", "bits": 4, "block": 256, "domain": "log"},
+                 every=10),
             Rule("*", {"id": "quant", "bits": 4, "block": 256})))
     raise refuse("repository", "policy", name, "a Policy or a preset name: "
                   + ", ".join(PRESETS) + _did_you_mean(name, PRESETS))
