@@ -1,7 +1,17 @@
 """Codec registry. Importing this package registers the built-in codecs."""
 from __future__ import annotations
 
-from . import diff, lowrank, pxor, quant, raw, sparse, xor  # noqa: F401  (registration side effect)
+from . import (  # noqa: F401  (registration side effect)
+    diff,
+    hold,
+    lowrank,
+    pxor,
+    quant,
+    raw,
+    sparse,
+    sparse_quant,
+    xor,
+)
 from .base import (
     Codec,
     NotApplicable,

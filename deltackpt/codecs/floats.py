@@ -35,6 +35,8 @@ def is_float(etype: ElementType) -> bool:
 def to_float(data: np.ndarray, etype: ElementType) -> np.ndarray:
     """The chunk's values as float32 (float64 for float64 data)."""
     if etype.name == "bfloat16":
+        if not data.size:  # torch cannot view an empty byte tensor as another type
+            return np.empty(0, np.float32)
         return torch.from_numpy(data.copy()).view(torch.bfloat16).float().numpy()
     np_type = _NUMPY_FLOATS.get(etype.name)
     if np_type is None:
@@ -55,6 +57,8 @@ def precision(etype: ElementType) -> tuple[float, float]:
 def from_float(values: np.ndarray, etype: ElementType) -> np.ndarray:
     """Round ``values`` to the chunk's dtype (round-to-nearest-even) and return raw bytes."""
     if etype.name == "bfloat16":
+        if not values.size:
+            return np.empty(0, np.uint8)
         t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
         return t.to(torch.bfloat16).view(torch.uint8).numpy().copy()
     np_type = _NUMPY_FLOATS[etype.name]

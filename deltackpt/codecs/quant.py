@@ -177,13 +177,15 @@ class Quant(Codec):
         else:
             xb = self._bits(data, etype)
             d = np.where(xb == 0, 0, xb - self._bits(ref, etype)).astype(np.float64)
-        half = self._half_step(d)
+        half = self._half_step(d, payload)
         if self.domain == "linear":
             eps, tiny = precision(etype)
             compute = float(np.finfo(x.dtype).eps)
             ax = np.abs(x.astype(np.float64))
-            return half * (1 + 1e-5) + 4 * compute * (ax + np.abs(r.astype(np.float64)) + half) \
-                + eps * (ax + half) + tiny
+            with np.errstate(over="ignore"):  # near float64's top the bound is honestly inf
+                return half * (1 + 1e-5) \
+                    + 4 * compute * (ax + np.abs(r.astype(np.float64)) + half) \
+                    + eps * (ax + half) + tiny
         # log domain: the decoded bit pattern is within ``e`` of the value's (zeros are exact)
         u = uint_of_width(etype.word)
         e = np.floor(half * (1 + 1e-5) + 0.5).astype(np.int64) + 1
@@ -194,8 +196,9 @@ class Quant(Codec):
         bound = np.maximum(hi.astype(np.float64) - x, x - lo.astype(np.float64))
         return np.where(xb == 0, 0.0, bound)
 
-    def _half_step(self, d: np.ndarray) -> np.ndarray:
-        """Per element of the delta ``d`` (float64), the most quantizing its block errs by."""
+    def _half_step(self, d: np.ndarray, payload: np.ndarray) -> np.ndarray:
+        """Per element of the delta ``d`` (float64), the most quantizing its block errs by
+        (``payload``, what encode returned, is for subclasses whose bound depends on it)."""
         n = d.size
         nb = -(-n // self.block)
         padded = np.zeros(nb * self.block)

@@ -15,6 +15,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from ..codecs import get_codec
+from ..codecs.hold import HOLD_CONFIG
 from ..errors import DeltaCkptError, PolicyError
 
 MiB = 1 << 20
@@ -99,13 +100,21 @@ class Rule:
 
     pattern: str
     codec: dict[str, Any] | list[dict[str, Any]] | str
+    #: store the tensor only at every ``every``-th save after a keyframe (``delta_index %
+    #: every == 0``); at the other inexact saves it is *held* (codec ``hold``: no bytes, the
+    #: reference's value, the error recorded). For slowly moving tensors such as ``exp_avg_sq``
+    every: int = 1
 
     def __post_init__(self) -> None:
         if type(self.pattern) is not str or not self.pattern:
             raise refuse("rule", "pattern", self.pattern, "a non-empty fnmatch pattern (str)")
-        if self.codec in (LOSSLESS, DROP):
-            return
         owner = f"rule {self.pattern!r}"
+        object.__setattr__(self, "every", check_int(owner, "every", self.every, 1))
+        if self.codec in (LOSSLESS, DROP):
+            if self.every != 1:
+                raise refuse(owner, "every", self.every, f"1 for a {self.codec!r} rule (only a "
+                             "lossy codec's tensor can be held between the saves storing it)")
+            return
         accepted = ("a delta codec config (a dict with a str 'id', e.g. {'id': 'quant', "
                     "'bits': 4}), a non-empty list of them, 'lossless' or 'drop'")
         if type(self.codec) is list and self.codec:
@@ -123,6 +132,9 @@ class Rule:
                 raise refuse(owner, "codec", cfg, f"a valid codec config ({exc})") from None
             if not codec.uses_reference:
                 raise refuse(owner, "codec", cfg, "a delta codec (one that uses a reference)")
+            if self.every != 1 and codec.lossless:
+                raise refuse(owner, "every", self.every, "1 with a lossless codec (holding a "
+                             "tensor is lossy: name a lossy codec such as quant or squant)")
 
     def configs(self) -> list[dict[str, Any]]:
         if self.codec in (LOSSLESS, DROP):
@@ -219,10 +231,15 @@ class Policy:
         return any(r.codec == DROP or any(not get_codec(c).lossless for c in r.configs())
                    for r in self.rules)
 
-    def rule_for(self, path: str) -> dict[str, Any] | list[dict[str, Any]] | str:
-        """The codec config, ``"lossless"`` or ``"drop"`` for ``path`` at an inexact step."""
+    def rule_for(self, path: str, delta_index: int = 0) -> dict[str, Any] | list[dict[str, Any]] \
+            | str:
+        """The codec config, ``"lossless"`` or ``"drop"`` for ``path`` at an inexact step
+        ``delta_index`` saves after its keyframe (``{"id": "hold"}`` where the matching rule's
+        ``every`` skips that save)."""
         for rule in self.rules:
             if rule.matches(path):
+                if rule.every > 1 and delta_index % rule.every:
+                    return dict(HOLD_CONFIG)
                 return rule.codec
         return LOSSLESS
 
@@ -234,7 +251,9 @@ class Policy:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["rules"] = [{"pattern": r.pattern, "codec": r.codec} for r in self.rules]
+        d["rules"] = [{"pattern": r.pattern, "codec": r.codec, **({"every": r.every}
+                                                                  if r.every != 1 else {})}
+                      for r in self.rules]
         return d
 
     @classmethod
@@ -264,14 +283,14 @@ def _rule(r: Any) -> Rule:
     if isinstance(r, Rule):
         return r
     if type(r) is dict:
-        _check_options("rule", r, ("pattern", "codec"))
+        _check_options("rule", r, ("pattern", "codec", "every"))
         if "pattern" not in r or "codec" not in r:
             raise refuse("policy", "rules", r, "a rule needs both 'pattern' and 'codec'")
-        return Rule(r["pattern"], r["codec"])
-    if type(r) in (tuple, list) and len(r) == 2:
+        return Rule(r["pattern"], r["codec"], r.get("every", 1))
+    if type(r) in (tuple, list) and len(r) in (2, 3):
         return Rule(*r)
-    raise refuse("policy", "rules", r, "each rule a Rule, a {'pattern', 'codec'} dict or a "
-                  "(pattern, codec) pair")
+    raise refuse("policy", "rules", r, "each rule a Rule, a {'pattern', 'codec'[, 'every']} "
+                  "dict or a (pattern, codec[, every]) tuple")
 
 
 #: optimizer moments of Adam-family optimizers, wherever they sit in the state
@@ -281,8 +300,9 @@ _EXP_AVG_SQ = "*exp_avg_sq"
 def preset(name: str) -> Policy:
     """A named policy. ``lossless`` (default): bit-exact always. ``balanced``: 8-bit
     closed-loop deltas, bit-exact every 10th save, a keyframe every 20th. ``archive``: 4-bit
-    closed-loop deltas, exact only at keyframes (every 100th save); for long runs where disk
-    matters most. Measured trade-offs (disk vs resume loss): benchmarks/results/lossy.md."""
+    closed-loop deltas, exact only at keyframes (every 100th save), ``exp_avg_sq`` (which moves
+    slowly) stored only every 10th save and held in between; for long runs where disk matters
+    most. Measured trade-offs (disk vs resume loss): benchmarks/results/lossy.md."""
     if name == "lossless":
         return Policy()
     if name == "balanced":
@@ -291,7 +311,8 @@ def preset(name: str) -> Policy:
             Rule("*", {"id": "quant", "bits": 8, "block": 256})))
     if name == "archive":
         return Policy(keyframe_every=100, exact_every=0, rules=(
-            Rule(_EXP_AVG_SQ, {"id": "quant", "bits": 4, "block": 256, "domain": "log"}),
+            Rule(_EXP_AVG_SQ, {"id": "quant", "bits": 4, "block": 256, "domain": "log"},
+                 every=10),
             Rule("*", {"id": "quant", "bits": 4, "block": 256})))
     raise refuse("repository", "policy", name, "a Policy or a preset name: "
                   + ", ".join(PRESETS) + _did_you_mean(name, PRESETS))

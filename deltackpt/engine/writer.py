@@ -191,8 +191,10 @@ class StepEncoder:
     """
 
     def __init__(self, store: ChunkStore, pool: ThreadPoolExecutor, policy: Policy,
-                 keyframe: bool, ref: RefState | None, step: int, exact: bool = True) -> None:
+                 keyframe: bool, ref: RefState | None, step: int, exact: bool = True,
+                 delta_index: int = 0) -> None:
         self.store = store
+        self.delta_index = delta_index  # saves since the keyframe: picks held tensors
         self.step = step
         self.pool = pool
         self.policy = policy
@@ -216,7 +218,7 @@ class StepEncoder:
         ``row_option``, e.g. ``lowrank``), at exact steps too, so that chunk layouts match
         between exact and lossy steps.
         """
-        rule = self.policy.rule_for(leaf.path)
+        rule = self.policy.rule_for(leaf.path, self.delta_index)
         if rule == DROP:
             return [], not self.exact, 1
         if rule == LOSSLESS:

@@ -275,6 +275,9 @@ def _configs(cls: Any) -> list[Any]:
     out = [cls()]
     variants = {"quant": [dict(bits=4, block=16), dict(bits=8, domain="log")],
                 "sparse": [dict(block=8)],
+                "squant": [dict(bits=2, block=8, keep=0.5), dict(bits=8, block=16, keep=1.0),
+                           dict(bits=4, block=8, keep=0.3, levels="log"),
+                           dict(bits=4, block=16, keep=0.5, domain="log")],
                 "lowrank": [dict(cols=8), dict(cols=8, rank=1),
                             dict(cols=8, rank=1, residual_bits=4, block=16)]}
     for kw in variants.get(cls.codec_id, []):
