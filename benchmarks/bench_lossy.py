@@ -165,6 +165,12 @@ METHODS: dict[str, Spec] = {
     "q2": Spec({"rules": quant(2), **LONG}, True, DENSE),
     "q4 linear-sq": Spec({"rules": quant(4, log_sq=False), **LONG}, False, DENSE),
     "q4 K20/E10": Spec({"rules": quant(4), "keyframe_every": 20, "exact_every": 10}, False, DENSE),
+    # sparse weights (squant: the largest 30 % of each block's changes, 4-bit log levels),
+    # 2-bit moments, the second moment every 10th save: the ~25x point of the squant sweep
+    "squant w.3 + q2 m + v/10": Spec({"rules": (
+        Rule(SQ, q(4, domain="log"), every=10), Rule("*exp_avg", q(2)),
+        Rule("*", {"id": "squant", "bits": 4, "keep": 0.3, "levels": "log"})), **LONG},
+        True, DENSE),
     # lowrank where a weight is a matrix and the factors pay, else 4-bit quant
     "lowrank r8+2b": Spec({"rules": (
         Rule("model/*weight", [{"id": "lowrank", "rank": 8, "residual_bits": 2}, q(4)]),
@@ -197,7 +203,7 @@ def policy_key(m: Method) -> str | None:
         return c
 
     d = m.policy().to_dict()
-    d["rules"] = [{"pattern": r["pattern"], "codec": norm(r["codec"])} for r in d["rules"]]
+    d["rules"] = [{**r, "codec": norm(r["codec"])} for r in d["rules"]]  # `every` included
     return json.dumps(d, sort_keys=True)
 
 
@@ -859,6 +865,10 @@ def codec_text(c: Any) -> str:
                                                    else "")
                 + (" log" if c.get("domain") == "log" else "")
                 + (f" block {c['block']}" if c.get("block", 256) != 256 else ""))
+    if c.get("id") == "squant":
+        return (f"squant {c.get('bits', 4)}-bit keep {c.get('keep', 0.1):g}"
+                + (" log levels" if c.get("levels") == "log" else "")
+                + (" log" if c.get("domain") == "log" else ""))
     if c.get("id") == "lowrank":
         r = f"rank {c['rank']}" if c.get("rank") else f"energy {c.get('energy', 0.9):g}"
         return f"lowrank {r}" + (f" + {c['residual_bits']}-bit residual"
@@ -873,7 +883,9 @@ def settings_lines(r: dict[str, Any]) -> list[str]:
         c = row["config"]
         if "rules" not in c:
             continue
-        rules = "; ".join(f"`{x['pattern']}`: {codec_text(x['codec'])}" for x in c["rules"])
+        rules = "; ".join(f"`{x['pattern']}`: {codec_text(x['codec'])}"
+                          + (f" every {x['every']}th save, held between" if x.get("every", 1) > 1
+                             else "") for x in c["rules"])
         lines.append(f"| {row['method']} | {c['keyframe_every']} | "
                      f"{c['exact_every'] if c['rules'] else '-'} | "
                      f"{rules or 'none (lossless)'} |")

@@ -36,7 +36,11 @@ def test_method_table_is_valid_and_includes_every_preset(bench: ModuleType) -> N
         assert names[:2] == ["torch.save", "lossless"], (w, names)
         assert set(PRESETS) <= set(names), (w, names)  # a new preset is measured by itself
     only = bench._only(bench.dedupe(bench.methods_for("transformer")), "q4")
-    assert [m.label for m in only] == ["torch.save", "lossless", "archive = q4"]
+    # the archive preset holds exp_avg_sq between every 10th save: no longer the same as q4
+    assert [m.label for m in only] == ["torch.save", "lossless", "q4"]
+    twin = bench.Method("q4 again", dict(bench.METHODS["q4"].open_kwargs))
+    merged = bench.dedupe([*bench.methods_for("transformer"), twin])
+    assert [m.label for m in merged if "q4 again" in m.aliases] == ["q4 = q4 again"]
 
 
 @pytest.mark.slow  # about 1-2 min on 2 cores: run with --runslow
