@@ -118,7 +118,8 @@ class Method:
         p = self.policy()
         return {"preset": self.open_kwargs.get("policy"), "keyframe_every": p.keyframe_every,
                 "exact_every": p.exact_every, "codec": p.codec, "reference": p.reference,
-                "rules": [{"pattern": r.pattern, "codec": r.codec} for r in p.rules]}
+                "rules": [{"pattern": r.pattern, "codec": r.codec,
+                           **({"every": r.every} if r.every != 1 else {})} for r in p.rules]}
 
     def ke(self) -> str:
         if self.open_kwargs is None:
