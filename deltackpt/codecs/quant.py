@@ -112,6 +112,20 @@ class Quant(Codec):
         q: np.ndarray = _unzigzag(z).astype(dtype)
         return q * np.repeat(scale.astype(dtype), self.block)[:n]  # no fused multiply-add
 
+    def _log_delta(self, data: np.ndarray, ref: np.ndarray, etype: ElementType
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """The log-domain delta (bit patterns read as integers, as float64) and the mask of
+        exact zeros; NotApplicable for negative values, -0.0, or a zero reference under a
+        non-zero value."""
+        u, shift = uint_of_width(etype.word), 8 * etype.word - 1
+        if (data.view(u) >> u.type(shift)).any() or (ref.view(u) >> u.type(shift)).any():
+            raise NotApplicable("log domain needs non-negative values (and no -0.0)")
+        xb, rb = self._bits(data, etype), self._bits(ref, etype)
+        zero = xb == 0
+        if (rb[~zero] == 0).any():
+            raise NotApplicable("reference is zero where the value is not")
+        return np.where(zero, 0, xb - rb).astype(np.float64), zero
+
     @staticmethod
     def _bits(data: np.ndarray, etype: ElementType) -> np.ndarray:
         return data.view(uint_of_width(etype.word)).astype(np.int64)
@@ -125,14 +139,7 @@ class Quant(Codec):
         if self.domain == "linear":
             scale, z = self._quantize(x - r)
             return np.concatenate([scale.view(np.uint8), z]), 1
-        u, shift = uint_of_width(etype.word), 8 * etype.word - 1
-        if (data.view(u) >> u.type(shift)).any() or (ref.view(u) >> u.type(shift)).any():
-            raise NotApplicable("log domain needs non-negative values (and no -0.0)")
-        xb, rb = self._bits(data, etype), self._bits(ref, etype)
-        zero = xb == 0
-        if (rb[~zero] == 0).any():
-            raise NotApplicable("reference is zero where the value is not")
-        d = np.where(zero, 0, xb - rb).astype(np.float64)
+        d, zero = self._log_delta(data, ref, etype)
         scale, z = self._quantize(d)
         return np.concatenate([scale.view(np.uint8), z,
                                np.packbits(zero, bitorder="little")]), 1

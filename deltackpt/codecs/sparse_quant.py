@@ -185,14 +185,7 @@ class SparseQuant(Quant):
         if self.domain == "linear":
             d = x - r
         else:
-            u, shift = uint_of_width(etype.word), 8 * etype.word - 1
-            if (data.view(u) >> u.type(shift)).any() or (ref.view(u) >> u.type(shift)).any():
-                raise NotApplicable("log domain needs non-negative values (and no -0.0)")
-            xb, rb = self._bits(data, etype), self._bits(ref, etype)
-            zero = xb == 0
-            if (rb[~zero] == 0).any():
-                raise NotApplicable("reference is zero where the value is not")
-            d = np.where(zero, 0, xb - rb).astype(np.float64)
+            d, zero = self._log_delta(data, ref, etype)
             tail = [np.packbits(zero, bitorder="little")]
         scale, kept, sym = self._encode_delta(d)
         return np.concatenate([scale.view(np.uint8), np.packbits(kept, bitorder="little"),
