@@ -35,6 +35,28 @@ def _unzigzag(z: np.ndarray) -> np.ndarray:
     return (z >> 1) ^ -(z & 1)
 
 
+def pack_symbols(sym: np.ndarray, bits: int) -> np.ndarray:
+    """``bits``-bit symbols (2, 4 or 8) packed from the low bits of each byte up (the layout of
+    ``quant``'s and ``squant``'s payloads)."""
+    if bits == 8:
+        return sym.astype(np.uint8)
+    per = 8 // bits
+    s = np.pad(sym.astype(np.uint8), (0, -sym.size % per)).reshape(-1, per)
+    out = np.zeros(s.shape[0], np.uint8)
+    for k in range(per):
+        out |= (s[:, k] << (k * bits)).astype(np.uint8)
+    return out
+
+
+def unpack_symbols(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The first ``count`` symbols of :func:`pack_symbols`' layout, as int64."""
+    if bits == 8:
+        return packed[:count].astype(np.int64)
+    per, mask = 8 // bits, (1 << bits) - 1
+    parts = [(packed >> (k * bits)) & mask for k in range(per)]
+    return np.stack(parts, axis=1).reshape(-1)[:count].astype(np.int64)
+
+
 @register_codec
 class Quant(Codec):
     codec_id = "quant"
@@ -91,24 +113,14 @@ class Quant(Codec):
             raise NotApplicable("delta too large to scale")
         q = np.clip(np.rint(blocks / scale[:, None].astype(blocks.dtype)), -qmax, qmax)
         z = _zigzag(q.astype(np.int16).reshape(-1)[:n], self.bits)
-        if self.bits == 4:
-            z = np.pad(z, (0, n % 2))
-            z = (z[0::2] | (z[1::2] << 4)).astype(np.uint8)
-        elif self.bits == 2:
-            z = np.pad(z, (0, -n % 4))
-            z = (z[0::4] | (z[1::4] << 2) | (z[2::4] << 4) | (z[3::4] << 6)).astype(np.uint8)
-        return scale, z
+        return scale, pack_symbols(z, self.bits)
 
     def _dequantize(self, payload: np.ndarray, n: int, dtype: npt.DTypeLike) -> np.ndarray:
         nb, qbytes, _ = self._payload_sizes(n)
         scale = payload[:4 * nb].copy().view(np.float32)
         if not np.isfinite(scale).all():  # the encoder declines such blocks (NotApplicable)
             raise CorruptChunkError("quant payload has a non-finite block scale")
-        z = payload[4 * nb:4 * nb + qbytes]
-        if self.bits == 4:
-            z = np.stack([z & 15, z >> 4], axis=1).reshape(-1)[:n]
-        elif self.bits == 2:
-            z = np.stack([z & 3, (z >> 2) & 3, (z >> 4) & 3, z >> 6], axis=1).reshape(-1)[:n]
+        z = unpack_symbols(payload[4 * nb:4 * nb + qbytes], self.bits, n)
         q: np.ndarray = _unzigzag(z).astype(dtype)
         return q * np.repeat(scale.astype(dtype), self.block)[:n]  # no fused multiply-add
 

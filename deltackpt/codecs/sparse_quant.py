@@ -38,30 +38,10 @@ from ..errors import CodecError, CorruptChunkError
 from ..format.dtypes import ElementType, uint_of_width
 from .base import Codec, NotApplicable, check_reference, register_codec
 from .floats import from_float, quiet_decode, to_float
-from .quant import Quant
+from .quant import Quant, pack_symbols, unpack_symbols
 
 #: float32 nearest 2**-0.5 (0x3F3504F3): the odd half-octave of the log levels
 HALF_OCTAVE = np.frombuffer(bytes.fromhex("f304353f"), np.float32)[0]
-
-
-def _pack(sym: np.ndarray, bits: int) -> np.ndarray:
-    """``bits``-bit symbols packed from the low bits of each byte up."""
-    if bits == 8:
-        return sym.astype(np.uint8)
-    per = 8 // bits
-    s = np.pad(sym.astype(np.uint8), (0, -sym.size % per)).reshape(-1, per)
-    out = np.zeros(s.shape[0], np.uint8)
-    for k in range(per):
-        out |= (s[:, k] << (k * bits)).astype(np.uint8)
-    return out
-
-
-def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    if bits == 8:
-        return packed[:count].astype(np.int64)
-    per, mask = 8 // bits, (1 << bits) - 1
-    parts = [(packed >> (k * bits)) & mask for k in range(per)]
-    return np.stack(parts, axis=1).reshape(-1)[:count].astype(np.int64)
 
 
 def _largest(a: np.ndarray, k: int) -> np.ndarray:
@@ -189,7 +169,7 @@ class SparseQuant(Quant):
             tail = [np.packbits(zero, bitorder="little")]
         scale, kept, sym = self._encode_delta(d)
         return np.concatenate([scale.view(np.uint8), np.packbits(kept, bitorder="little"),
-                               _pack(sym, self.bits), *tail]), 1
+                               pack_symbols(sym, self.bits), *tail]), 1
 
     # ------------------------------------------------------------------ decode
     def _parse(self, payload: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
@@ -210,7 +190,7 @@ class SparseQuant(Quant):
         if payload.size != 4 * nb + mb + sb + zb:
             raise CorruptChunkError(f"squant payload has {payload.size} bytes, expected "
                                     f"{4 * nb + mb + sb + zb} for {pos.size} kept entries")
-        sym = _unpack(payload[4 * nb + mb:4 * nb + mb + sb], self.bits, pos.size)
+        sym = unpack_symbols(payload[4 * nb + mb:4 * nb + mb + sb], self.bits, pos.size)
         return scale, pos, sym, payload[4 * nb + mb + sb:]
 
     def _delta(self, scale: np.ndarray, pos: np.ndarray, sym: np.ndarray, n: int,
