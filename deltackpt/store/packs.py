@@ -228,14 +228,13 @@ class ChunkStore:
         else:
             fetched = [fetch(pid) for pid in new]
         for pid, data in zip(new, fetched):
-            if data is None:
-                continue
-            try:
-                if isinstance(data, Exception):
-                    raise data
-                self._install_index(pid, data)
-            except (CorruptFileError, FormatVersionError) as exc:
-                self.bad_indexes[pid] = exc
+            if isinstance(data, Exception):
+                self.bad_indexes[pid] = data
+            elif data is not None:
+                try:
+                    self._install_index(pid, data)
+                except (CorruptFileError, FormatVersionError) as exc:
+                    self.bad_indexes[pid] = exc
 
     def _fetch_index(self, pid: str) -> bytes | None:
         try:
