@@ -379,16 +379,14 @@ def prefetch_windows(store: ChunkStore, jobs: Sequence[J], ids: Callable[[J], li
     cur_ids: set[bytes] = set()
     cur_bytes = 0
     for job in jobs:
-        wanted = ids(job)
-        new = [c for c in wanted if c not in cur_ids]
-        size = sum(store.frame_bytes(c) for c in new)
+        wanted = set(ids(job))
+        size = sum(store.frame_bytes(c) for c in wanted - cur_ids)
         if cur and cur_bytes + size > budget:
             windows.append((cur, cur_ids))
-            cur, cur_ids, new = [], set(), wanted
-            size = sum(store.frame_bytes(c) for c in set(new))
-            cur_bytes = 0
+            cur, cur_ids, cur_bytes = [], set(), 0
+            size = sum(store.frame_bytes(c) for c in wanted)
         cur.append(job)
-        cur_ids.update(new)
+        cur_ids |= wanted
         cur_bytes += size
     if cur:
         windows.append((cur, cur_ids))
