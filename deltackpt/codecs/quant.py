@@ -6,7 +6,15 @@ The delta ``d = x - ref`` of each block of ``block`` elements is scaled by ``max
 reference, so an element's error at any step is at most half a quantization step of that step's
 block (plus its pruning threshold and the final rounding to the tensor's dtype): errors do not
 accumulate along a chain. Payload: float32 scales, then the integers zigzag-mapped, one per
-byte (bits=8) or two per byte (bits=4, low nibble first); the frame layer zstd's it.
+byte (bits=8) or two per byte (bits=4, low nibble first); the frame layer entropy-codes it.
+
+With ``step > 0`` a block's scale is not its largest change over ``qmax`` but an error
+*budget*: ``step`` × a unit, or more only where a change would not fit in ``bits``. The unit is
+the RMS of the block's change (``unit="block"``: every block spends about the same bits, its
+error relative to how much it moved) or of the chunk's values (``unit="value"``, one binade in
+the log domain: an error bound in the values' own units, fixed in advance). Changes under half
+a step round to zero (the closed loop carries them to a later save), and at ``bits=8`` the
+frame's entropy coder codes the symbols at about their entropy, not ``bits`` per element.
 With ``domain="log"`` (for non-negative tensors such as Adam's ``exp_avg_sq``) the delta is
 taken between the values' *bit patterns* read as integers, which for positive floats is a
 piecewise-linear log2 scaled by 2**mantissa_bits: errors become relative, zeros stay exactly
@@ -62,9 +70,10 @@ class Quant(Codec):
     codec_id = "quant"
     lossless = False
     uses_reference = True
+    step: float = 0.0  # subclasses that scale blocks by their largest change keep it 0
 
     def __init__(self, bits: int = 8, block: int = 256, prune: float = 0.0,
-                 domain: str = "linear") -> None:
+                 domain: str = "linear", step: float = 0.0, unit: str = "value") -> None:
         if bits not in (2, 4, 8):
             raise CodecError("quant: bits must be 2, 4 or 8")
         if not 1 <= block <= 1 << 20:
@@ -73,20 +82,29 @@ class Quant(Codec):
             raise CodecError("quant: prune must be in [0, 16)")
         if domain not in ("linear", "log"):
             raise CodecError("quant: domain must be 'linear' or 'log'")
+        if not (0.0 <= step < 1e3):  # also refuses NaN
+            raise CodecError("quant: step must be in [0, 1000)")
         self.bits, self.block, self.prune, self.domain = bits, block, float(prune), domain
+        if unit not in ("value", "block"):
+            raise CodecError("quant: unit must be 'value' or 'block'")
+        self.step, self.unit = float(step), unit
 
     def get_config(self) -> dict[str, Any]:
-        return {"id": self.codec_id, "bits": self.bits, "block": self.block,
-                "prune": self.prune, "domain": self.domain}
+        config = {"id": self.codec_id, "bits": self.bits, "block": self.block,
+                  "prune": self.prune, "domain": self.domain}
+        if self.step:  # absent when 0, so configs written before the option read the same
+            config["step"], config["unit"] = self.step, self.unit
+        return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Codec:
-        extra = set(config) - {"id", "bits", "block", "prune", "domain"}
+        extra = set(config) - {"id", "bits", "block", "prune", "domain", "step", "unit"}
         if extra:
             raise CodecError(f"quant: unknown options {sorted(extra)}")
         try:
             return cls(int(config.get("bits", 8)), int(config.get("block", 256)),
-                       float(config.get("prune", 0.0)), str(config.get("domain", "linear")))
+                       float(config.get("prune", 0.0)), str(config.get("domain", "linear")),
+                       float(config.get("step", 0.0)), str(config.get("unit", "value")))
         except (TypeError, ValueError) as exc:
             raise CodecError(f"quant: bad config {config!r}: {exc}") from None
 
@@ -96,19 +114,29 @@ class Quant(Codec):
         mask = -(-n // 8) if self.domain == "log" else 0
         return nb, qbytes, mask
 
-    def _quantize(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Block scales (float32) and zigzag-packed integers of the delta ``d``."""
+    def _quantize(self, d: np.ndarray, unit: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """Block scales (float32) and zigzag-packed integers of the delta ``d``; with ``step``,
+        no scale under ``step`` × ``unit`` (the chunk's value unit), or with ``unit="block"``
+        under ``step`` × the RMS of the block's delta."""
         n = d.size
         nb = -(-n // self.block)
         padded = np.zeros(nb * self.block, dtype=d.dtype)
         padded[:n] = d
         blocks = padded.reshape(nb, self.block)
+        rms = np.sqrt(np.mean(np.square(blocks, dtype=np.float64), axis=1))
         if self.prune > 0:
-            rms = np.sqrt(np.mean(np.square(blocks, dtype=np.float64), axis=1))
             blocks = np.where(np.abs(blocks) < (self.prune * rms)[:, None], 0, blocks)
         qmax = (1 << (self.bits - 1)) - 1
         amax = np.abs(blocks).max(axis=1).astype(np.float32)
         scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1)).astype(np.float32)
+        with np.errstate(over="ignore"):
+            per = rms if self.unit == "block" else np.float64(unit)
+            floor = np.broadcast_to(np.float64(self.step) * per, (nb,)).astype(np.float32)
+        # no step, or one under float32's range: as without it; rounding the fit up keeps
+        # every |d| / scale within qmax after the float32 rounding
+        fit = np.nextafter(amax / np.float32(qmax), np.float32(np.inf))
+        scale = np.where(floor > 0, np.where(amax > 0, np.maximum(fit, floor), floor),
+                         scale).astype(np.float32)
         if not np.isfinite(scale).all():
             raise NotApplicable("delta too large to scale")
         q = np.clip(np.rint(blocks / scale[:, None].astype(blocks.dtype)), -qmax, qmax)
@@ -138,6 +166,16 @@ class Quant(Codec):
             raise NotApplicable("reference is zero where the value is not")
         return np.where(zero, 0, xb - rb).astype(np.float64), zero
 
+    def _unit(self, x: np.ndarray, etype: ElementType) -> float:
+        """With ``unit="value"``, what ``step`` is in units of: the RMS of the chunk's values
+        ``x``, or in the log domain one binade (2**mantissa_bits patterns, 1 / eps). 0 where
+        there is no step or it is per block (``unit="block"``, in :meth:`_quantize`)."""
+        if not self.step or self.unit == "block":
+            return 0.0
+        if self.domain == "log":
+            return 1 / precision(etype)[0]
+        return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
+
     @staticmethod
     def _bits(data: np.ndarray, etype: ElementType) -> np.ndarray:
         return data.view(uint_of_width(etype.word)).astype(np.int64)
@@ -149,10 +187,15 @@ class Quant(Codec):
         if not (np.isfinite(x).all() and np.isfinite(r).all()):
             raise NotApplicable("non-finite values")
         if self.domain == "linear":
-            scale, z = self._quantize(x - r)
-            return np.concatenate([scale.view(np.uint8), z]), 1
+            scale, z = self._quantize(x - r, self._unit(x, etype))
+            payload = np.concatenate([scale.view(np.uint8), z])
+            if self.step and not np.isfinite(to_float(self.decode(
+                    payload, ref, etype, data.size), etype)).all():
+                # a step rounds a change up to half a scale past it: past the type's range
+                raise NotApplicable("values too near the type's largest to round up")
+            return payload, 1
         d, zero = self._log_delta(data, ref, etype)
-        scale, z = self._quantize(d)
+        scale, z = self._quantize(d, self._unit(d, etype))
         return np.concatenate([scale.view(np.uint8), z,
                                np.packbits(zero, bitorder="little")]), 1
 
@@ -196,7 +239,7 @@ class Quant(Codec):
         else:
             xb = self._bits(data, etype)
             d = np.where(xb == 0, 0, xb - self._bits(ref, etype)).astype(np.float64)
-        half = self._half_step(d, payload)
+        half = self._half_step(d, payload) if not self.step else self._half_scale(d, payload)
         if self.domain == "linear":
             eps, tiny = precision(etype)
             compute = float(np.finfo(x.dtype).eps)
@@ -229,6 +272,20 @@ class Quant(Codec):
             rms = np.sqrt(np.mean(np.square(blocks), axis=1))
             worst = np.maximum(worst, self.prune * rms)
         return np.repeat(worst, self.block)[:n]
+
+    def _half_scale(self, d: np.ndarray, payload: np.ndarray) -> np.ndarray:
+        """Per element, half its block's scale as the payload stores it (with ``step``, where
+        scales are not a function of the delta alone), or the pruning threshold when larger."""
+        n = d.size
+        nb = -(-n // self.block)
+        half = np.repeat(payload[:4 * nb].copy().view(np.float32).astype(np.float64) / 2,
+                         self.block)[:n]
+        if self.prune > 0:
+            padded = np.zeros(nb * self.block)
+            padded[:n] = d
+            rms = np.sqrt(np.mean(np.square(padded.reshape(nb, self.block)), axis=1))
+            half = np.maximum(half, np.repeat(self.prune * rms, self.block)[:n])
+        return half
 
     def max_payload(self, nbytes: int, etype: ElementType) -> int | None:
         return quant_payload_bound(nbytes // max(1, etype.itemsize))

@@ -7,6 +7,7 @@ A :class:`Policy` is plain data: keyword arguments of :func:`deltackpt.open`, a 
 from __future__ import annotations
 
 import difflib
+import functools
 import numbers
 import os
 from collections.abc import Iterable
@@ -35,6 +36,8 @@ PRESETS = ("lossless", "balanced", "archive")
 #: delta, planes, zstd, reference copy) and by the one thread that feeds the workers, not by
 #: cores; ``workers=`` can still ask for more.
 MAX_DEFAULT_WORKERS = 64
+#: the largest ``lossy_budget``: half of ``quant``'s largest ``step``
+MAX_BUDGET = 100.0
 
 
 class UnknownOptionError(PolicyError, TypeError):
@@ -193,6 +196,11 @@ class Policy:
     #: with rules, every Nth save after a keyframe is also bit-exact (resumable); 0: only
     #: keyframes are exact
     exact_every: int = 0
+    #: an error budget instead of codec knobs (0: none): at inexact saves every float tensor
+    #: no rule matches is stored within ``lossy_budget`` x the RMS of its change since the
+    #: previous save (per chunk; closed loop, so errors never accumulate), the symbols
+    #: entropy-coded; see :func:`budget_rules` for what it picks. Larger: smaller and coarser
+    lossy_budget: float = 0.0
 
     def __post_init__(self) -> None:
         """Check every option's type and range (bool is not an int here), so a bad value fails
@@ -215,6 +223,10 @@ class Policy:
                              ("cache_bytes", 0, None), ("async_buffers", 1, None),
                              ("exact_every", 0, None)):
             object.__setattr__(self, name, check_int(own, name, getattr(self, name), lo, hi))
+        if type(self.lossy_budget) not in (int, float) \
+                or not 0 <= self.lossy_budget <= MAX_BUDGET:
+            raise refuse(own, "lossy_budget", self.lossy_budget,
+                         f"a float in [0, {MAX_BUDGET:g}] (0: no budget)")
         if type(self.delta_gain) not in (int, float) or not 0 < self.delta_gain <= 1:
             raise refuse(own, "delta_gain", self.delta_gain, "a float in (0, 1]")
         for name in ("fsync", "contexts"):
@@ -226,17 +238,22 @@ class Policy:
         object.__setattr__(self, "rules", tuple(_rule(r) for r in self.rules))
 
     @property
+    def effective_rules(self) -> tuple[Rule, ...]:
+        """The rules, then (with a ``lossy_budget``) the budget's for every other path."""
+        return self.rules + (budget_rules(self.lossy_budget) if self.lossy_budget else ())
+
+    @property
     def lossy(self) -> bool:
         """Whether any rule may store a tensor inexactly (a lossy codec, or drop)."""
         return any(r.codec == DROP or any(not get_codec(c).lossless for c in r.configs())
-                   for r in self.rules)
+                   for r in self.effective_rules)
 
     def rule_for(self, path: str, delta_index: int = 0) -> dict[str, Any] | list[dict[str, Any]] \
             | str:
         """The codec config, ``"lossless"`` or ``"drop"`` for ``path`` at an inexact step
         ``delta_index`` saves after its keyframe (``{"id": "hold"}`` where the matching rule's
         ``every`` skips that save)."""
-        for rule in self.rules:
+        for rule in self.effective_rules:
             if rule.matches(path):
                 if rule.every > 1 and delta_index % rule.every:
                     return dict(HOLD_CONFIG)
@@ -295,24 +312,39 @@ def _rule(r: Any) -> Rule:
 
 #: optimizer moments of Adam-family optimizers, wherever they sit in the state
 _EXP_AVG_SQ = "*exp_avg_sq"
+#: ``quant`` blocks under a budget: one float32 scale per 256 elements (0.125 bit each)
+BUDGET_BLOCK = 256
+
+
+@functools.lru_cache(maxsize=64)
+def budget_rules(budget: float) -> tuple[Rule, ...]:
+    """The rules of ``Policy(lossy_budget=budget)``, after any explicit ones.
+
+    Tensors that move every step (weights, first moments, momentum buffers): ``quant`` with
+    ``step = 2 x budget`` in units of the RMS of each block's change (``unit="block"``), so no
+    element errs by more than ``budget`` x that RMS (or 1/254 of the block's largest change,
+    where that is more); one symbol per byte, which the frame's rANS coder codes at about its
+    entropy (budget 0.75: ~1.7 bits per element with the scales). ``exp_avg_sq``, which moves
+    slowly and whose error moved the resumed loss least in benchmarks/bench_lossy.py: 2-bit
+    log-domain deltas at every 10th save, held between (its error recorded, closed loop)."""
+    step = 2 * float(budget)
+    return (Rule(_EXP_AVG_SQ, {"id": "quant", "bits": 2, "block": BUDGET_BLOCK,
+                               "domain": "log"}, every=10),
+            Rule("*", {"id": "quant", "bits": 8, "block": BUDGET_BLOCK, "step": step,
+                       "unit": "block"}))
 
 
 def preset(name: str) -> Policy:
-    """A named policy. ``lossless`` (default): bit-exact always. ``balanced``: 8-bit
-    closed-loop deltas, bit-exact every 10th save, a keyframe every 20th. ``archive``: 4-bit
-    closed-loop deltas, exact only at keyframes (every 100th save), ``exp_avg_sq`` (which moves
-    slowly) stored only every 10th save and held in between; for long runs where disk matters
-    most. Measured trade-offs (disk vs resume loss): benchmarks/results/lossy.md."""
+    """A named policy. ``lossless`` (default): bit-exact always. ``balanced``: error budget
+    0.1 (see :func:`budget_rules`), bit-exact every 10th save, a keyframe every 20th.
+    ``archive``: error budget 0.75, exact only at keyframes (every 100th save); for long runs
+    where disk matters most. Both are points of the ``lossy_budget`` curve; measured trade-offs
+    (disk vs resume loss): benchmarks/results/lossy.md."""
     if name == "lossless":
         return Policy()
     if name == "balanced":
-        return Policy(keyframe_every=20, exact_every=10, rules=(
-            Rule(_EXP_AVG_SQ, {"id": "quant", "bits": 8, "block": 256, "domain": "log"}),
-            Rule("*", {"id": "quant", "bits": 8, "block": 256})))
+        return Policy(keyframe_every=20, exact_every=10, lossy_budget=0.1)
     if name == "archive":
-        return Policy(keyframe_every=100, exact_every=0, rules=(
-            Rule(_EXP_AVG_SQ, {"id": "quant", "bits": 4, "block": 256, "domain": "log"},
-                 every=10),
-            Rule("*", {"id": "quant", "bits": 4, "block": 256})))
+        return Policy(keyframe_every=100, exact_every=0, lossy_budget=0.75)
     raise refuse("repository", "policy", name, "a Policy or a preset name: "
                   + ", ".join(PRESETS) + _did_you_mean(name, PRESETS))

@@ -273,7 +273,10 @@ def _case(codec: Any, dtype: str, kind: str, seed: int) -> dict[str, Any] | None
 def _configs(cls: Any) -> list[Any]:
     """The default instance, plus a few option variants for codecs that take options."""
     out = [cls()]
-    variants = {"quant": [dict(bits=4, block=16), dict(bits=8, domain="log")],
+    variants = {"quant": [dict(bits=4, block=16), dict(bits=8, domain="log"),
+                          dict(bits=8, block=16, step=0.05),
+                          dict(bits=8, block=8, step=1.5, unit="block"),
+                          dict(bits=4, block=8, step=0.5, domain="log")],
                 "sparse": [dict(block=8)],
                 "squant": [dict(bits=2, block=8, keep=0.5), dict(bits=8, block=16, keep=1.0),
                            dict(bits=4, block=8, keep=0.3, levels="log"),
