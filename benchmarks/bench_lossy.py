@@ -5,7 +5,7 @@ Workload 1 ("transformer"): the 3.2M-parameter char-level transformer of deltack
 trained once; a checkpoint (model + optimizer + scheduler + data RNG + step) every 5 steps, 100
 saves. Each checkpoint is written as a torch.save file (the baseline) and into one repository per
 method: deltackpt lossless, the presets ``balanced`` and ``archive``, points of the error-budget
-curve (``Policy(lossy_budget=...)``), and the fixed-width codecs for comparison (quant 8/4/2
+curve (``Policy(lossy_budget=...)``), and the fixed-width codecs for comparison (quant 4/2
 bits, sparse top-k squant, lowrank for 2-D weights).
 
 Workload 2 ("recsys"): a click model with a 200k x 32 item table and a 50k x 32 user table
@@ -30,7 +30,7 @@ cycle's loss and accuracy compared with the uninterrupted run from the original 
 The methods are the table ``METHODS`` (one line each: name -> open kwargs, the workloads it
 runs on); every preset of deltackpt is included even if the table does not name it.
 
-    python benchmarks/bench_lossy.py            # full run (~40 min on 2 idle cores), writes results/
+    python benchmarks/bench_lossy.py            # full run (~22 min on 2 idle cores), writes results/
     python benchmarks/bench_lossy.py --quick    # CI-sized smoke run (< 1 min), writes nothing
     python benchmarks/bench_lossy.py --quick --workloads cnn --methods archive --out /tmp/x
 """

@@ -36,7 +36,7 @@ PRESETS = ("lossless", "balanced", "archive")
 #: delta, planes, zstd, reference copy) and by the one thread that feeds the workers, not by
 #: cores; ``workers=`` can still ask for more.
 MAX_DEFAULT_WORKERS = 64
-#: the largest ``lossy_budget``: half of ``quant``'s largest ``step``
+#: the largest ``lossy_budget``: its steps (2 x budget, budget / 5) stay in ``quant``'s range
 MAX_BUDGET = 100.0
 
 
@@ -197,9 +197,10 @@ class Policy:
     #: keyframes are exact
     exact_every: int = 0
     #: an error budget instead of codec knobs (0: none): at inexact saves every float tensor
-    #: no rule matches is stored within ``lossy_budget`` x the RMS of its change since the
-    #: previous save (per chunk; closed loop, so errors never accumulate), the symbols
-    #: entropy-coded; see :func:`budget_rules` for what it picks. Larger: smaller and coarser
+    #: no rule matches is stored within ``lossy_budget`` x the RMS of its 256-element block's
+    #: change since the previous save (``exp_avg_sq``: within ``lossy_budget / 10`` of a
+    #: binade of its value), closed loop so errors never accumulate, the symbols entropy-coded;
+    #: see :func:`budget_rules`. Larger: smaller and coarser
     lossy_budget: float = 0.0
 
     def __post_init__(self) -> None:
