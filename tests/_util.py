@@ -61,3 +61,54 @@ def assert_bitexact(a: Any, b: Any, path: str = "") -> None:
         assert a.device == b.device, f"{where}: generator device differs"
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def train_adamw(steps: int, seed: int = 0) -> Any:
+    """States of a small MLP trained with AdamW, one per step (the live tensors: copy them)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        x = torch.randn(16, 32, generator=g)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        yield {"model": model.state_dict(), "optimizer": opt.state_dict()}
+
+
+def flat_leaves(state: Any) -> dict[str, Any]:
+    """Path -> leaf value of a nested state."""
+    from deltackpt.format.tree import flatten
+    return {leaf.path: leaf.value for leaf in flatten(state)[1]}
+
+
+def check_lossy_round_trip(cfg: dict[str, Any], dtype: torch.dtype, shape: tuple[int, ...],
+                           seed: int, scale: float, positive: bool) -> None:
+    """Encode a random chunk against a reference ``scale`` away (both non-negative and the
+    codec in the log domain when ``positive``): word 1, payload within its declared size,
+    deterministic encode and decode, every element within ``error_bound``."""
+    from deltackpt.codecs import get_codec
+    from deltackpt.codecs.floats import to_float
+    from deltackpt.format.dtypes import torch_type
+
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.randn(shape, generator=g, dtype=torch.float64)
+    cur = ref + scale * torch.randn(shape, generator=g, dtype=torch.float64)
+    if positive:
+        ref, cur = ref.abs() + 1e-3, cur.abs() + 1e-3
+        cfg = {**cfg, "domain": "log"}
+    codec, et = get_codec(cfg), torch_type(dtype)
+    data, refb = (t.to(dtype).reshape(-1).view(torch.uint8).numpy().copy() for t in (cur, ref))
+    payload, word = codec.encode(data.copy(), refb.copy(), et)
+    assert word == 1
+    assert codec.min_payload(data.size, et) <= payload.size <= codec.max_payload(data.size, et)
+    out = codec.decode(payload.copy(), refb.copy(), et, data.size)
+    assert np.array_equal(out, codec.decode(payload.copy(), refb.copy(), et, data.size))
+    assert np.array_equal(codec.encode(data.copy(), refb.copy(), et)[0], payload)
+    bound = codec.error_bound(data, refb, et, payload)
+    x, y = to_float(data, et).astype(np.float64), to_float(out, et).astype(np.float64)
+    assert (np.abs(y - x) <= bound).all()
+    if positive:
+        assert (y >= 0).all()

@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from _util import check_lossy_round_trip, flat_leaves, train_adamw
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deltackpt
 from deltackpt.codecs import get_codec
-from deltackpt.codecs.floats import to_float
 from deltackpt.engine.policy import MAX_BUDGET, Policy, Rule, budget_rules, preset
 from deltackpt.errors import CodecError, PolicyError
 from deltackpt.format.dtypes import torch_type
@@ -48,20 +48,7 @@ def _code(cfg, cur, ref):
 def test_step_round_trip_within_recorded_bound(cfg, dtype, shape, seed, scale, positive):
     """Deterministic encode and decode; every element within the error bound, in both domains,
     including an unchanged chunk (scale 0) and changes far above the step."""
-    g = torch.Generator().manual_seed(seed)
-    ref = torch.randn(shape, generator=g, dtype=torch.float64)
-    cur = ref + scale * torch.randn(shape, generator=g, dtype=torch.float64)
-    if positive:
-        ref, cur = ref.abs() + 1e-3, cur.abs() + 1e-3
-        cfg = {**cfg, "domain": "log"}
-    codec, et, data, refb, payload, word, out = _code(cfg, cur.to(dtype), ref.to(dtype))
-    assert word == 1
-    assert codec.min_payload(data.size, et) <= payload.size <= codec.max_payload(data.size, et)
-    assert np.array_equal(codec.encode(data.copy(), refb.copy(), et)[0], payload)
-    assert np.array_equal(codec.decode(payload.copy(), refb.copy(), et, data.size), out)
-    bound = codec.error_bound(data, refb, et, payload)
-    x, y = to_float(data, et).astype(np.float64), to_float(out, et).astype(np.float64)
-    assert (np.abs(y - x) <= bound).all()
+    check_lossy_round_trip(cfg, dtype, shape, seed, scale, positive)
 
 
 @pytest.mark.parametrize("unit", ["value", "block"])
@@ -174,25 +161,6 @@ def test_budget_policy_round_trips_through_json():
     assert Policy.from_kwargs("archive", {"lossy_budget": 0.1}).lossy_budget == 0.1
 
 
-def _train(steps: int, seed: int = 0):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(seed + 1)
-    for _ in range(steps):
-        x = torch.randn(16, 32, generator=g)
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        yield {"model": model.state_dict(), "optimizer": opt.state_dict()}
-
-
-def _flat(state):
-    from deltackpt.format.tree import flatten
-    return {leaf.path: leaf.value for leaf in flatten(state)[1]}
-
-
 def test_budget_run_records_honest_errors_and_trades_size_for_error(tmp_path):
     """Over a training run: every lossy step's recorded error bounds the measured one, the
     keyframe stays bit-exact, and a larger budget stores fewer bytes with a larger error."""
@@ -201,14 +169,14 @@ def test_budget_run_records_honest_errors_and_trades_size_for_error(tmp_path):
         states, total = {}, 0
         path = tmp_path / f"b{budget}"
         with deltackpt.open(path, keyframe_every=100, lossy_budget=budget, workers=1) as repo:
-            for step, state in enumerate(_train(12)):
+            for step, state in enumerate(train_adamw(12)):
                 total += repo.save(step, state).stored_bytes
                 states[step] = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                                for k, v in _flat(state).items()}
+                                for k, v in flat_leaves(state).items()}
         worst[budget] = 0.0
         with deltackpt.open(path, "r") as repo:
             for step, orig in states.items():
-                got, m = _flat(repo.load(step)), repo.manifest(step)
+                got, m = flat_leaves(repo.load(step)), repo.manifest(step)
                 entries = {e.path: e for e in m.tensors}
                 for k, v in orig.items():
                     if not isinstance(v, torch.Tensor):

@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _util import assert_bitexact
+from _util import assert_bitexact, check_lossy_round_trip, flat_leaves, train_adamw
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deltackpt
 from deltackpt.codecs import NotApplicable, get_codec
-from deltackpt.codecs.floats import to_float
 from deltackpt.engine.policy import Policy, Rule, preset
 from deltackpt.errors import CodecError, CorruptChunkError, PolicyError
 from deltackpt.format.dtypes import torch_type
@@ -38,28 +37,7 @@ def _b(t: torch.Tensor) -> np.ndarray:
        seed=st.integers(0, 2**16), scale=st.sampled_from([1e-4, 1e-2, 1.0, 100.0]),
        positive=st.booleans())
 def test_round_trip_within_bound(cfg, dtype, shape, seed, scale, positive):
-    g = torch.Generator().manual_seed(seed)
-    ref = torch.randn(shape, generator=g, dtype=torch.float64)
-    cur = ref + scale * torch.randn(shape, generator=g, dtype=torch.float64)
-    if positive:
-        ref, cur = ref.abs() + 1e-3, cur.abs() + 1e-3
-        cfg = {**cfg, "domain": "log"}
-    ref, cur = ref.to(dtype), cur.to(dtype)
-    codec, et = get_codec(cfg), torch_type(dtype)
-    data, refb = _b(cur), _b(ref)
-    payload, word = codec.encode(data.copy(), refb.copy(), et)
-    assert word == 1
-    assert codec.min_payload(data.size, et) <= payload.size <= codec.max_payload(data.size, et)
-    out = codec.decode(payload.copy(), refb.copy(), et, data.size)
-    again = codec.decode(payload.copy(), refb.copy(), et, data.size)
-    assert np.array_equal(out, again)  # deterministic
-    assert np.array_equal(codec.encode(data.copy(), refb.copy(), et)[0], payload)
-    bound = codec.error_bound(data, refb, et, payload)
-    x = to_float(data, et).astype(np.float64)
-    y = to_float(out, et).astype(np.float64)
-    assert (np.abs(y - x) <= bound).all()
-    if positive:
-        assert (y >= 0).all()
+    check_lossy_round_trip(cfg, dtype, shape, seed, scale, positive)
 
 
 def test_keep_is_a_fraction_per_block_with_ties_to_the_lower_index():
@@ -157,20 +135,6 @@ def test_hold_decodes_to_its_reference_and_declines_non_floats():
         codec.encode(np.zeros(4, np.uint8), np.zeros(4, np.uint8), torch_type(torch.int32))
 
 
-def _train(steps: int, seed: int = 0):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(seed + 1)
-    for _ in range(steps):
-        x = torch.randn(16, 32, generator=g)
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        yield {"model": model.state_dict(), "optimizer": opt.state_dict()}
-
-
 @pytest.mark.parametrize("policy", ["archive", Policy(keyframe_every=8, exact_every=4, rules=(
     Rule("*exp_avg_sq", {"id": "squant", "bits": 4, "keep": 0.5, "domain": "log"}, 3),
     Rule("*", {"id": "squant", "bits": 2, "keep": 0.2, "levels": "log", "block": 64})))])
@@ -179,16 +143,16 @@ def test_training_run_records_honest_errors(tmp_path, policy):
     exact steps (keyframes, exact_every) stay bit-exact."""
     states = {}
     with deltackpt.open(tmp_path / "r", policy=policy, chunk_bytes=4096, workers=1) as repo:
-        for step, state in enumerate(_train(14)):
+        for step, state in enumerate(train_adamw(14)):
             repo.save(step, state)
             states[step] = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
-                            for k, v in _flat(state).items()}
+                            for k, v in flat_leaves(state).items()}
     held = 0
     with deltackpt.open(tmp_path / "r", "r") as repo:
         for step, orig in states.items():
             m = repo.manifest(step)
             before = {e.path: e for e in repo.manifest(step - 1).tensors} if step else {}
-            got = _flat(repo.load(step))
+            got = flat_leaves(repo.load(step))
             if m.exact:
                 for k, v in orig.items():
                     if isinstance(v, torch.Tensor):
@@ -207,11 +171,6 @@ def test_training_run_records_honest_errors(tmp_path, policy):
         assert any(not repo.manifest(s).exact for s in states)
     pol = preset(policy) if isinstance(policy, str) else policy
     assert held or not any(r.every > 1 for r in pol.rules)
-
-
-def _flat(state):
-    from deltackpt.format.tree import flatten
-    return {leaf.path: leaf.value for leaf in flatten(state)[1]}
 
 
 def test_archive_preset_keeps_its_keyframes():
