@@ -33,6 +33,8 @@ WRONG_TYPES: dict[str, Any] = {
     "exact_every": _INTS,
     "delta_gain": st.one_of(st.booleans(), st.text(max_size=3), st.none(),
                             st.lists(st.floats(), max_size=2)),
+    "lossy_budget": st.one_of(st.booleans(), st.text(max_size=3), st.none(),
+                              st.lists(st.floats(), max_size=2)),
     "fsync": st.one_of(st.integers(), st.none(), st.text(max_size=3), st.floats()),
     "contexts": st.one_of(st.integers(), st.none(), st.text(max_size=3), st.floats()),
     "rules": st.one_of(st.integers(), st.text(min_size=1, max_size=3), st.booleans(),
@@ -42,6 +44,7 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "keyframe_every": [0, -1], "max_chain": [-1], "chunk_bytes": [63, (1 << 30) + 1], "zstd_level": [0, 23],
     "workers": [0], "max_pack_bytes": [0], "cache_bytes": [-1], "async_buffers": [0],
     "exact_every": [-1], "delta_gain": [0, 0.0, 1.5, float("nan"), float("inf")],
+    "lossy_budget": [-0.1, float("nan"), float("inf"), 100.5],
     "reference": ["prev", ""], "resume": ["Rebuild"], "codec": ["raw", "quant", "nope"],
 }
 
