@@ -45,6 +45,23 @@ def to_float(data: np.ndarray, etype: ElementType) -> np.ndarray:
     return vals.astype(np.float64 if np_type is np.float64 else np.float32)
 
 
+def finite_floats(data: np.ndarray, ref: np.ndarray,
+                  etype: ElementType) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`to_float` of a chunk and its reference; NotApplicable if either holds a NaN or an
+    infinity (a lossy codec stores such a chunk exactly)."""
+    x, r = to_float(data, etype), to_float(ref, etype)
+    if not (np.isfinite(x).all() and np.isfinite(r).all()):
+        raise NotApplicable("non-finite values")
+    return x, r
+
+
+def largest(etype: ElementType) -> float:
+    """The largest finite value of a float type this module handles."""
+    if etype.name == "bfloat16":
+        return (2 - 2.0 ** -7) * 2.0 ** 127
+    return float(np.finfo(_NUMPY_FLOATS[etype.name]).max)
+
+
 def precision(etype: ElementType) -> tuple[float, float]:
     """(machine epsilon, smallest subnormal) of a float type this module handles: rounding a
     value ``v`` to it errs by at most ``eps * |v| / 2``, or half the subnormal near zero."""

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import CodecError, CorruptChunkError
 from ..format.dtypes import ElementType
 from .base import Codec, NotApplicable, check_reference, register_codec
-from .floats import from_float, is_float, quiet_decode, to_float
+from .floats import finite_floats, from_float, is_float, quiet_decode, to_float
 from .quant import Quant, quant_payload_bound
 
 if TYPE_CHECKING:
@@ -91,9 +91,7 @@ class LowRank(Codec):
                etype: ElementType) -> tuple[np.ndarray, int]:
         ref = check_reference(self, data.size, ref)
         rows, cols = self._shape(data.size, etype)
-        x, r = to_float(data, etype), to_float(ref, etype)
-        if not (np.isfinite(x).all() and np.isfinite(r).all()):
-            raise NotApplicable("non-finite values")
+        x, r = finite_floats(data, ref, etype)
         with np.errstate(over="ignore"):
             d32 = (x - r).astype(np.float32)
         if not np.isfinite(d32).all():  # float64 values whose delta float32 cannot hold

@@ -31,7 +31,7 @@ import numpy.typing as npt
 from ..errors import CodecError, CorruptChunkError
 from ..format.dtypes import ElementType, uint_of_width
 from .base import Codec, NotApplicable, check_reference, register_codec
-from .floats import from_float, is_float, precision, quiet_decode, to_float
+from .floats import finite_floats, from_float, is_float, largest, precision, quiet_decode, to_float
 
 
 def _zigzag(q: np.ndarray, bits: int) -> np.ndarray:
@@ -123,14 +123,16 @@ class Quant(Codec):
         padded = np.zeros(nb * self.block, dtype=d.dtype)
         padded[:n] = d
         blocks = padded.reshape(nb, self.block)
-        rms = np.sqrt(np.mean(np.square(blocks, dtype=np.float64), axis=1))
+        per_block = self.step and self.unit == "block"
+        rms = np.sqrt(np.mean(np.square(blocks, dtype=np.float64), axis=1)) \
+            if self.prune > 0 or per_block else np.zeros(nb)
         if self.prune > 0:
             blocks = np.where(np.abs(blocks) < (self.prune * rms)[:, None], 0, blocks)
         qmax = (1 << (self.bits - 1)) - 1
         amax = np.abs(blocks).max(axis=1).astype(np.float32)
         scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1)).astype(np.float32)
         with np.errstate(over="ignore"):
-            per = rms if self.unit == "block" else np.float64(unit)
+            per = rms if per_block else np.float64(unit)
             floor = np.broadcast_to(np.float64(self.step) * per, (nb,)).astype(np.float32)
         # no step, or one under float32's range: as without it; rounding the fit up keeps
         # every |d| / scale within qmax after the float32 rounding
@@ -166,6 +168,13 @@ class Quant(Codec):
             raise NotApplicable("reference is zero where the value is not")
         return np.where(zero, 0, xb - rb).astype(np.float64), zero
 
+    @staticmethod
+    def _near_top(x: np.ndarray, r: np.ndarray, scale: np.ndarray, etype: ElementType) -> bool:
+        """Whether a step's rounding (a change rounded up to half a scale past it) could pass
+        the type's largest value: only then does the encoder decode to tell."""
+        return bool(x.size) and float(np.abs(x).max()) + float(np.abs(r).max()) \
+            + float(scale.max()) >= largest(etype)
+
     def _unit(self, x: np.ndarray, etype: ElementType) -> float:
         """With ``unit="value"``, what ``step`` is in units of: the RMS of the chunk's values
         ``x``, or in the log domain one binade (2**mantissa_bits patterns, 1 / eps). 0 where
@@ -183,15 +192,12 @@ class Quant(Codec):
     def encode(self, data: np.ndarray, ref: np.ndarray | None,
                etype: ElementType) -> tuple[np.ndarray, int]:
         ref = check_reference(self, data.size, ref)
-        x, r = to_float(data, etype), to_float(ref, etype)
-        if not (np.isfinite(x).all() and np.isfinite(r).all()):
-            raise NotApplicable("non-finite values")
+        x, r = finite_floats(data, ref, etype)
         if self.domain == "linear":
             scale, z = self._quantize(x - r, self._unit(x, etype))
             payload = np.concatenate([scale.view(np.uint8), z])
-            if self.step and not np.isfinite(to_float(self.decode(
-                    payload, ref, etype, data.size), etype)).all():
-                # a step rounds a change up to half a scale past it: past the type's range
+            if self.step and self._near_top(x, r, scale, etype) and not np.isfinite(to_float(
+                    self.decode(payload, ref, etype, data.size), etype)).all():
                 raise NotApplicable("values too near the type's largest to round up")
             return payload, 1
         d, zero = self._log_delta(data, ref, etype)
@@ -239,7 +245,7 @@ class Quant(Codec):
         else:
             xb = self._bits(data, etype)
             d = np.where(xb == 0, 0, xb - self._bits(ref, etype)).astype(np.float64)
-        half = self._half_step(d, payload) if not self.step else self._half_scale(d, payload)
+        half = self._half_step(d, payload)
         if self.domain == "linear":
             eps, tiny = precision(etype)
             compute = float(np.finfo(x.dtype).eps)
@@ -259,33 +265,21 @@ class Quant(Codec):
         return np.where(xb == 0, 0.0, bound)
 
     def _half_step(self, d: np.ndarray, payload: np.ndarray) -> np.ndarray:
-        """Per element of the delta ``d`` (float64), the most quantizing its block errs by
-        (``payload``, what encode returned, is for subclasses whose bound depends on it)."""
+        """Per element of the delta ``d`` (float64), the most quantizing its block errs by:
+        half its scale (with ``step``, as ``payload`` stores it), or the pruning threshold."""
         n = d.size
         nb = -(-n // self.block)
         padded = np.zeros(nb * self.block)
         padded[:n] = d
         blocks = padded.reshape(nb, self.block)
-        qmax = (1 << (self.bits - 1)) - 1
-        worst = np.abs(blocks).max(axis=1, initial=0.0) / qmax / 2
+        if self.step:  # scales are not a function of the delta alone: the payload's own
+            worst = payload[:4 * nb].copy().view(np.float32).astype(np.float64) / 2
+        else:
+            worst = np.abs(blocks).max(axis=1, initial=0.0) / ((1 << (self.bits - 1)) - 1) / 2
         if self.prune > 0:  # pruned elements err by their own size, under the threshold
             rms = np.sqrt(np.mean(np.square(blocks), axis=1))
             worst = np.maximum(worst, self.prune * rms)
         return np.repeat(worst, self.block)[:n]
-
-    def _half_scale(self, d: np.ndarray, payload: np.ndarray) -> np.ndarray:
-        """Per element, half its block's scale as the payload stores it (with ``step``, where
-        scales are not a function of the delta alone), or the pruning threshold when larger."""
-        n = d.size
-        nb = -(-n // self.block)
-        half = np.repeat(payload[:4 * nb].copy().view(np.float32).astype(np.float64) / 2,
-                         self.block)[:n]
-        if self.prune > 0:
-            padded = np.zeros(nb * self.block)
-            padded[:n] = d
-            rms = np.sqrt(np.mean(np.square(padded.reshape(nb, self.block)), axis=1))
-            half = np.maximum(half, np.repeat(self.prune * rms, self.block)[:n])
-        return half
 
     def max_payload(self, nbytes: int, etype: ElementType) -> int | None:
         return quant_payload_bound(nbytes // max(1, etype.itemsize))

@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import CodecError, CorruptChunkError
 from ..format.dtypes import ElementType, uint_of_width
 from .base import Codec, NotApplicable, check_reference, register_codec
-from .floats import from_float, quiet_decode, to_float
+from .floats import finite_floats, from_float, quiet_decode, to_float
 from .quant import Quant, pack_symbols, unpack_symbols
 
 #: float32 nearest 2**-0.5 (0x3F3504F3): the odd half-octave of the log levels
@@ -158,9 +158,7 @@ class SparseQuant(Quant):
     def encode(self, data: np.ndarray, ref: np.ndarray | None,
                etype: ElementType) -> tuple[np.ndarray, int]:
         ref = check_reference(self, data.size, ref)
-        x, r = to_float(data, etype), to_float(ref, etype)
-        if not (np.isfinite(x).all() and np.isfinite(r).all()):
-            raise NotApplicable("non-finite values")
+        x, r = finite_floats(data, ref, etype)
         tail: list[np.ndarray] = []
         if self.domain == "linear":
             d = x - r
