@@ -43,6 +43,21 @@ def test_method_table_is_valid_and_includes_every_preset(bench: ModuleType) -> N
     assert [m.label for m in merged if "q4 again" in m.aliases] == ["q4 = q4 again"]
 
 
+def test_sweep_table_is_valid(bench: ModuleType) -> None:
+    """benchmarks/bench_lossy_sweep.py's settings build valid policies, distinct from each other
+    and from the presets (else the sweep would measure a preset twice)."""
+    sys.path.insert(0, BENCH)
+    try:
+        import bench_lossy_sweep as sweep
+    finally:
+        sys.path.remove(BENCH)
+    methods = [bench.Method(n, dict(s.open_kwargs)) for n, s in sweep.SWEEP.items()]
+    presets = [bench.Method(p, {"policy": p}) for p in PRESETS]
+    keys = [bench.policy_key(m) for m in methods + presets]
+    assert len(set(keys)) == len(keys)
+    assert all(m.lossy for m in methods)
+
+
 @pytest.mark.slow  # about 1-2 min on 2 cores: run with --runslow
 def test_bench_lossy_quick_runs(bench: ModuleType, tmp_path, capsys) -> None:
     """All three workloads, baselines + one lossy preset, drift included; results written only

@@ -325,11 +325,11 @@ def budget_rules(budget: float) -> tuple[Rule, ...]:
     ``step = 2 x budget`` in units of the RMS of each block's change (``unit="block"``), so no
     element errs by more than ``budget`` x that RMS (or 1/254 of the block's largest change,
     where that is more); one symbol per byte, which the frame's rANS coder codes at about its
-    entropy (budget 0.75: ~1.7 bits per element with the scales). ``exp_avg_sq`` (non-negative,
-    slow, spanning decades): log-domain ``quant`` with ``step = budget / 5`` binades, so every
-    element stays within ``budget / 10`` of a binade of its value (budget 0.75: ~5 %), stored at
-    every save: holding it between saves (a rule's ``every``) let the resumed loss drift by
-    +4 % over ten repeated resumes in benchmarks/bench_lossy.py, as it grows all run long."""
+    entropy. ``exp_avg_sq`` (non-negative, slow, spanning decades): log-domain ``quant`` with
+    ``step = budget / 5`` binades, so every element stays within ``budget / 10`` of a binade of
+    its value (budget 0.75: at most 7.5 % of it), stored at every save: holding it between saves
+    (a rule's ``every``, as ``archive`` did at 3e58103) let the resumed loss drift by +4.2 % over
+    ten repeated resumes in benchmarks/bench_lossy.py, as it grows all run long."""
     step = 2 * float(budget)
     return (Rule(_EXP_AVG_SQ, {"id": "quant", "bits": 8, "block": BUDGET_BLOCK,
                                "domain": "log", "step": step / 10, "unit": "value"}),
