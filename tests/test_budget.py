@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import deltackpt
 from deltackpt.codecs import get_codec
 from deltackpt.engine.policy import MAX_BUDGET, Policy, Rule, budget_rules, preset
-from deltackpt.errors import CodecError, PolicyError
+from deltackpt.errors import CodecError, CorruptChunkError, PolicyError
 from deltackpt.format.dtypes import torch_type
 from deltackpt.format.frame import encode_frame
 
@@ -24,6 +24,9 @@ STEP_CONFIGS = [
     {"id": "quant", "bits": 8, "block": 64, "step": 0.1},
     {"id": "quant", "bits": 8, "block": 1024, "step": 1.5, "unit": "block"},
     {"id": "quant", "bits": 4, "block": 7, "step": 0.5, "unit": "block"},
+    {"id": "quant", "bits": 8, "block": 32, "step": 1.0, "unit": "chunk"},
+    {"id": "quant", "bits": 8, "block": 32, "step": 1.0, "unit": "block", "predict": "scaled"},
+    {"id": "quant", "bits": 4, "block": 16, "predict": "scaled"},
     {"id": "quant", "bits": 2, "block": 16, "step": 3.0, "prune": 0.5},
 ]
 
@@ -51,7 +54,7 @@ def test_step_round_trip_within_recorded_bound(cfg, dtype, shape, seed, scale, p
     check_lossy_round_trip(cfg, dtype, shape, seed, scale, positive)
 
 
-@pytest.mark.parametrize("unit", ["value", "block"])
+@pytest.mark.parametrize("unit", ["value", "block", "chunk"])
 @pytest.mark.parametrize("step", [0.05, 0.5, 2.0])
 def test_step_is_an_error_budget(unit, step):
     """No element errs by more than step/2 x the unit (the RMS of the values or of the
@@ -69,16 +72,37 @@ def test_step_is_an_error_budget(unit, step):
     d[:x.size] = x - r
     blocks = d.reshape(-1, 1024)
     per_block = lambda v: np.repeat(v, 1024)[:x.size]  # noqa: E731
-    u = np.sqrt(np.mean(np.square(x))) if unit == "value" else \
-        per_block(np.sqrt(np.mean(np.square(blocks), axis=1)))
+    u = {"value": lambda: np.sqrt(np.mean(np.square(x))),
+         "chunk": lambda: np.sqrt(np.mean(np.square(x - r))),
+         "block": lambda: per_block(np.sqrt(np.mean(np.square(blocks), axis=1)))}[unit]()
     fit = per_block(np.abs(blocks).max(axis=1) / 127)
     err = np.abs(out.view(np.float32).astype(np.float64) - x)
     assert (err <= np.maximum(step * u, fit) / 2 * (1 + 1e-5) + 1e-9).all()
     assert (step * u > fit).mean() > 0.9 if step >= 0.5 else True
     # a budget under the changes' size moves most elements; one far above moves none
     moved = np.mean(out.view(np.float32) != ref.astype(np.float32))
-    if unit == "block":
+    if unit != "value":
         assert moved > 0.4 if step <= 0.5 else moved < 0.5
+
+
+def test_chunk_unit_spends_bits_where_the_chunk_moved():
+    """With unit "chunk" one step serves the whole chunk: blocks that hardly moved round to
+    zero (the closed loop carries them), the block that moved most keeps its detail; with unit
+    "block" every block spends about the same bits. Same worst error, fewer bytes."""
+    rng = np.random.default_rng(11)
+    ref = rng.normal(0, 0.05, 64 * 256).astype(np.float32)
+    size = np.repeat(np.geomspace(1e-6, 1e-2, 64), 256)  # blocks moving over four decades
+    cur = (ref + rng.normal(0, 1, ref.size) * size).astype(np.float32)
+    by = {}
+    for unit in ("block", "chunk"):
+        cfg = {"id": "quant", "bits": 8, "block": 256, "step": 1.0, "unit": unit}
+        codec, et, data, refb, payload, _, out = _code(cfg, torch.from_numpy(cur),
+                                                       torch.from_numpy(ref))
+        moved = (out.view(np.float32) != ref).reshape(64, 256).mean(axis=1)
+        by[unit] = (len(encode_frame(payload, 1, 1)), moved)
+    assert by["block"][1].min() > 0.5  # every block moved
+    assert by["chunk"][1][:32].max() == 0 and by["chunk"][1][-1] > 0.5
+    assert by["chunk"][0] < 0.6 * by["block"][0]
 
 
 def test_log_domain_value_step_bounds_relative_error():
@@ -195,3 +219,51 @@ def test_budget_run_records_honest_errors_and_trades_size_for_error(tmp_path):
 def test_presets_are_points_on_the_budget_curve():
     assert preset("archive").lossy_budget > preset("balanced").lossy_budget > 0
     assert not math.isnan(preset("archive").lossy_budget)
+
+
+def test_scaled_prediction_codes_a_renewed_chunk_smaller():
+    """Adam's first moment is mostly renewed between saves (0.9**5 of it survives five steps):
+    predicting it as c x the reference (c fitted per chunk, stored in the payload) codes the
+    same error budget in fewer bytes than a delta against the reference itself; where the
+    chunk barely moved (a weight), c is about 1 and nothing is lost."""
+    rng = np.random.default_rng(5)
+    ref = rng.normal(0, 1e-3, 100_000).astype(np.float32)
+    cases = {"renewed": (0.2 * ref + rng.normal(0, 1e-3, ref.size)).astype(np.float32),
+             "moved a little": (ref + rng.normal(0, 1e-5, ref.size)).astype(np.float32)}
+    for name, cur in cases.items():
+        sizes, errs = {}, {}
+        for predict in ("none", "scaled"):
+            cfg = {"id": "quant", "step": 0.5, "unit": "value", "predict": predict}
+            *_, payload, _, out = _code(cfg, torch.from_numpy(cur), torch.from_numpy(ref))
+            sizes[predict] = len(encode_frame(payload, 1, 1))
+            errs[predict] = np.abs(out.view(np.float32).astype(np.float64) - cur).max()
+            if predict == "scaled":
+                c = payload[:4].copy().view(np.float32)[0]
+        unit = np.sqrt(np.mean(np.square(cur.astype(np.float64))))
+        assert max(errs.values()) <= 0.25 * unit * (1 + 1e-4), name  # the same budget
+        if name == "renewed":
+            # var(x - r) / var(x - 0.2 r) = 1.64: about half its log2, 0.36 bit per element
+            assert abs(c - 0.2) < 0.01
+            assert (sizes["none"] - sizes["scaled"]) * 8 / cur.size > 0.25
+        else:
+            assert abs(c - 1) < 1e-3 and sizes["scaled"] <= sizes["none"] * 1.01 + 8
+
+
+@pytest.mark.parametrize("factor", [1.5, -0.25, float("nan"), float("inf")])
+def test_scaled_prediction_refuses_a_bad_factor(factor):
+    cfg = {"id": "quant", "step": 1.0, "unit": "block", "predict": "scaled"}
+    cur, ref = torch.randn(300), torch.randn(300)
+    codec, et, data, refb, payload, _, _ = _code(cfg, cur, ref)
+    bad = payload.copy()
+    bad[:4] = np.frombuffer(np.float32(factor).tobytes(), np.uint8)
+    with pytest.raises(CorruptChunkError, match="prediction factor"):
+        codec.decode(bad, refb, et, data.size)
+
+
+def test_scaled_prediction_options_are_checked():
+    with pytest.raises(CodecError, match="linear domain"):
+        get_codec({"id": "quant", "predict": "scaled", "domain": "log"})
+    with pytest.raises(CodecError, match="predict"):
+        get_codec({"id": "quant", "predict": "linear"})
+    assert "predict" not in get_codec({"id": "quant"}).get_config()
+    assert get_codec({"id": "quant", "predict": "scaled"}).get_config()["predict"] == "scaled"

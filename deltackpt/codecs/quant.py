@@ -11,10 +11,18 @@ byte (bits=8) or two per byte (bits=4, low nibble first); the frame layer entrop
 With ``step > 0`` a block's scale is not its largest change over ``qmax`` but an error
 *budget*: ``step`` × a unit, or more only where a change would not fit in ``bits``. The unit is
 the RMS of the block's change (``unit="block"``: every block spends about the same bits, its
-error relative to how much it moved) or of the chunk's values (``unit="value"``, one binade in
-the log domain: an error bound in the values' own units, fixed in advance). Changes under half
+error relative to how much it moved), of the whole chunk's change (``unit="chunk"``: one step
+for the chunk, so blocks that hardly moved round to zero and those that moved most get the
+bits; the allocation that minimizes the chunk's total squared error for its size), or of the
+chunk's values (``unit="value"``, one binade in the log domain: an error bound in the values'
+own units, fixed in advance). Changes under half
 a step round to zero (the closed loop carries them to a later save), and at ``bits=8`` the
 frame's entropy coder codes the symbols at about their entropy, not ``bits`` per element.
+With ``predict="scaled"`` (linear domain) the delta is taken against ``c`` × the reference,
+``c`` in [0, 1] the chunk's least-squares factor (stored first in the payload): Adam's first
+moment keeps only 0.9**k of itself over k steps, so between saves it changes by more than its
+own size, and coding what the scaled reference does not predict takes fewer bits for the same
+error budget. Where a chunk barely moved ``c`` is about 1, as without it.
 With ``domain="log"`` (for non-negative tensors such as Adam's ``exp_avg_sq``) the delta is
 taken between the values' *bit patterns* read as integers, which for positive floats is a
 piecewise-linear log2 scaled by 2**mantissa_bits: errors become relative, zeros stay exactly
@@ -65,15 +73,23 @@ def unpack_symbols(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return np.stack(parts, axis=1).reshape(-1)[:count].astype(np.int64)
 
 
+#: What ``step`` is in units of (see the module docstring).
+UNITS = ("value", "block", "chunk")
+#: How the reference predicts the chunk: as itself, or scaled by a per-chunk factor.
+PREDICTORS = ("none", "scaled")
+
+
 @register_codec
 class Quant(Codec):
     codec_id = "quant"
     lossless = False
     uses_reference = True
     step: float = 0.0  # subclasses that scale blocks by their largest change keep it 0
+    predict: str = "none"  # and predict by the reference itself
 
     def __init__(self, bits: int = 8, block: int = 256, prune: float = 0.0,
-                 domain: str = "linear", step: float = 0.0, unit: str = "value") -> None:
+                 domain: str = "linear", step: float = 0.0, unit: str = "value",
+                 predict: str = "none") -> None:
         if bits not in (2, 4, 8):
             raise CodecError("quant: bits must be 2, 4 or 8")
         if not 1 <= block <= 1 << 20:
@@ -85,28 +101,59 @@ class Quant(Codec):
         if not (0.0 <= step < 1e3):  # also refuses NaN
             raise CodecError("quant: step must be in [0, 1000)")
         self.bits, self.block, self.prune, self.domain = bits, block, float(prune), domain
-        if unit not in ("value", "block"):
-            raise CodecError("quant: unit must be 'value' or 'block'")
+        if unit not in UNITS:
+            raise CodecError(f"quant: unit must be one of {', '.join(map(repr, UNITS))}")
         self.step, self.unit = float(step), unit
+        if predict not in PREDICTORS:
+            raise CodecError(f"quant: predict must be one of {', '.join(map(repr, PREDICTORS))}")
+        if predict != "none" and domain != "linear":
+            raise CodecError("quant: predict='scaled' takes the linear domain")
+        self.predict = predict
 
     def get_config(self) -> dict[str, Any]:
         config = {"id": self.codec_id, "bits": self.bits, "block": self.block,
                   "prune": self.prune, "domain": self.domain}
         if self.step:  # absent when 0, so configs written before the option read the same
             config["step"], config["unit"] = self.step, self.unit
+        if self.predict != "none":  # decode-affecting: a reader without it refuses the config
+            config["predict"] = self.predict
         return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Codec:
-        extra = set(config) - {"id", "bits", "block", "prune", "domain", "step", "unit"}
+        extra = set(config) - {"id", "bits", "block", "prune", "domain", "step", "unit",
+                               "predict"}
         if extra:
             raise CodecError(f"quant: unknown options {sorted(extra)}")
         try:
             return cls(int(config.get("bits", 8)), int(config.get("block", 256)),
                        float(config.get("prune", 0.0)), str(config.get("domain", "linear")),
-                       float(config.get("step", 0.0)), str(config.get("unit", "value")))
+                       float(config.get("step", 0.0)), str(config.get("unit", "value")),
+                       str(config.get("predict", "none")))
         except (TypeError, ValueError) as exc:
             raise CodecError(f"quant: bad config {config!r}: {exc}") from None
+
+    @property
+    def _head(self) -> int:
+        """Bytes before the block scales: the float32 factor of ``predict="scaled"``."""
+        return 4 if self.predict == "scaled" else 0
+
+    def _factor(self, x: np.ndarray, r: np.ndarray) -> np.float32:
+        """The least-squares factor ``c`` in [0, 1] that best predicts ``x`` as ``c`` × ``r``
+        (1 where ``r`` is all zero)."""
+        rr = float(np.dot(r, r.astype(np.float64)))
+        c = float(np.dot(x, r.astype(np.float64))) / rr if rr > 0 else 1.0
+        return np.float32(min(1.0, max(0.0, c)) if np.isfinite(c) else 1.0)
+
+    def _prediction(self, r: np.ndarray, payload: np.ndarray) -> np.ndarray:
+        """What the decoder adds the dequantized delta to: the reference ``r`` (floats), or
+        ``r`` × the payload's factor (one IEEE multiply in ``r``'s type)."""
+        if self.predict == "none":
+            return r
+        c = payload[:4].copy().view(np.float32)[0]
+        if not 0.0 <= c <= 1.0:  # also refuses NaN; the encoder clamps to [0, 1]
+            raise CorruptChunkError(f"quant payload's prediction factor {c!r} is not in [0, 1]")
+        return r * r.dtype.type(c)
 
     def _payload_sizes(self, n: int) -> tuple[int, int, int]:
         nb = -(-n // self.block)
@@ -176,12 +223,14 @@ class Quant(Codec):
             + float(scale.max()) >= largest(etype)
 
     def _unit(self, x: np.ndarray, etype: ElementType) -> float:
-        """With ``unit="value"``, what ``step`` is in units of: the RMS of the chunk's values
-        ``x``, or in the log domain one binade (2**mantissa_bits patterns, 1 / eps). 0 where
-        there is no step or it is per block (``unit="block"``, in :meth:`_quantize`)."""
+        """What ``step`` is in units of for the whole chunk: with ``unit="value"`` the RMS of
+        the chunk's values ``x`` (in the log domain one binade, 2**mantissa_bits patterns,
+        1 / eps); with ``unit="chunk"`` the RMS of its change ``x`` (the delta, in either
+        domain). 0 where there is no step or it is per block (``unit="block"``, in
+        :meth:`_quantize`)."""
         if not self.step or self.unit == "block":
             return 0.0
-        if self.domain == "log":
+        if self.domain == "log" and self.unit == "value":
             return 1 / precision(etype)[0]
         return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
 
@@ -194,8 +243,10 @@ class Quant(Codec):
         ref = check_reference(self, data.size, ref)
         x, r = finite_floats(data, ref, etype)
         if self.domain == "linear":
-            scale, z = self._quantize(x - r, self._unit(x, etype))
-            payload = np.concatenate([scale.view(np.uint8), z])
+            head = np.frombuffer(self._factor(x, r).tobytes(), np.uint8)[:self._head]
+            d = x - self._prediction(r, head)
+            scale, z = self._quantize(d, self._unit(d if self.unit == "chunk" else x, etype))
+            payload = np.concatenate([head, scale.view(np.uint8), z])
             if self.step and self._near_top(x, r, scale, etype) and not np.isfinite(to_float(
                     self.decode(payload, ref, etype, data.size), etype)).all():
                 raise NotApplicable("values too near the type's largest to round up")
@@ -211,12 +262,14 @@ class Quant(Codec):
         ref = check_reference(self, nbytes, ref)
         n = nbytes // etype.itemsize
         nb, qbytes, maskbytes = self._payload_sizes(n)
-        if payload.size != 4 * nb + qbytes + maskbytes:
+        head = self._head
+        if payload.size != head + 4 * nb + qbytes + maskbytes:
             raise CorruptChunkError(f"quant payload has {payload.size} bytes, expected "
-                                    f"{4 * nb + qbytes + maskbytes}")
+                                    f"{head + 4 * nb + qbytes + maskbytes}")
         if self.domain == "linear":
             r = to_float(ref, etype)
-            return from_float(r + self._dequantize(payload, n, r.dtype), etype)
+            p = self._prediction(r, payload)
+            return from_float(p + self._dequantize(payload[head:], n, r.dtype), etype)
         zero = np.unpackbits(payload[4 * nb + qbytes:], count=n,
                              bitorder="little").astype(bool)
         rb = self._bits(ref, etype)
@@ -241,11 +294,12 @@ class Quant(Codec):
         ref = check_reference(self, data.size, ref)
         x, r = to_float(data, etype), to_float(ref, etype)
         if self.domain == "linear":
+            r = self._prediction(r, payload)
             d = (x - r).astype(np.float64)
         else:
             xb = self._bits(data, etype)
             d = np.where(xb == 0, 0, xb - self._bits(ref, etype)).astype(np.float64)
-        half = self._half_step(d, payload)
+        half = self._half_step(d, payload[self._head:])
         if self.domain == "linear":
             eps, tiny = precision(etype)
             compute = float(np.finfo(x.dtype).eps)
@@ -282,7 +336,7 @@ class Quant(Codec):
         return np.repeat(worst, self.block)[:n]
 
     def max_payload(self, nbytes: int, etype: ElementType) -> int | None:
-        return quant_payload_bound(nbytes // max(1, etype.itemsize))
+        return self._head + quant_payload_bound(nbytes // max(1, etype.itemsize))
 
 
 def quant_payload_bound(n: int) -> int:
