@@ -151,7 +151,7 @@ class Spec:
 
 _SPARSE = {"id": "sparse", "block": 32}
 #: points of the error-budget curve run besides the presets' own
-BUDGETS = (0.25, 0.5, 1.0)
+BUDGETS = (0.25, 0.5, 1.0, 1.25)
 #: every method, one line each, in report order; a preset in deltackpt.engine.policy.PRESETS
 #: that is not listed is appended by itself (see :func:`methods_for`)
 METHODS: dict[str, Spec] = {
@@ -861,15 +861,17 @@ def codec_text(c: Any) -> str:
         return c
     if isinstance(c, list):
         return " then ".join(codec_text(x) for x in c)
+    scaled = " (scaled prediction)" if c.get("predict") == "scaled" else ""
     if c.get("id") == "quant" and c.get("step"):
-        unit = "its block's RMS change" if c.get("unit") == "block" else (
-            "a binade" if c.get("domain") == "log" else "the chunk's RMS value")
+        unit = {"block": f"its block's RMS change{scaled}",
+                "chunk": f"the chunk's RMS change{scaled}"}.get(c.get("unit", "value"), (
+                    "a binade" if c.get("domain") == "log" else "the chunk's RMS value"))
         return (f"quant step {c['step']:g} x {unit}" + (" log" if c.get("domain") == "log"
                                                         else "")
                 + (f" block {c['block']}" if c.get("block", 256) != 256 else ""))
     if c.get("id") == "quant":
-        return (f"quant {c.get('bits', 8)}-bit" + (f" prune {c['prune']:g}" if c.get("prune")
-                                                   else "")
+        return (f"quant {c.get('bits', 8)}-bit{scaled}"
+                + (f" prune {c['prune']:g}" if c.get("prune") else "")
                 + (" log" if c.get("domain") == "log" else "")
                 + (f" block {c['block']}" if c.get("block", 256) != 256 else ""))
     if c.get("id") == "squant":

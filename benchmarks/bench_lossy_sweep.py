@@ -1,49 +1,59 @@
-"""The design sweep behind ``lossy_budget``: bench_lossy's protocol on settings that are not
-presets, to show why the budget is what it is.
+"""The design sweep behind ``lossy_budget``: bench_lossy's protocol on the ``archive`` budget
+with one of its choices undone at a time, to show what each buys.
 
-Rows (all with a keyframe every 100 saves, no other exact save; ``w``/``m`` = the ``quant`` step
-of weights / first moments in units of each 256-element block's RMS change):
+Rows (all with a keyframe every 100 saves, no other exact save):
 
-* ``value 0.2``: the step in units of each chunk's RMS *value* (an error bound fixed in advance),
-  ``exp_avg_sq`` binade-relative: weights hardly move relative to their size, so they lag;
-* ``w2 m1.5 v/10`` and ``w2 m2 v/10``: coarser weights than moments, ``exp_avg_sq`` as 2-bit log
-  deltas at every 10th save and held between (the moments' step is what moves the loss most);
-* ``w1.5 v/10``: the archive budget with ``exp_avg_sq`` held between every 10th save (the
-  archive of 3e58103): small resume error, but see its drift;
-* the ``archive`` preset itself (``exp_avg_sq`` at every save) for comparison.
+* ``archive``: the preset (see ``deltackpt.engine.policy.budget_rules``);
+* ``no prediction``: every rule without ``predict="scaled"`` (deltas against the last value
+  itself): the first moment's change is larger than its value, ``exp_avg_sq`` lags;
+* ``v without offset``: only ``exp_avg_sq`` without it: changes under half a step round to
+  zero everywhere at once while it shrinks, so it lags behind, all one way (see the drift);
+* ``v stochastic``: ``exp_avg_sq`` unbiased by stochastic rounding instead of the offset:
+  no lag either, but every element pays for its random ±1s;
+* ``w by chunk``: weights and momentum with one step per chunk (``unit="chunk"``) instead of
+  per 256-element block: blocks that hardly move are left behind.
 
     python benchmarks/bench_lossy_sweep.py --workloads transformer --out /tmp/sweep
-    # same options as bench_lossy.py; add --drift-cycles 0 for the resume test only (~8 min)
+    # same options as bench_lossy.py; add --drift-cycles 0 for the resume test only
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import bench_lossy as B
 
-from deltackpt.engine.policy import Rule
+from deltackpt.engine.policy import Rule, budget_rules, preset
+
+ARCHIVE = preset("archive").lossy_budget
 
 
-def step(s: float, unit: str = "block", **kw: Any) -> dict[str, Any]:
-    return {"id": "quant", "bits": 8, "block": 256, "step": s, "unit": unit, **kw}
+def variant(change: Callable[[str, dict[str, Any]], dict[str, Any]]) -> B.Spec:
+    """The archive budget's rules, each codec config passed through ``change``."""
+    rules = tuple(Rule(r.pattern, change(r.pattern, dict(r.codec)))  # type: ignore[arg-type]
+                  for r in budget_rules(ARCHIVE))
+    return B.Spec({"rules": rules, **B.LONG}, True, B.DENSE)
 
 
-V10 = Rule(B.SQ, B.q(2, domain="log"), every=10)
+def without(key: str, where: str = "") -> Callable[[str, dict[str, Any]], dict[str, Any]]:
+    return lambda p, c: {k: v for k, v in c.items() if k != key or not p.endswith(where)}
+
+
 SWEEP: dict[str, B.Spec] = {
-    "value 0.2": B.Spec({"rules": (Rule(B.SQ, step(0.05, "value", domain="log")),
-                                   Rule("*", step(0.2, "value"))), **B.LONG}, True, B.DENSE),
-    "w2 m1.5 v/10": B.Spec({"rules": (V10, Rule("*exp_avg", step(1.5)), Rule("*", step(2.0))),
-                            **B.LONG}, True, B.DENSE),
-    "w2 m2 v/10": B.Spec({"rules": (V10, Rule("*", step(2.0))), **B.LONG}, True, B.DENSE),
-    "w1.5 v/10": B.Spec({"rules": (V10, Rule("*", step(1.5))), **B.LONG}, True, B.DENSE),
+    "no prediction": variant(without("predict")),
+    "v without offset": variant(without("predict", "exp_avg_sq")),
+    "v stochastic": variant(lambda p, c: {**without("predict", "exp_avg_sq")(p, c),
+                                          "rounding": "stochastic"}
+                            if p.endswith("exp_avg_sq") else c),
+    "w by chunk": variant(lambda p, c: c if p.endswith("exp_avg_sq") else {**c, "unit": "chunk"}),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    archive = B.METHODS["archive"]
     B.METHODS.clear()
-    B.METHODS.update({"torch.save": B.Spec(None, main=True), "lossless": B.Spec({}, main=True),
-                      **SWEEP})
+    B.METHODS.update({"torch.save": B.Spec(None, main=True), "archive": archive, **SWEEP})
     return B.main(argv)
 
 

@@ -18,11 +18,20 @@ chunk's values (``unit="value"``, one binade in the log domain: an error bound i
 own units, fixed in advance). Changes under half
 a step round to zero (the closed loop carries them to a later save), and at ``bits=8`` the
 frame's entropy coder codes the symbols at about their entropy, not ``bits`` per element.
-With ``predict="scaled"`` (linear domain) the delta is taken against ``c`` × the reference,
-``c`` in [0, 1] the chunk's least-squares factor (stored first in the payload): Adam's first
-moment keeps only 0.9**k of itself over k steps, so between saves it changes by more than its
-own size, and coding what the scaled reference does not predict takes fewer bits for the same
-error budget. Where a chunk barely moved ``c`` is about 1, as without it.
+With ``predict="scaled"`` the delta is taken against ``c`` × the reference, ``c`` in [0, 1]
+the chunk's least-squares factor (stored first in the payload): Adam's first moment keeps only
+0.9**k of itself over k steps, so between saves it changes by more than its own size, and
+coding what the scaled reference does not predict takes fewer bits for the same error budget.
+Where a chunk barely moved ``c`` is about 1, as without it. In the log domain the factor is an
+offset of the bit patterns (the chunk's mean change, an int32): when every ``exp_avg_sq``
+shrinks together as the loss falls, changes under half a step no longer all round to zero,
+which would hold the tensor behind and bias every update the same way.
+With ``rounding="stochastic"`` (encoder only) a scaled change rounds up with probability its
+fraction and down otherwise, from a generator seeded by the delta (so encoding is
+deterministic): each element may err by up to a whole scale instead of half, but the errors
+are unbiased. A slow, common drift (every ``exp_avg_sq`` shrinking as the loss falls) no
+longer rounds to zero everywhere at once, which holds the whole tensor behind by up to half a
+step and biases every update the same way.
 With ``domain="log"`` (for non-negative tensors such as Adam's ``exp_avg_sq``) the delta is
 taken between the values' *bit patterns* read as integers, which for positive floats is a
 piecewise-linear log2 scaled by 2**mantissa_bits: errors become relative, zeros stay exactly
@@ -35,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
 from ..errors import CodecError, CorruptChunkError
 from ..format.dtypes import ElementType, uint_of_width
@@ -77,6 +87,9 @@ def unpack_symbols(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 UNITS = ("value", "block", "chunk")
 #: How the reference predicts the chunk: as itself, or scaled by a per-chunk factor.
 PREDICTORS = ("none", "scaled")
+#: How a scaled change becomes an integer (encoder only): to the nearest, or up or down at
+#: random with the probability that makes the rounding unbiased.
+ROUNDINGS = ("nearest", "stochastic")
 
 
 @register_codec
@@ -86,10 +99,11 @@ class Quant(Codec):
     uses_reference = True
     step: float = 0.0  # subclasses that scale blocks by their largest change keep it 0
     predict: str = "none"  # and predict by the reference itself
+    rounding: str = "nearest"
 
     def __init__(self, bits: int = 8, block: int = 256, prune: float = 0.0,
                  domain: str = "linear", step: float = 0.0, unit: str = "value",
-                 predict: str = "none") -> None:
+                 predict: str = "none", rounding: str = "nearest") -> None:
         if bits not in (2, 4, 8):
             raise CodecError("quant: bits must be 2, 4 or 8")
         if not 1 <= block <= 1 << 20:
@@ -106,9 +120,10 @@ class Quant(Codec):
         self.step, self.unit = float(step), unit
         if predict not in PREDICTORS:
             raise CodecError(f"quant: predict must be one of {', '.join(map(repr, PREDICTORS))}")
-        if predict != "none" and domain != "linear":
-            raise CodecError("quant: predict='scaled' takes the linear domain")
         self.predict = predict
+        if rounding not in ROUNDINGS:
+            raise CodecError(f"quant: rounding must be one of {', '.join(map(repr, ROUNDINGS))}")
+        self.rounding = rounding
 
     def get_config(self) -> dict[str, Any]:
         config = {"id": self.codec_id, "bits": self.bits, "block": self.block,
@@ -117,26 +132,37 @@ class Quant(Codec):
             config["step"], config["unit"] = self.step, self.unit
         if self.predict != "none":  # decode-affecting: a reader without it refuses the config
             config["predict"] = self.predict
+        if self.rounding != "nearest":  # encoder only, but its error bound is twice as wide
+            config["rounding"] = self.rounding
         return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Codec:
         extra = set(config) - {"id", "bits", "block", "prune", "domain", "step", "unit",
-                               "predict"}
+                               "predict", "rounding"}
         if extra:
             raise CodecError(f"quant: unknown options {sorted(extra)}")
         try:
             return cls(int(config.get("bits", 8)), int(config.get("block", 256)),
                        float(config.get("prune", 0.0)), str(config.get("domain", "linear")),
                        float(config.get("step", 0.0)), str(config.get("unit", "value")),
-                       str(config.get("predict", "none")))
+                       str(config.get("predict", "none")),
+                       str(config.get("rounding", "nearest")))
         except (TypeError, ValueError) as exc:
             raise CodecError(f"quant: bad config {config!r}: {exc}") from None
 
     @property
     def _head(self) -> int:
-        """Bytes before the block scales: the float32 factor of ``predict="scaled"``."""
+        """Bytes before the block scales: with ``predict="scaled"`` the float32 factor (linear
+        domain) or the int32 bit-pattern offset (log domain)."""
         return 4 if self.predict == "scaled" else 0
+
+    def _offset(self, payload: np.ndarray) -> int:
+        """The log domain's prediction: the payload's offset added to every non-zero
+        element's bit pattern (a common factor of the values), 0 without ``predict``."""
+        if self.predict == "none":
+            return 0
+        return int(payload[:4].copy().view("<i4")[0])
 
     def _factor(self, x: np.ndarray, r: np.ndarray) -> np.float32:
         """The least-squares factor ``c`` in [0, 1] that best predicts ``x`` as ``c`` × ``r``
@@ -188,7 +214,12 @@ class Quant(Codec):
                          scale).astype(np.float32)
         if not np.isfinite(scale).all():
             raise NotApplicable("delta too large to scale")
-        q = np.clip(np.rint(blocks / scale[:, None].astype(blocks.dtype)), -qmax, qmax)
+        u = blocks / scale[:, None].astype(blocks.dtype)
+        if self.rounding == "stochastic":  # up with probability frac(u): unbiased, seeded by
+            # the delta itself so that encoding stays deterministic
+            seed = xxhash.xxh3_64_intdigest(np.ascontiguousarray(blocks).tobytes())
+            u = np.floor(u + np.random.default_rng(seed).random(u.shape, dtype=np.float64))
+        q = np.clip(np.rint(u), -qmax, qmax)
         z = _zigzag(q.astype(np.int16).reshape(-1)[:n], self.bits)
         return scale, pack_symbols(z, self.bits)
 
@@ -252,8 +283,14 @@ class Quant(Codec):
                 raise NotApplicable("values too near the type's largest to round up")
             return payload, 1
         d, zero = self._log_delta(data, ref, etype)
+        head = np.empty(0, np.uint8)
+        if self.predict == "scaled":  # the mean change, so a drift common to all is no lag
+            moved = d[~zero]
+            o = int(np.clip(np.rint(moved.mean()), -(2**31 - 1), 2**31 - 1)) if moved.size else 0
+            head = np.frombuffer(np.array([o], "<i4").tobytes(), np.uint8)
+            d = np.where(zero, 0.0, d - o)
         scale, z = self._quantize(d, self._unit(d, etype))
-        return np.concatenate([scale.view(np.uint8), z,
+        return np.concatenate([head, scale.view(np.uint8), z,
                                np.packbits(zero, bitorder="little")]), 1
 
     @quiet_decode
@@ -270,15 +307,15 @@ class Quant(Codec):
             r = to_float(ref, etype)
             p = self._prediction(r, payload)
             return from_float(p + self._dequantize(payload[head:], n, r.dtype), etype)
-        zero = np.unpackbits(payload[4 * nb + qbytes:], count=n,
+        zero = np.unpackbits(payload[head + 4 * nb + qbytes:], count=n,
                              bitorder="little").astype(bool)
         rb = self._bits(ref, etype)
         inf = np.array([np.inf], np.float64 if etype.itemsize == 8 else np.float32)
         inf_bits = int(self._bits(from_float(inf, etype), etype)[0])
-        d = np.rint(self._dequantize(payload, n, np.float64))
+        d = np.rint(self._dequantize(payload[head:], n, np.float64))
         if n and np.abs(d).max() >= 2.0 ** (8 * etype.word - 1):  # wider than any bit pattern
             raise CorruptChunkError("quant payload decodes to a delta wider than the dtype")
-        yb = rb + d.astype(np.int64)
+        yb = rb + self._offset(payload) + d.astype(np.int64)
         yb = np.clip(yb, 1, inf_bits - 1)            # positive, finite
         yb = np.where(zero, 0, yb).astype(uint_of_width(etype.word))
         return yb.view(np.uint8)
@@ -298,7 +335,8 @@ class Quant(Codec):
             d = (x - r).astype(np.float64)
         else:
             xb = self._bits(data, etype)
-            d = np.where(xb == 0, 0, xb - self._bits(ref, etype)).astype(np.float64)
+            d = np.where(xb == 0, 0, xb - self._bits(ref, etype)
+                         - self._offset(payload)).astype(np.float64)
         half = self._half_step(d, payload[self._head:])
         if self.domain == "linear":
             eps, tiny = precision(etype)
@@ -320,7 +358,8 @@ class Quant(Codec):
 
     def _half_step(self, d: np.ndarray, payload: np.ndarray) -> np.ndarray:
         """Per element of the delta ``d`` (float64), the most quantizing its block errs by:
-        half its scale (with ``step``, as ``payload`` stores it), or the pruning threshold."""
+        half its scale (with ``step``, as ``payload`` stores it; a whole one with stochastic
+        rounding), or the pruning threshold."""
         n = d.size
         nb = -(-n // self.block)
         padded = np.zeros(nb * self.block)
@@ -330,6 +369,8 @@ class Quant(Codec):
             worst = payload[:4 * nb].copy().view(np.float32).astype(np.float64) / 2
         else:
             worst = np.abs(blocks).max(axis=1, initial=0.0) / ((1 << (self.bits - 1)) - 1) / 2
+        if self.rounding == "stochastic":  # rounded up or down: less than a whole scale
+            worst = worst * 2
         if self.prune > 0:  # pruned elements err by their own size, under the threshold
             rms = np.sqrt(np.mean(np.square(blocks), axis=1))
             worst = np.maximum(worst, self.prune * rms)

@@ -36,7 +36,7 @@ PRESETS = ("lossless", "balanced", "archive")
 #: delta, planes, zstd, reference copy) and by the one thread that feeds the workers, not by
 #: cores; ``workers=`` can still ask for more.
 MAX_DEFAULT_WORKERS = 64
-#: the largest ``lossy_budget``: its steps (2 x budget, budget / 5) stay in ``quant``'s range
+#: the largest ``lossy_budget``: its steps (at most 2.5 x budget) stay in ``quant``'s range
 MAX_BUDGET = 100.0
 
 
@@ -313,6 +313,7 @@ def _rule(r: Any) -> Rule:
 
 #: optimizer moments of Adam-family optimizers, wherever they sit in the state
 _EXP_AVG_SQ = "*exp_avg_sq"
+_EXP_AVG = "*exp_avg"
 #: ``quant`` blocks under a budget: one float32 scale per 256 elements (0.125 bit each)
 BUDGET_BLOCK = 256
 
@@ -321,20 +322,28 @@ BUDGET_BLOCK = 256
 def budget_rules(budget: float) -> tuple[Rule, ...]:
     """The rules of ``Policy(lossy_budget=budget)``, after any explicit ones.
 
-    Tensors that move every step (weights, first moments, momentum buffers): ``quant`` with
-    ``step = 2 x budget`` in units of the RMS of each block's change (``unit="block"``), so no
-    element errs by more than ``budget`` x that RMS (or 1/254 of the block's largest change,
-    where that is more); one symbol per byte, which the frame's rANS coder codes at about its
-    entropy. ``exp_avg_sq`` (non-negative, slow, spanning decades): log-domain ``quant`` with
-    ``step = budget / 5`` binades, so every element stays within ``budget / 10`` of a binade of
-    its value (budget 0.75: at most 7.5 % of it), stored at every save: holding it between saves
-    (a rule's ``every``, as ``archive`` did at 3e58103) let the resumed loss drift by +4.2 % over
-    ten repeated resumes in benchmarks/bench_lossy.py, as it grows all run long."""
-    step = 2 * float(budget)
-    return (Rule(_EXP_AVG_SQ, {"id": "quant", "bits": 8, "block": BUDGET_BLOCK,
-                               "domain": "log", "step": step / 10, "unit": "value"}),
-            Rule("*", {"id": "quant", "bits": 8, "block": BUDGET_BLOCK, "step": step,
-                       "unit": "block"}))
+    Tensors that move every step (weights, momentum buffers): ``quant`` with ``step = 2 x
+    budget`` in units of the RMS of each block's change (``unit="block"``), so no element errs
+    by more than ``budget`` x that RMS (or 1/254 of the block's largest change, where that is
+    more); one symbol per byte, which the frame's rANS coder codes at about its entropy. The
+    change is taken against ``c`` x the last value (``predict="scaled"``, ``c`` fitted per
+    chunk): about 1 for weights, about 0.9**k for a momentum k steps on, which otherwise changes
+    by more than its own size. Adam's ``exp_avg`` gets ``step = 2.5 x budget``: its errors
+    decay with it (by 0.9 a step), while a weight's persist. ``exp_avg_sq`` (non-negative,
+    slow, spanning decades): log-domain ``quant`` with ``step = 0.8 x budget`` binades, so every
+    element stays within ``0.4 x budget`` of a binade of its value (budget 0.75: 23 % of it,
+    11 % of its square root, which is what scales an update); stored at every save: holding it
+    between saves (a rule's ``every``, as ``archive`` did at 3e58103) let the resumed loss drift
+    by +4.2 % over ten repeated resumes in benchmarks/bench_lossy.py, as it grows all run long.
+    Scalars (Adam's ``step``) are never lossy (see :class:`~deltackpt.engine.writer`)."""
+    b = float(budget)
+    quant = {"id": "quant", "bits": 8, "block": BUDGET_BLOCK}
+    moving = {**quant, "unit": "block", "predict": "scaled"}
+    # rounded so that configs read as written (0.6, not 0.6000000000000001)
+    return (Rule(_EXP_AVG_SQ, {**quant, "domain": "log", "step": round(0.8 * b, 9),
+                               "unit": "value", "predict": "scaled"}),
+            Rule(_EXP_AVG, {**moving, "step": round(2.5 * b, 9)}),
+            Rule("*", {**moving, "step": round(2 * b, 9)}))
 
 
 def preset(name: str) -> Policy:

@@ -221,7 +221,9 @@ class StepEncoder:
         rule = self.policy.rule_for(leaf.path, self.delta_index)
         if rule == DROP:
             return [], not self.exact, 1
-        if rule == LOSSLESS:
+        if rule == LOSSLESS or int(np.prod(tuple(leaf.value.shape))) <= 1:
+            # a scalar (Adam's step count, a loss scale) is a counter, not a field of values:
+            # no lossy codec's error is meaningful for it, and its bytes do not matter
             return [], False, 1
         assert not isinstance(rule, str)  # "drop" and "lossless" are the only strings
         cfgs = [dict(c) for c in (rule if isinstance(rule, list) else [rule])]
