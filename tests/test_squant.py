@@ -176,6 +176,7 @@ def test_training_run_records_honest_errors(tmp_path, policy):
 def test_archive_preset_keeps_its_keyframes():
     p = preset("archive")
     assert p.keyframe_every == 100 and p.exact_every == 0 and p.lossy
-    assert [r.every for r in p.effective_rules] == [1, 1]
-    assert p.rule_for("optimizer/state/3/exp_avg_sq", 7)["step"] == 0.15
+    assert [r.every for r in p.effective_rules] == [1, 1, 1]  # exp_avg_sq never held
+    assert p.rule_for("optimizer/state/3/exp_avg_sq", 7)["step"] == 0.6
+    assert p.rule_for("optimizer/state/3/exp_avg", 7)["step"] == 1.875
     assert p.rule_for("model/w", 7)["step"] == 1.5
