@@ -274,7 +274,8 @@ class Quant(Codec):
         ref = check_reference(self, data.size, ref)
         x, r = finite_floats(data, ref, etype)
         if self.domain == "linear":
-            head = np.frombuffer(self._factor(x, r).tobytes(), np.uint8)[:self._head]
+            head = np.frombuffer(self._factor(x, r).tobytes(), np.uint8) \
+                if self.predict == "scaled" else np.empty(0, np.uint8)
             d = x - self._prediction(r, head)
             scale, z = self._quantize(d, self._unit(d if self.unit == "chunk" else x, etype))
             payload = np.concatenate([head, scale.view(np.uint8), z])
