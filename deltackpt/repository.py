@@ -848,7 +848,7 @@ class Repository:
 
         def build(txn: str) -> tuple[Manifest, int]:
             enc = StepEncoder(self.store, self._pool, self.policy, keyframe, ref, step,
-                              exact, delta_index).encode(leaves)
+                              exact, delta_index).encode(leaves, tree)
             enc_box.append(enc)
             return Manifest(
                 step=step, time=_now(), kind="keyframe" if keyframe else "delta",

@@ -30,6 +30,7 @@ VARIANTS: list[dict[str, Any]] = [
     {"id": "quant", "bits": 8, "block": 16, "step": 1.5, "unit": "chunk"},
     {"id": "quant", "bits": 4, "block": 8, "step": 0.5, "unit": "chunk", "domain": "log"},
     {"id": "quant", "bits": 8, "block": 16, "step": 1.0, "unit": "block", "predict": "scaled"},
+    {"id": "quant", "bits": 8, "block": 16, "step": 1.5, "unit": "weighted", "predict": "scaled"},
     {"id": "quant", "bits": 2, "block": 5, "prune": 0.5, "predict": "scaled"},
     {"id": "quant", "bits": 8, "block": 16, "step": 0.5, "domain": "log", "rounding": "stochastic"},
     {"id": "quant", "bits": 2, "block": 5, "rounding": "stochastic", "predict": "scaled"},

@@ -103,6 +103,24 @@ class Codec(ABC):
         measured, and recorded in the manifest)."""
         return np.zeros(data.size // max(1, etype.itemsize)) if self.lossless else None
 
+    def wants_weights(self) -> bool:
+        """Whether the encoder spends its error by per-element weights of the loss's
+        sensitivity (:meth:`weighted`); the writer pairs a tensor with them where the state
+        says how (see :mod:`deltackpt.engine.sensitivity`). Decoding never depends on them."""
+        return False
+
+    def weighted_energy(self, data: np.ndarray, ref: np.ndarray, etype: ElementType,
+                        weights: np.ndarray | None) -> float:
+        """For :meth:`wants_weights` codecs: the sum over the chunk of weight x the squared
+        change the encoder would code (weights None: all 1); the writer sums it over a rule's
+        tensors into the rule's weighted RMS change, the unit of :meth:`weighted`."""
+        raise NotImplementedError(f"codec {self.codec_id!r} takes no weights")
+
+    def weighted(self, weights: np.ndarray | None, unit: float) -> Codec:
+        """The encoder for one chunk given its ``weights`` (float64 per element, None: all 1)
+        and its rule's weighted RMS change ``unit`` (> 0); itself where it takes none."""
+        return self
+
     def replay_modes(self, frame: Frame) -> list[int]:
         """For a :attr:`plane_replay` codec, how the byte planes of a payload ``frame`` rebuild
         the chunk's planes, one mode per plane: ``MODE_LITERAL`` (the plane is the chunk's own)

@@ -15,7 +15,8 @@ error relative to how much it moved), of the whole chunk's change (``unit="chunk
 for the chunk, so blocks that hardly moved round to zero and those that moved most get the
 bits; the allocation that minimizes the chunk's total squared error for its size), or of the
 chunk's values (``unit="value"``, one binade in the log domain: an error bound in the values'
-own units, fixed in advance). Changes under half
+own units, fixed in advance), or the state's sensitivity (``unit="weighted"``, below).
+Changes under half
 a step round to zero (the closed loop carries them to a later save), and at ``bits=8`` the
 frame's entropy coder codes the symbols at about their entropy, not ``bits`` per element.
 With ``predict="scaled"`` the delta is taken against ``c`` × the reference, ``c`` in [0, 1]
@@ -32,6 +33,13 @@ deterministic): each element may err by up to a whole scale instead of half, but
 are unbiased. A slow, common drift (every ``exp_avg_sq`` shrinking as the loss falls) no
 longer rounds to zero everywhere at once, which holds the whole tensor behind by up to half a
 step and biases every update the same way.
+With ``unit="weighted"`` (encoder only) the writer passes per-element weights ``w`` of the
+loss's sensitivity (for a weight, Adam's ``exp_avg_sq`` of it: the diagonal Fisher) and ``U``,
+the weighted RMS change ``sqrt(mean(w d**2))`` over every tensor of the rule at this save; a
+block's step is then ``step`` × ``U / sqrt(mean w over the block)``, within [1/2, 8] × its
+``unit="block"`` step. That spends the error where the loss is flat: for a given sum of
+``w`` × error², the fewest bits. Without weights (uniform ``w``) every block gets ``step`` × ``U``,
+within the same range; a tensor the writer has no weights for is coded as with ``"block"``.
 With ``domain="log"`` (for non-negative tensors such as Adam's ``exp_avg_sq``) the delta is
 taken between the values' *bit patterns* read as integers, which for positive floats is a
 piecewise-linear log2 scaled by 2**mantissa_bits: errors become relative, zeros stay exactly
@@ -40,6 +48,7 @@ transcendental functions, whose last bit varies between CPUs).
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -84,7 +93,9 @@ def unpack_symbols(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 #: What ``step`` is in units of (see the module docstring).
-UNITS = ("value", "block", "chunk")
+UNITS = ("value", "block", "chunk", "weighted")
+#: ``unit="weighted"``: a block's step stays within these factors of its ``"block"`` step
+WEIGHTED_RANGE = (0.5, 8.0)
 #: How the reference predicts the chunk: as itself, or scaled by a per-chunk factor.
 PREDICTORS = ("none", "scaled")
 #: How a scaled change becomes an integer (encoder only): to the nearest, or up or down at
@@ -100,6 +111,10 @@ class Quant(Codec):
     step: float = 0.0  # subclasses that scale blocks by their largest change keep it 0
     predict: str = "none"  # and predict by the reference itself
     rounding: str = "nearest"
+    #: ``unit="weighted"``: this chunk's weights (None: uniform) and the rule's weighted RMS
+    #: change, set by :meth:`weighted` on a per-chunk copy; 0: code as with ``"block"``
+    chunk_weights: np.ndarray | None = None
+    weight_unit: float = 0.0
 
     def __init__(self, bits: int = 8, block: int = 256, prune: float = 0.0,
                  domain: str = "linear", step: float = 0.0, unit: str = "value",
@@ -196,7 +211,7 @@ class Quant(Codec):
         padded = np.zeros(nb * self.block, dtype=d.dtype)
         padded[:n] = d
         blocks = padded.reshape(nb, self.block)
-        per_block = self.step and self.unit == "block"
+        per_block = self.step and self.unit in ("block", "weighted")
         rms = np.sqrt(np.mean(np.square(blocks, dtype=np.float64), axis=1)) \
             if self.prune > 0 or per_block else np.zeros(nb)
         if self.prune > 0:
@@ -204,8 +219,10 @@ class Quant(Codec):
         qmax = (1 << (self.bits - 1)) - 1
         amax = np.abs(blocks).max(axis=1).astype(np.float32)
         scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1)).astype(np.float32)
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
             per = rms if per_block else np.float64(unit)
+            if per_block and self.unit == "weighted" and self.weight_unit > 0:
+                per = self._weighted_unit(rms, n, nb)
             floor = np.broadcast_to(np.float64(self.step) * per, (nb,)).astype(np.float32)
         # no step, or one under float32's range: as without it; rounding the fit up keeps
         # every |d| / scale within qmax after the float32 rounding
@@ -222,6 +239,39 @@ class Quant(Codec):
         q = np.clip(np.rint(u), -qmax, qmax)
         z = _zigzag(q.astype(np.int16).reshape(-1)[:n], self.bits)
         return scale, pack_symbols(z, self.bits)
+
+    def _weighted_unit(self, rms: np.ndarray, n: int, nb: int) -> np.ndarray:
+        """Per block, what ``step`` is in units of with ``unit="weighted"``: ``U / sqrt(w̄)``
+        (``w̄`` the block's mean weight, 1 without weights) within :data:`WEIGHTED_RANGE` ×
+        the block's RMS change."""
+        if self.chunk_weights is None:
+            target = np.full(nb, self.weight_unit)
+        else:
+            w = np.zeros(nb * self.block)
+            w[:n] = np.nan_to_num(self.chunk_weights, nan=0.0, posinf=0.0).clip(min=0.0)
+            count = np.minimum(self.block, n - self.block * np.arange(nb))
+            wbar = w.reshape(nb, self.block).sum(axis=1) / count
+            target = self.weight_unit / np.sqrt(wbar)  # inf where nothing is sensitive: the cap
+        lo, hi = WEIGHTED_RANGE
+        return np.clip(target, lo * rms, hi * rms)
+
+    def wants_weights(self) -> bool:
+        return bool(self.step) and self.unit == "weighted"
+
+    def weighted(self, weights: np.ndarray | None, unit: float) -> Codec:
+        if not self.wants_weights():
+            return self
+        c = copy.copy(self)
+        c.chunk_weights, c.weight_unit = weights, float(unit)
+        return c
+
+    def weighted_energy(self, data: np.ndarray, ref: np.ndarray, etype: ElementType,
+                        weights: np.ndarray | None) -> float:
+        d = self._residual(data, ref, etype)[1]  # NotApplicable propagates: no weights then
+        if weights is None:
+            return float(np.dot(d, d))
+        w = np.nan_to_num(weights, nan=0.0, posinf=0.0).clip(min=0.0)
+        return float(np.dot(w, d * d))
 
     def _dequantize(self, payload: np.ndarray, n: int, dtype: npt.DTypeLike) -> np.ndarray:
         nb, qbytes, _ = self._payload_sizes(n)
@@ -259,7 +309,7 @@ class Quant(Codec):
         1 / eps); with ``unit="chunk"`` the RMS of its change ``x`` (the delta, in either
         domain). 0 where there is no step or it is per block (``unit="block"``, in
         :meth:`_quantize`)."""
-        if not self.step or self.unit == "block":
+        if not self.step or self.unit in ("block", "weighted"):
             return 0.0
         if self.domain == "log" and self.unit == "value":
             return 1 / precision(etype)[0]
@@ -269,20 +319,17 @@ class Quant(Codec):
     def _bits(data: np.ndarray, etype: ElementType) -> np.ndarray:
         return data.view(uint_of_width(etype.word)).astype(np.int64)
 
-    def encode(self, data: np.ndarray, ref: np.ndarray | None,
-               etype: ElementType) -> tuple[np.ndarray, int]:
-        ref = check_reference(self, data.size, ref)
-        x, r = finite_floats(data, ref, etype)
+    def _residual(self, data: np.ndarray, ref: np.ndarray, etype: ElementType
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(payload head, what is quantized, then the values and the reference as floats or,
+        in the log domain, the mask of exact zeros twice): the change of ``data`` from the
+        reference's prediction."""
         if self.domain == "linear":
+            x, r = finite_floats(data, ref, etype)
             head = np.frombuffer(self._factor(x, r).tobytes(), np.uint8) \
                 if self.predict == "scaled" else np.empty(0, np.uint8)
-            d = x - self._prediction(r, head)
-            scale, z = self._quantize(d, self._unit(d if self.unit == "chunk" else x, etype))
-            payload = np.concatenate([head, scale.view(np.uint8), z])
-            if self.step and self._near_top(x, r, scale, etype) and not np.isfinite(to_float(
-                    self.decode(payload, ref, etype, data.size), etype)).all():
-                raise NotApplicable("values too near the type's largest to round up")
-            return payload, 1
+            return head, x - self._prediction(r, head), x, r
+        finite_floats(data, ref, etype)  # declines non-float types and non-finite values
         d, zero = self._log_delta(data, ref, etype)
         head = np.empty(0, np.uint8)
         if self.predict == "scaled":  # the mean change, so a drift common to all is no lag
@@ -290,9 +337,22 @@ class Quant(Codec):
             o = int(np.clip(np.rint(moved.mean()), -(2**31 - 1), 2**31 - 1)) if moved.size else 0
             head = np.frombuffer(np.array([o], "<i4").tobytes(), np.uint8)
             d = np.where(zero, 0.0, d - o)
+        return head, d, zero, zero
+
+    def encode(self, data: np.ndarray, ref: np.ndarray | None,
+               etype: ElementType) -> tuple[np.ndarray, int]:
+        ref = check_reference(self, data.size, ref)
+        head, d, x, r = self._residual(data, ref, etype)
+        if self.domain == "linear":
+            scale, z = self._quantize(d, self._unit(d if self.unit == "chunk" else x, etype))
+            payload = np.concatenate([head, scale.view(np.uint8), z])
+            if self.step and self._near_top(x, r, scale, etype) and not np.isfinite(to_float(
+                    self.decode(payload, ref, etype, data.size), etype)).all():
+                raise NotApplicable("values too near the type's largest to round up")
+            return payload, 1
         scale, z = self._quantize(d, self._unit(d, etype))
         return np.concatenate([head, scale.view(np.uint8), z,
-                               np.packbits(zero, bitorder="little")]), 1
+                               np.packbits(x, bitorder="little")]), 1
 
     @quiet_decode
     def decode(self, payload: np.ndarray, ref: np.ndarray | None, etype: ElementType,

@@ -9,6 +9,7 @@ Per chunk, in order of preference (spec/FORMAT.md, "Writing a step"):
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from ..runtime.scratch import scratch
 from ..store.manifest import ChunkRef, TensorEntry
 from ..store.packs import ChunkStore, frame_id
 from .policy import DROP, LOSSLESS, Policy
+from .sensitivity import sensitivities
 
 if TYPE_CHECKING:
     import torch
@@ -156,6 +158,19 @@ class _Tensor:
     ref_out: np.ndarray | None = None
     chunks: list[ChunkRef] = field(default_factory=list)
     error: list[tuple[float, float, float, int]] = field(default_factory=list)
+    #: for codecs that take sensitivity weights: the tensor holding them (None: uniform)
+    wsource: _Tensor | None = None
+    #: position in ``lossy`` -> the rule's weighted RMS change, for codecs given weights
+    wunits: dict[int, float] = field(default_factory=dict)
+
+    def weights(self, lo: int, hi: int) -> np.ndarray | None:
+        """The sensitivity weights (float64) of the elements in byte range [lo, hi)."""
+        src = self.wsource
+        if src is None:
+            return None
+        a, b = lo // self.etype.itemsize, hi // self.etype.itemsize
+        isz = src.etype.itemsize
+        return to_float(src.data[a * isz:b * isz], src.etype).astype(np.float64)
 
     def span(self, i: int) -> tuple[int, int]:
         """Byte range of chunk ``i``."""
@@ -299,7 +314,9 @@ class StepEncoder:
                 t.recon[lo:hi] = chunk
                 t.error.append((0.0, 0.0, 0.0, 0))
                 return ("copy", prev, t.base.entry.codecs[prev.codec]), 0
-            for codec in t.lossy:  # the first codec that takes the chunk wins
+            for k, codec in enumerate(t.lossy):  # the first codec that takes the chunk wins
+                if k in t.wunits:
+                    codec = codec.weighted(t.weights(lo, hi), t.wunits[k])
                 try:
                     payload, word = codec.encode(chunk, ref_chunk, t.etype)
                     recon = codec.decode(payload, ref_chunk, t.etype, chunk.size)
@@ -362,15 +379,64 @@ class StepEncoder:
         _, pid, depth, digest, codec = rec
         return ChunkRef(pid, self._codec_index(codec.get_config()), t.base.step, digest, depth)
 
-    def encode(self, leaves: list[Leaf]) -> EncodedStep:
-        """Encode and store every chunk. On error the old reference may be half overwritten:
-        the caller must drop it (:class:`Repository` rebuilds it from disk)."""
+    def _weigh(self, tensors: list[_Tensor], tree: Any) -> None:
+        """Pair the tensors whose codecs take sensitivity weights with them, and sum each
+        rule's weighted squared change over its tensors (in the pool) into its unit."""
+        wanting = [t for t in tensors if any(c.wants_weights() for c in t.lossy)]
+        if not wanting or tree is None:
+            return
+        sens = sensitivities(tree, [t.leaf for t in tensors])
+        by_index = {t.leaf.index: t for t in tensors}
+        jobs: list[tuple[_Tensor, int, int, str]] = []
+        for t in wanting:
+            w = sens.get(t.leaf.path)
+            if w is None:
+                continue  # nothing says where its error matters: coded per block
+            src = None if w.source is None else by_index.get(w.source)
+            if w.source is not None and (src is None or not is_float(src.etype)
+                                         or src.data.size // src.etype.itemsize
+                                         != t.data.size // t.etype.itemsize):
+                continue
+            t.wsource = src
+            for k, codec in enumerate(t.lossy):
+                if codec.wants_weights():
+                    key = json.dumps(codec.get_config(), sort_keys=True)
+                    jobs.extend((t, k, i, key) for i in range(t.n_chunks))
+
+        def energy(job: tuple[_Tensor, int, int, str]) -> tuple[float, int]:
+            t, k, i, _ = job
+            lo, hi = t.span(i)
+            assert t.base is not None
+            chunk, ref = t.data[lo:hi], t.base.data[lo:hi]
+            if np.array_equal(chunk, ref):
+                return 0.0, chunk.size // t.etype.itemsize
+            try:
+                return t.lossy[k].weighted_energy(chunk, ref, t.etype, t.weights(lo, hi)), \
+                    chunk.size // t.etype.itemsize
+            except NotApplicable:
+                return 0.0, 0
+        sums: dict[str, list[float]] = {}
+        for job, (e, n) in zip(jobs, self.pool.map(energy, jobs)):
+            acc = sums.setdefault(job[3], [0.0, 0.0])
+            acc[0] += e
+            acc[1] += n
+        for t, k, _, key in jobs:
+            total, count = sums[key]
+            if total > 0 and count > 0 and np.isfinite(total):
+                t.wunits[k] = float(np.sqrt(total / count))
+
+    def encode(self, leaves: list[Leaf], tree: Any = None) -> EncodedStep:
+        """Encode and store every chunk (``tree``, the state's flattened tree, tells where
+        errors matter for codecs that ask; see :mod:`.sensitivity`). On error the old
+        reference may be half overwritten: the caller must drop it (:class:`Repository`
+        rebuilds it from disk)."""
         keep_copy = self.keep_copy
         tensors: list[_Tensor] = []
 
         # all torch calls first, before any worker runs: each releases and retakes the GIL,
         # which interleaved with busy workers costs far more than the call itself
         tensors.extend(self._prepare(leaf) for leaf in leaves)
+        self._weigh(tensors, tree)
         jobs = [(t, i) for t in tensors for i in range(t.n_chunks)]
         new = reused = written_total = cur = 0
         for (rec, written) in bounded_map(self.pool, self._chunk, jobs,
