@@ -36,7 +36,7 @@ step and biases every update the same way.
 With ``unit="weighted"`` (encoder only) the writer passes per-element weights ``w`` of the
 loss's sensitivity (for a weight, Adam's ``exp_avg_sq`` of it: the diagonal Fisher) and ``U``,
 the weighted RMS change ``sqrt(mean(w d**2))`` over every tensor of the rule at this save; a
-block's step is then ``step`` × ``U / sqrt(mean w over the block)``, within [1/2, 8] × its
+block's step is then ``step`` × ``U / sqrt(mean w over the block)``, within [1/2, 4] × its
 ``unit="block"`` step. That spends the error where the loss is flat: for a given sum of
 ``w`` × error², the fewest bits. Without weights (uniform ``w``) every block gets ``step`` × ``U``,
 within the same range; a tensor the writer has no weights for is coded as with ``"block"``.
@@ -95,7 +95,7 @@ def unpack_symbols(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 #: What ``step`` is in units of (see the module docstring).
 UNITS = ("value", "block", "chunk", "weighted")
 #: ``unit="weighted"``: a block's step stays within these factors of its ``"block"`` step
-WEIGHTED_RANGE = (0.5, 8.0)
+WEIGHTED_RANGE = (0.5, 4.0)
 #: How the reference predicts the chunk: as itself, or scaled by a per-chunk factor.
 PREDICTORS = ("none", "scaled")
 #: How a scaled change becomes an integer (encoder only): to the nearest, or up or down at
