@@ -563,8 +563,9 @@ def run_drift(workload: Workload, m: Method, start: Any, start_step: int, ref: R
         shutil.rmtree(repo_dir, ignore_errors=True)
     last = cycles[-1] if cycles else {}
     log(f"{workload.name}/{m.label}: drift after {len(cycles)} cycles of {n} steps: loss "
-        f"{last.get('diff_pct', 0):+.3f}%" + (f", accuracy {last['accuracy_diff_pp']:+.2f} pp"
-                                              if "accuracy_diff_pp" in last else "")
+        f"{last.get('diff_pct', 0):+.3f}% (worst cycle {worst_cycle(cycles):+.3f}%)"
+        + (f", accuracy {last['accuracy_diff_pp']:+.2f} pp" if "accuracy_diff_pp" in last
+           else "")
         + f", {time.perf_counter() - t0:.0f} s")
     return {"start_step": start_step, "steps_per_cycle": n, "cycles": cycles}
 
@@ -923,11 +924,18 @@ def check_lines(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def worst_cycle(cycles: list[dict[str, Any]], key: str = "diff_pct") -> float:
+    """The cycle's Δ furthest from 0: the last cycle alone can land near 0 on its way between
+    excursions (a setting at +7 % in cycle 6 was -0.2 % in cycle 10)."""
+    return max((c.get(key, 0.0) for c in cycles), key=abs, default=0.0)
+
+
 def drift_text(x: dict[str, Any]) -> str:
-    """``; drift +x% after N repeated resumes`` where the row has a drift test."""
+    """``; drift +x% after N repeated resumes (worst cycle +y%)`` where the row has a drift
+    test."""
     cycles = (x.get("drift") or {}).get("cycles") or []
-    return f"; drift {fmt_pct(cycles[-1]['diff_pct'])} after {len(cycles)} repeated resumes" \
-        if cycles else ""
+    return (f"; drift {fmt_pct(cycles[-1]['diff_pct'])} after {len(cycles)} repeated resumes "
+            f"(worst cycle {fmt_pct(worst_cycle(cycles))})") if cycles else ""
 
 
 def verdict(t: dict[str, Any]) -> list[str]:
@@ -1005,7 +1013,8 @@ def cnn_verdict(c: dict[str, Any]) -> list[str]:
         lines.append(f"After {last['cycle']} repeated resumes the "
                      f"largest accuracy drift is `{worst['method']}`'s "
                      f"{last.get('accuracy_diff_pp', 0):+.2f} pp (loss "
-                     f"{fmt_pct(last['diff_pct'])}).")
+                     f"{fmt_pct(last['diff_pct'])}; its worst cycle "
+                     f"{worst_cycle(worst['drift']['cycles'], 'accuracy_diff_pp'):+.2f} pp).")
     return lines
 
 
@@ -1164,6 +1173,37 @@ def plot(results: list[dict[str, Any]], out: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- main
+def readme_table(results: list[dict[str, Any]]) -> list[str]:
+    """The README's summary: per setting, the transformer's and the CNN's ratio, Δ resume loss,
+    Δ accuracy and drift (after the last repeated resume, and its worst cycle)."""
+    res = {r["workload"]: {m["method"]: m for m in r["methods"]} for r in results}
+    tr, cnn = res.get("transformer", {}), res.get("cnn", {})
+
+    def drift(m: dict[str, Any], key: str, unit: str) -> str:
+        cyc = (m.get("drift") or {}).get("cycles") or []
+        if not cyc or key not in cyc[-1]:
+            return "-"
+        return f"{cyc[-1][key]:+.2f} {unit} ({worst_cycle(cyc, key):+.2f} {unit})"
+
+    lines = ["| setting | transformer: vs torch.save | Δ resume loss | drift after 10 resumes "
+             "(worst cycle) | cnn: vs torch.save | Δ resume loss | Δ held-out acc | drift, "
+             "acc (worst cycle) |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in tr.items():
+        if m.get("error") or not m.get("resume") or m.get("baseline"):
+            continue
+        row = [f"`{name}`", f"{m['ratio']:.1f}x", f"{m['resume']['diff_pct']:+.2f} %",
+               drift(m, "diff_pct", "%")]
+        c = cnn.get(name)
+        if c and not c.get("error") and c.get("resume"):
+            row += [f"{c['ratio']:.1f}x", f"{c['resume']['diff_pct']:+.2f} %",
+                    f"{c['resume'].get('accuracy_diff_pp', 0.0):+.2f} pp",
+                    drift(c, "accuracy_diff_pp", "pp")]
+        else:
+            row += ["-"] * 4
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def _only(methods: list[Method], names: str | None) -> list[Method]:
     """``methods`` restricted to ``names`` (comma-separated); the baselines always stay."""
     if not names:
@@ -1198,7 +1238,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", help="comma-separated method names to run (default: all); "
                     "torch.save and lossless always run as the baselines")
     ap.add_argument("--out", help="results folder (default benchmarks/results; --quick: none)")
+    ap.add_argument("--readme-table", metavar="JSON", help="print the README's table from a "
+                    "run's lossy.json and exit (runs nothing)")
     args = ap.parse_args(argv)
+    if args.readme_table:
+        with open(args.readme_table) as f:
+            print("\n".join(readme_table(json.load(f)["results"])))
+        return 0
     quick = args.quick
     saves = args.saves or (10 if quick else 100)
     resume_save = args.resume_save or saves // 2

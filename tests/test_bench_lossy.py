@@ -58,6 +58,27 @@ def test_sweep_table_is_valid(bench: ModuleType) -> None:
     assert all(m.lossy for m in methods)
 
 
+def test_worst_cycle_is_the_furthest_from_zero(bench: ModuleType) -> None:
+    cycles = [{"diff_pct": d} for d in (0.2, -3.5, 7.25, -0.1)]
+    assert bench.worst_cycle(cycles) == 7.25
+    assert bench.worst_cycle([{"diff_pct": -2.0}, {"diff_pct": 1.0}]) == -2.0
+    assert bench.worst_cycle([]) == 0.0
+    assert "worst cycle +7.250%" in bench.drift_text({"drift": {"cycles": cycles}})
+
+
+def test_readme_table_is_the_committed_run(bench: ModuleType) -> None:
+    """The README's lossy table is what ``--readme-table`` prints from the committed
+    benchmarks/results/lossy.json: no figure in it is typed by hand."""
+    root = os.path.dirname(BENCH)
+    with open(os.path.join(BENCH, "results", "lossy.json")) as f:
+        table = bench.readme_table(json.load(f)["results"])
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    assert len(table) > 4
+    for line in table:
+        assert line in readme, line
+
+
 @pytest.mark.slow  # about 1-2 min on 2 cores: run with --runslow
 def test_bench_lossy_quick_runs(bench: ModuleType, tmp_path, capsys) -> None:
     """All three workloads, baselines + one lossy preset, drift included; results written only
@@ -84,3 +105,5 @@ def test_bench_lossy_quick_runs(bench: ModuleType, tmp_path, capsys) -> None:
             assert all("accuracy_diff_pp" in c for c in lossy["drift"]["cycles"])
     assert sorted(os.listdir(tmp_path)) == ["lossy.json", "lossy.md", "lossy_bytes.png",
                                             "lossy_frontier.png"]
+    assert any(line.startswith("| `archive` |") and "(" in line
+               for line in bench.readme_table(doc["results"]))
