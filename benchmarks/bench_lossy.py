@@ -1173,6 +1173,13 @@ def plot(results: list[dict[str, Any]], out: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- main
+def _script() -> str:
+    """The benchmark script run: bench_lossy_sweep.py runs this module's ``main`` too."""
+    name = os.path.basename(sys.argv[0] if sys.argv else "")
+    return name if name.startswith("bench_") and name.endswith(".py") \
+        else os.path.basename(__file__)
+
+
 def readme_table(results: list[dict[str, Any]]) -> list[str]:
     """The README's summary: per setting, the transformer's and the CNN's ratio, Δ resume loss,
     Δ accuracy and drift (after the last repeated resume, and its worst cycle)."""
@@ -1296,7 +1303,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(), "deltackpt": deltackpt.__version__,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "
                        f"{torch.get_num_threads()} torch threads",
-            "command": "python benchmarks/" + os.path.basename(__file__) + (
+            "command": "python benchmarks/" + _script() + (
                 " " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
             "seconds": time.perf_counter() - t_all,
             "loadavg_1min": [load_start, os.getloadavg()[0] if hasattr(os, "getloadavg")
