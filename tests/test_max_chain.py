@@ -93,9 +93,9 @@ def test_the_writer_holds_two_reference_copies_at_most(tmp_path, monkeypatch):
     peaks: list[int] = []
     encode = StepEncoder.encode
 
-    def watched(self: StepEncoder, leaves: Any) -> Any:
+    def watched(self: StepEncoder, leaves: Any, *args: Any) -> Any:
         peaks.append(_ref_bytes(repo, self.ref))      # as the step starts encoding ...
-        enc = encode(self, leaves)
+        enc = encode(self, leaves, *args)
         new = deltackpt.repository.RefState(0, 0, 0, enc.reference)
         peaks.append(_ref_bytes(repo, self.ref, new))  # ... and with its new reference built
         return enc
