@@ -293,7 +293,14 @@ def test_dcp(tmp_path: Path) -> None:
     for _run in range(2):
         done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=180)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        out = done.stdout + done.stderr
+        finished = done.stdout.count("restored bit-exactly") == 2
+        # gloo's teardown now and then aborts a rank that has finished (std::terminate of a
+        # joinable thread at exit; seen in two CI runs on 2 cores): both ranks printing their verified
+        # last line means every save was committed and checked first
+        exit_race = "terminate called without an active exception" in out
+        assert done.returncode == 0 or (finished and exit_race), out[-6000:]
+        assert finished, out[-6000:]
     import torch.distributed.checkpoint as dcp
 
     import deltackpt.dcp
