@@ -8,7 +8,8 @@ directory, v3/, ...; old ones stay so every later reader keeps restoring them), 
 fixture of a newly registered codec. It writes the directory of the version this deltackpt
 writes (VERSION) and never touches older ones. Everything is deterministic (fixed seeds, one
 writer thread) except what the format itself randomises: manifest timestamps, txn ids and pack
-ids.
+ids. Codec fixtures are append-only: cases already committed stay as stored, new ones (a new
+codec, a new option variant) are added after them.
 
 Layout:
   v1/repo/                     written by deltackpt before manifest version 2 (JSON manifests,
@@ -299,6 +300,23 @@ def _configs(cls: Any) -> list[Any]:
     return out
 
 
+def _case_key(case: dict[str, Any]) -> str:
+    return json.dumps([case["config"], case["dtype"], case["kind"], case["data"], case["ref"]],
+                      sort_keys=True)
+
+
+def _append_only(path: str, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cases already in ``path`` as stored, then the new ones: a fixture is a promise that
+    those payloads decode, so it is never rewritten (an encoder may round differently on
+    another machine, e.g. lowrank's SVD) and never loses a case."""
+    if not os.path.exists(path):
+        return cases
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)["cases"]
+    known = {_case_key(c) for c in old}
+    return old + [c for c in cases if _case_key(c) not in known]
+
+
 def write_codec_fixtures(out_dir: str, only: list[str] | None = None) -> None:
     import zstandard
 
@@ -317,6 +335,7 @@ def write_codec_fixtures(out_dir: str, only: list[str] | None = None) -> None:
         if not cases:
             raise SystemExit(f"codec {cid!r}: no candidate input encodes; add one to "
                              "_CANDIDATES or _configs")
+        cases = _append_only(os.path.join(out_dir, f"{cid}.json"), cases)
         doc = {"codec": cid, "lossless": bool(cls.lossless),
                "uses_reference": bool(cls.uses_reference),
                "zstd_version": list(zstandard.ZSTD_VERSION), "cases": cases}
