@@ -30,9 +30,8 @@ which would hold the tensor behind and bias every update the same way.
 With ``rounding="stochastic"`` (encoder only) a scaled change rounds up with probability its
 fraction and down otherwise, from a generator seeded by the delta (so encoding is
 deterministic): each element may err by up to a whole scale instead of half, but the errors
-are unbiased. A slow, common drift (every ``exp_avg_sq`` shrinking as the loss falls) no
-longer rounds to zero everywhere at once, which holds the whole tensor behind by up to half a
-step and biases every update the same way.
+are unbiased: a slow, common drift no longer rounds to zero everywhere at once (the lag the
+log domain's offset above also removes, at no cost in bits).
 With ``unit="weighted"`` (encoder only) the writer passes per-element weights ``w`` of the
 loss's sensitivity (for a weight, Adam's ``exp_avg_sq`` of it: the diagonal Fisher) and ``U``,
 the weighted RMS change ``sqrt(mean(w d**2))`` over every tensor of the rule at this save; a
@@ -90,6 +89,11 @@ def unpack_symbols(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     per, mask = 8 // bits, (1 << bits) - 1
     parts = [(packed >> (k * bits)) & mask for k in range(per)]
     return np.stack(parts, axis=1).reshape(-1)[:count].astype(np.int64)
+
+
+def _clean(weights: np.ndarray) -> np.ndarray:
+    """Sensitivity weights as ``unit="weighted"`` reads them: NaN, infinite or negative = 0."""
+    return np.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)
 
 
 #: What ``step`` is in units of (see the module docstring).
@@ -248,7 +252,7 @@ class Quant(Codec):
             target = np.full(nb, self.weight_unit)
         else:
             w = np.zeros(nb * self.block)
-            w[:n] = np.nan_to_num(self.chunk_weights, nan=0.0, posinf=0.0).clip(min=0.0)
+            w[:n] = _clean(self.chunk_weights)
             count = np.minimum(self.block, n - self.block * np.arange(nb))
             wbar = w.reshape(nb, self.block).sum(axis=1) / count
             target = self.weight_unit / np.sqrt(wbar)  # inf where nothing is sensitive: the cap
@@ -270,8 +274,7 @@ class Quant(Codec):
         d = self._residual(data, ref, etype)[1]  # NotApplicable propagates: no weights then
         if weights is None:
             return float(np.dot(d, d))
-        w = np.nan_to_num(weights, nan=0.0, posinf=0.0).clip(min=0.0)
-        return float(np.dot(w, d * d))
+        return float(np.dot(_clean(weights), d * d))
 
     def _dequantize(self, payload: np.ndarray, n: int, dtype: npt.DTypeLike) -> np.ndarray:
         nb, qbytes, _ = self._payload_sizes(n)

@@ -22,9 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..format.tree import Leaf, escape_key
-
-_OPT_KEYS = ("state", "param_groups")
+from ..format.tree import Leaf, escape_key, skeleton
 
 
 @dataclass(frozen=True)
@@ -34,50 +32,23 @@ class Weights:
     source: int | None
 
 
-def _pairs(node: Any) -> list[tuple[Any, Any]] | None:
-    """A dict node's (key, value) node pairs; None for any other node."""
-    if isinstance(node, list) and node and node[0] in ("dict", "odict"):
-        return node[1]
-    return None
+@dataclass(frozen=True)
+class _At:
+    """Where tensor leaf ``index`` sits in the state's :func:`skeleton`."""
+
+    index: int
 
 
-def _key(k: Any) -> str | int | None:
-    if isinstance(k, list) and len(k) == 2 and k[0] == "str":
-        return str(k[1])
-    if isinstance(k, list) and len(k) == 2 and k[0] == "int":
-        try:
-            return int(k[1], 0)
-        except ValueError:
-            return None
-    return None
-
-
-def _items(node: Any) -> list[Any]:
-    if isinstance(node, list) and len(node) == 2 and node[0] in ("list", "tuple"):
-        return node[1]
-    return []
-
-
-def _tensor(node: Any) -> int | None:
-    if isinstance(node, list) and len(node) == 2 and node[0] == "tensor" \
-            and isinstance(node[1], int):
-        return node[1]
-    return None
-
-
-def _walk(node: Any) -> Iterator[Any]:
-    stack = [node]
+def _walk(obj: Any) -> Iterator[Any]:
+    """``obj`` and every container and value under it (the skeleton holds no cycles)."""
+    stack = [obj]
     while stack:
-        n = stack.pop()
-        if not isinstance(n, list) or not n:
-            continue
-        yield n
-        if n[0] in ("dict", "odict"):
-            stack.extend(v for _, v in n[1])
-            if n[0] == "odict" and len(n) > 2:
-                stack.append(n[2])
-        elif n[0] in ("list", "tuple"):
-            stack.extend(n[1])
+        o = stack.pop()
+        yield o
+        if isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
 
 
 @dataclass
@@ -88,32 +59,28 @@ class _Optimizer:
     leaves: set[int]                     # every leaf under the optimizer's node
 
 
-def _optimizers(tree: Any) -> list[_Optimizer]:
+def _optimizers(state: Any) -> list[_Optimizer]:
     found = []
-    for node in _walk(tree):
-        pairs = _pairs(node)
-        if pairs is None:
+    for node in _walk(state):
+        if not (isinstance(node, dict) and isinstance(node.get("state"), dict)
+                and isinstance(node.get("param_groups"), list)):
             continue
-        d = {_key(k): v for k, v in pairs}
-        if not all(k in d for k in _OPT_KEYS):
-            continue
-        entries: dict[int, dict[str, int]] = {}
-        for k, v in _pairs(d["state"]) or []:
-            pid, sub = _key(k), _pairs(v)
-            if isinstance(pid, int) and sub is not None:
-                entries[pid] = {str(n): i for n, i in ((_key(a), _tensor(b)) for a, b in sub)
-                                if isinstance(n, str) and i is not None}
+        entries = {pid: {str(n): t.index for n, t in sub.items() if isinstance(t, _At)}
+                   for pid, sub in node["state"].items()
+                   if type(pid) is int and isinstance(sub, dict)}
         order: list[int] = []
         names: dict[int, str] = {}
-        for group in _items(d["param_groups"]):
-            g = {_key(k): v for k, v in _pairs(group) or []}
-            ids = [_key(x) for x in _items(g.get("params"))]
-            order.extend(i for i in ids if isinstance(i, int))
-            labels = [x[1] for x in _items(g.get("param_names"))
-                      if isinstance(x, list) and len(x) == 2 and x[0] == "str"]
-            if len(labels) == len(ids):
-                names.update((i, n) for i, n in zip(ids, labels) if isinstance(i, int))
-        inside = {i for n in _walk(node) if (i := _tensor(n)) is not None}
+        for group in node["param_groups"]:
+            if not isinstance(group, dict):
+                continue
+            ids = group.get("params")
+            ids = ids if isinstance(ids, list) else []
+            order.extend(i for i in ids if type(i) is int)
+            labels = group.get("param_names")
+            if isinstance(labels, list) and len(labels) == len(ids) \
+                    and all(isinstance(n, str) for n in labels):
+                names.update((i, n) for i, n in zip(ids, labels) if type(i) is int)
+        inside = {o.index for o in _walk(node) if isinstance(o, _At)}
         found.append(_Optimizer(entries, order, names, inside))
     return found
 
@@ -162,7 +129,7 @@ def sensitivities(tree: Any, leaves: list[Leaf]) -> dict[str, Weights]:
     by_index = {leaf.index: leaf for leaf in leaves}
     if len(by_index) != len(leaves) or set(by_index) != set(range(len(leaves))):
         return {}
-    opts = _optimizers(tree)
+    opts = _optimizers(skeleton(tree, _At))
     inside = set().union(*(o.leaves for o in opts)) if opts else set()
     others = [leaf for leaf in leaves if leaf.index not in inside
               and getattr(leaf.value, "is_floating_point", lambda: False)()]

@@ -531,6 +531,13 @@ def unflatten(node: Node, leaf: Callable[[int], Any],
         raise UnsupportedValueError(exc.detail, path=exc.path) from None
 
 
+def skeleton(node: Node, leaf: Callable[[int], Any]) -> Any:
+    """The state's containers and plain values, with ``leaf(i)`` in place of tensor leaf ``i``
+    and None for a torch.Generator: its structure, read without building any value from
+    tensor data."""
+    return _Unflattener(leaf, None, dry=True).decode_whole(node)
+
+
 def leaf_indices(node: Node, select: Sequence[str] | None = None,
                  matched: set[str] | None = None) -> set[int]:
     """Indices of the leaves that :func:`unflatten` would request for ``select``; the paths
