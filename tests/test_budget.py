@@ -30,6 +30,10 @@ STEP_CONFIGS = [
     {"id": "quant", "bits": 8, "block": 64, "step": 0.5, "rounding": "stochastic"},
     {"id": "quant", "bits": 2, "block": 8, "rounding": "stochastic", "prune": 0.5},
     {"id": "quant", "bits": 2, "block": 16, "step": 3.0, "prune": 0.5},
+    {"id": "quant", "bits": 8, "block": 32, "step": 1.0, "unit": "block", "predict": "scaled",
+     "scales": "log"},
+    {"id": "quant", "bits": 4, "block": 7, "scales": "log"},
+    {"id": "quant", "bits": 8, "block": 64, "step": 0.5, "unit": "value", "scales": "log"},
 ]
 
 
@@ -171,11 +175,13 @@ def test_budget_fills_in_where_no_rule_matches():
     p = Policy(lossy_budget=0.5, rules=[Rule("model/*", "lossless")])
     assert p.lossy
     assert p.rule_for("model/w") == "lossless"
-    moving = {"id": "quant", "bits": 8, "block": 256, "unit": "block", "predict": "scaled"}
+    moving = {"id": "quant", "bits": 8, "block": 256, "unit": "block", "predict": "scaled",
+              "scales": "log"}
     assert p.rule_for("optimizer/state/0/exp_avg") == {**moving, "step": 1.25}
     assert p.rule_for("optimizer/state/0/momentum_buffer") == {**moving, "step": 1.0}
     sq = p.rule_for("optimizer/state/0/exp_avg_sq", 3)  # at every save: never held
     assert sq["domain"] == "log" and sq["unit"] == "value" and sq["step"] == 0.4
+    assert sq["scales"] == "log"
     assert not Policy().lossy and Policy().rule_for("x") == "lossless"
     assert budget_rules(0.5) is budget_rules(0.5)  # built once per budget
 

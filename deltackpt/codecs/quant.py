@@ -105,6 +105,16 @@ PREDICTORS = ("none", "scaled")
 #: How a scaled change becomes an integer (encoder only): to the nearest, or up or down at
 #: random with the probability that makes the rounding unbiased.
 ROUNDINGS = ("nearest", "stochastic")
+#: How block scales are stored: a float32 each, or one byte each on a grid of eighth binades
+#: above a float32 base (``scales="log"``).
+SCALES = ("f32", "log")
+#: ``scales="log"``: grid points per binade, and the float32 values of 2**(j/8), j = 0..7,
+#: as bit patterns (exact constants: a decoder multiplies by them, it computes no power)
+LOG_SCALE_STEPS = 8
+LOG_SCALE_TABLE = np.array([0x3F800000, 0x3F8B95C2, 0x3F9837F0, 0x3FA5FED7,
+                            0x3FB504F3, 0x3FC5672A, 0x3FD744FD, 0x3FEAC0C7],
+                           np.uint32).view(np.float32)
+LOG_SCALE_MAX = 255
 
 
 @register_codec
@@ -115,6 +125,7 @@ class Quant(Codec):
     step: float = 0.0  # subclasses that scale blocks by their largest change keep it 0
     predict: str = "none"  # and predict by the reference itself
     rounding: str = "nearest"
+    scales: str = "f32"
     #: ``unit="weighted"``: this chunk's weights (None: uniform) and the rule's weighted RMS
     #: change, set by :meth:`weighted` on a per-chunk copy; 0: code as with ``"block"``
     chunk_weights: np.ndarray | None = None
@@ -122,7 +133,8 @@ class Quant(Codec):
 
     def __init__(self, bits: int = 8, block: int = 256, prune: float = 0.0,
                  domain: str = "linear", step: float = 0.0, unit: str = "value",
-                 predict: str = "none", rounding: str = "nearest") -> None:
+                 predict: str = "none", rounding: str = "nearest",
+                 scales: str = "f32") -> None:
         if bits not in (2, 4, 8):
             raise CodecError("quant: bits must be 2, 4 or 8")
         if not 1 <= block <= 1 << 20:
@@ -143,6 +155,9 @@ class Quant(Codec):
         if rounding not in ROUNDINGS:
             raise CodecError(f"quant: rounding must be one of {', '.join(map(repr, ROUNDINGS))}")
         self.rounding = rounding
+        if scales not in SCALES:
+            raise CodecError(f"quant: scales must be one of {', '.join(map(repr, SCALES))}")
+        self.scales = scales
 
     def get_config(self) -> dict[str, Any]:
         config = {"id": self.codec_id, "bits": self.bits, "block": self.block,
@@ -153,12 +168,14 @@ class Quant(Codec):
             config["predict"] = self.predict
         if self.rounding != "nearest":  # encoder only, but its error bound is twice as wide
             config["rounding"] = self.rounding
+        if self.scales != "f32":  # decode-affecting, like predict
+            config["scales"] = self.scales
         return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Codec:
         extra = set(config) - {"id", "bits", "block", "prune", "domain", "step", "unit",
-                               "predict", "rounding"}
+                               "predict", "rounding", "scales"}
         if extra:
             raise CodecError(f"quant: unknown options {sorted(extra)}")
         try:
@@ -166,7 +183,8 @@ class Quant(Codec):
                        float(config.get("prune", 0.0)), str(config.get("domain", "linear")),
                        float(config.get("step", 0.0)), str(config.get("unit", "value")),
                        str(config.get("predict", "none")),
-                       str(config.get("rounding", "nearest")))
+                       str(config.get("rounding", "nearest")),
+                       str(config.get("scales", "f32")))
         except (TypeError, ValueError) as exc:
             raise CodecError(f"quant: bad config {config!r}: {exc}") from None
 
@@ -200,14 +218,74 @@ class Quant(Codec):
             raise CorruptChunkError(f"quant payload's prediction factor {c!r} is not in [0, 1]")
         return r * r.dtype.type(c)
 
-    def _payload_sizes(self, n: int) -> tuple[int, int, int]:
+    def _payload_sizes(self, n: int) -> tuple[int, int, int, int]:
+        """Blocks, then bytes of the block scales, of the codes and of the zero mask."""
         nb = -(-n // self.block)
+        sbytes = 4 + nb if self.scales == "log" else 4 * nb
         qbytes = -(-n * self.bits // 8)
         mask = -(-n // 8) if self.domain == "log" else 0
-        return nb, qbytes, mask
+        return nb, sbytes, qbytes, mask
 
-    def _quantize(self, d: np.ndarray, unit: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-        """Block scales (float32) and zigzag-packed integers of the delta ``d``; with ``step``,
+    def _read_scales(self, payload: np.ndarray, nb: int) -> np.ndarray:
+        """The ``nb`` float32 block scales at the start of ``payload`` (after the head); with
+        ``scales="log"`` ``base × 2**(k/8)``: one float32 multiply by a table entry and an
+        exact power-of-two scaling, so every reader gets the same bits."""
+        if self.scales == "f32":
+            scale = payload[:4 * nb].copy().view(np.float32)
+        else:
+            base = payload[:4].copy().view(np.float32)[0]
+            if not (np.isfinite(base) and base > 0):
+                raise CorruptChunkError(f"quant payload's scale base {base!r} is not a positive "
+                                        "finite float32")
+            k = payload[4:4 + nb].astype(np.int32)
+            with np.errstate(over="ignore"):
+                scale = np.ldexp(base * LOG_SCALE_TABLE[k & (LOG_SCALE_STEPS - 1)],
+                                 k >> 3).astype(np.float32)
+        if not np.isfinite(scale).all():  # the encoder declines such blocks (NotApplicable)
+            raise CorruptChunkError("quant payload has a non-finite block scale")
+        return scale
+
+    @staticmethod
+    def _log_grid(want: np.ndarray, need: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scales as decoded, their bytes) on the eighth-binade grid: each block's scale the
+        grid point nearest ``want`` but at least ``need`` (0 where any will do), the base the
+        smallest wanted scale, raised where the largest would not fit 255 grid steps above it
+        (blocks wanting less then get the base: a coarser step than their budget, but under
+        2**(-255/8) of the chunk's largest)."""
+        live = want > 0
+        if not live.any():
+            base = np.float32(1)
+        else:
+            lo, hi = float(want[live].min()), float(max(want.max(), need.max()))
+            span = 2.0 ** (LOG_SCALE_MAX / LOG_SCALE_STEPS)
+            base = np.float32(lo) if hi / span <= lo else \
+                np.nextafter(np.float32(hi / span), np.float32(np.inf))
+            if not (np.isfinite(base) and base > 0):
+                raise NotApplicable("block scales out of float32's range")
+        with np.errstate(divide="ignore"):
+            k = np.rint(LOG_SCALE_STEPS * np.log2(np.where(live, want, base) / np.float64(base)))
+        k = np.clip(k, 0, LOG_SCALE_MAX).astype(np.int32)
+
+        def decoded(k: np.ndarray) -> np.ndarray:
+            with np.errstate(over="ignore"):
+                return np.ldexp(base * LOG_SCALE_TABLE[k & (LOG_SCALE_STEPS - 1)],
+                                k >> 3).astype(np.float32)
+        scale = decoded(k)
+        for _ in range(LOG_SCALE_STEPS + 2):  # the grid point under ``need`` (by rounding): up
+            low = (scale < need) & (k < LOG_SCALE_MAX)
+            if not low.any():
+                break
+            k = np.where(low, k + 1, k)
+            scale = decoded(k)
+        if (scale < need).any() or not np.isfinite(scale).all():
+            raise NotApplicable("block scales out of the log grid's range")
+        body = np.concatenate([np.frombuffer(base.tobytes(), np.uint8), k.astype(np.uint8)])
+        return scale, body
+
+    def _quantize(self, d: np.ndarray, unit: float = 0.0
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Block scales (float32), their payload bytes and the zigzag-packed integers of the
+        delta ``d``; with ``step``,
         no scale under ``step`` × ``unit`` (the chunk's value unit), or with ``unit="block"``
         under ``step`` × the RMS of the block's delta."""
         n = d.size
@@ -235,6 +313,12 @@ class Quant(Codec):
                          scale).astype(np.float32)
         if not np.isfinite(scale).all():
             raise NotApplicable("delta too large to scale")
+        if self.scales == "log":  # at least what keeps every |d| / scale within qmax
+            need = np.where(amax > 0, fit, np.float32(0))
+            want = np.where((amax > 0) | (floor > 0), scale, np.float32(0))
+            scale, sbytes = self._log_grid(want, need)
+        else:
+            sbytes = scale.view(np.uint8)
         u = blocks / scale[:, None].astype(blocks.dtype)
         if self.rounding == "stochastic":  # up with probability frac(u): unbiased, seeded by
             # the delta itself so that encoding stays deterministic
@@ -242,7 +326,7 @@ class Quant(Codec):
             u = np.floor(u + np.random.default_rng(seed).random(u.shape, dtype=np.float64))
         q = np.clip(np.rint(u), -qmax, qmax)
         z = _zigzag(q.astype(np.int16).reshape(-1)[:n], self.bits)
-        return scale, pack_symbols(z, self.bits)
+        return scale, sbytes, pack_symbols(z, self.bits)
 
     def _weighted_unit(self, rms: np.ndarray, n: int, nb: int) -> np.ndarray:
         """Per block, what ``step`` is in units of with ``unit="weighted"``: ``U / sqrt(w̄)``
@@ -277,11 +361,9 @@ class Quant(Codec):
         return float(np.dot(_clean(weights), d * d))
 
     def _dequantize(self, payload: np.ndarray, n: int, dtype: npt.DTypeLike) -> np.ndarray:
-        nb, qbytes, _ = self._payload_sizes(n)
-        scale = payload[:4 * nb].copy().view(np.float32)
-        if not np.isfinite(scale).all():  # the encoder declines such blocks (NotApplicable)
-            raise CorruptChunkError("quant payload has a non-finite block scale")
-        z = unpack_symbols(payload[4 * nb:4 * nb + qbytes], self.bits, n)
+        nb, sbytes, qbytes, _ = self._payload_sizes(n)
+        scale = self._read_scales(payload, nb)
+        z = unpack_symbols(payload[sbytes:sbytes + qbytes], self.bits, n)
         q: np.ndarray = _unzigzag(z).astype(dtype)
         return q * np.repeat(scale.astype(dtype), self.block)[:n]  # no fused multiply-add
 
@@ -347,14 +429,14 @@ class Quant(Codec):
         ref = check_reference(self, data.size, ref)
         head, d, x, r = self._residual(data, ref, etype)
         if self.domain == "linear":
-            scale, z = self._quantize(d, self._unit(d if self.unit == "chunk" else x, etype))
-            payload = np.concatenate([head, scale.view(np.uint8), z])
+            scale, sb, z = self._quantize(d, self._unit(d if self.unit == "chunk" else x, etype))
+            payload = np.concatenate([head, sb, z])
             if self.step and self._near_top(x, r, scale, etype) and not np.isfinite(to_float(
                     self.decode(payload, ref, etype, data.size), etype)).all():
                 raise NotApplicable("values too near the type's largest to round up")
             return payload, 1
-        scale, z = self._quantize(d, self._unit(d, etype))
-        return np.concatenate([head, scale.view(np.uint8), z,
+        scale, sb, z = self._quantize(d, self._unit(d, etype))
+        return np.concatenate([head, sb, z,
                                np.packbits(x, bitorder="little")]), 1
 
     @quiet_decode
@@ -362,16 +444,16 @@ class Quant(Codec):
                nbytes: int) -> np.ndarray:
         ref = check_reference(self, nbytes, ref)
         n = nbytes // etype.itemsize
-        nb, qbytes, maskbytes = self._payload_sizes(n)
+        nb, sbytes, qbytes, maskbytes = self._payload_sizes(n)
         head = self._head
-        if payload.size != head + 4 * nb + qbytes + maskbytes:
+        if payload.size != head + sbytes + qbytes + maskbytes:
             raise CorruptChunkError(f"quant payload has {payload.size} bytes, expected "
-                                    f"{head + 4 * nb + qbytes + maskbytes}")
+                                    f"{head + sbytes + qbytes + maskbytes}")
         if self.domain == "linear":
             r = to_float(ref, etype)
             p = self._prediction(r, payload)
             return from_float(p + self._dequantize(payload[head:], n, r.dtype), etype)
-        zero = np.unpackbits(payload[head + 4 * nb + qbytes:], count=n,
+        zero = np.unpackbits(payload[head + sbytes + qbytes:], count=n,
                              bitorder="little").astype(bool)
         rb = self._bits(ref, etype)
         inf = np.array([np.inf], np.float64 if etype.itemsize == 8 else np.float32)
@@ -429,8 +511,8 @@ class Quant(Codec):
         padded = np.zeros(nb * self.block)
         padded[:n] = d
         blocks = padded.reshape(nb, self.block)
-        if self.step:  # scales are not a function of the delta alone: the payload's own
-            worst = payload[:4 * nb].copy().view(np.float32).astype(np.float64) / 2
+        if self.step or self.scales == "log":  # scales not a function of the delta alone
+            worst = self._read_scales(payload, nb).astype(np.float64) / 2
         else:
             worst = np.abs(blocks).max(axis=1, initial=0.0) / ((1 << (self.bits - 1)) - 1) / 2
         if self.rounding == "stochastic":  # rounded up or down: less than a whole scale
@@ -445,5 +527,6 @@ class Quant(Codec):
 
 
 def quant_payload_bound(n: int) -> int:
-    """Scales (block >= 1), codes (<= 8 bits) and the zero mask of ``n`` elements, at most."""
-    return 4 * n + n + -(-n // 8)
+    """Scales (block >= 1; a base and a byte each with ``scales="log"``), codes (<= 8 bits)
+    and the zero mask of ``n`` elements, at most."""
+    return 4 + 4 * n + n + -(-n // 8)

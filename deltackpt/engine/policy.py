@@ -337,7 +337,7 @@ def budget_rules(budget: float) -> tuple[Rule, ...]:
     by +4.2 % over ten repeated resumes in benchmarks/bench_lossy.py, as it grows all run long.
     Scalars (Adam's ``step``) are never lossy (see :class:`~deltackpt.engine.writer`)."""
     b = float(budget)
-    quant = {"id": "quant", "bits": 8, "block": BUDGET_BLOCK}
+    quant = {"id": "quant", "bits": 8, "block": BUDGET_BLOCK, "scales": "log"}
     moving = {**quant, "unit": "block", "predict": "scaled"}
     # rounded so that configs read as written (0.6, not 0.6000000000000001)
     return (Rule(_EXP_AVG_SQ, {**quant, "domain": "log", "step": round(0.8 * b, 9),
