@@ -151,7 +151,7 @@ class Spec:
 
 _SPARSE = {"id": "sparse", "block": 32}
 #: points of the error-budget curve run besides the presets' own
-BUDGETS = (0.25, 0.5, 1.0, 1.25)
+BUDGETS = (0.25, 0.5, 0.75, 1.25)
 #: every method, one line each, in report order; a preset in deltackpt.engine.policy.PRESETS
 #: that is not listed is appended by itself (see :func:`methods_for`)
 METHODS: dict[str, Spec] = {

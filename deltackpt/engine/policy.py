@@ -324,15 +324,17 @@ def budget_rules(budget: float) -> tuple[Rule, ...]:
 
     Tensors that move every step (weights, momentum buffers): ``quant`` with ``step = 2 x
     budget`` in units of the RMS of each block's change (``unit="block"``), so no element errs
-    by more than ``budget`` x that RMS (or 1/254 of the block's largest change, where that is
-    more); one symbol per byte, which the frame's rANS coder codes at about its entropy. The
+    by more than about ``budget`` x that RMS (or 1/254 of the block's largest change, where
+    that is more); one symbol per byte, which the frame's rANS coder codes at about its
+    entropy, and one byte per block for its scale (``scales="log"``: the nearest point of a
+    grid of eighth binades, hence "about": within 2**(1/16), 4.4 %). The
     change is taken against ``c`` x the last value (``predict="scaled"``, ``c`` fitted per
     chunk): about 1 for weights, about 0.9**k for a momentum k steps on, which otherwise changes
     by more than its own size. Adam's ``exp_avg`` gets ``step = 2.5 x budget``: its errors
     decay with it (by 0.9 a step), while a weight's persist. ``exp_avg_sq`` (non-negative,
     slow, spanning decades): log-domain ``quant`` with ``step = 0.8 x budget`` binades, so every
-    element stays within ``0.4 x budget`` of a binade of its value (budget 0.75: 23 % of it,
-    11 % of its square root, which is what scales an update); stored at every save: holding it
+    element stays within ``0.4 x budget`` of a binade of its value (budget 0.95: 30 % of it,
+    14 % of its square root, which is what scales an update); stored at every save: holding it
     between saves (a rule's ``every``, as ``archive`` did at 3e58103) let the resumed loss drift
     by +4.2 % over ten repeated resumes in benchmarks/bench_lossy.py, as it grows all run long.
     Scalars (Adam's ``step``) are never lossy (see :class:`~deltackpt.engine.writer`)."""
@@ -349,7 +351,7 @@ def budget_rules(budget: float) -> tuple[Rule, ...]:
 def preset(name: str) -> Policy:
     """A named policy. ``lossless`` (default): bit-exact always. ``balanced``: error budget
     0.1 (see :func:`budget_rules`), bit-exact every 10th save, a keyframe every 20th.
-    ``archive``: error budget 0.75, exact only at keyframes (every 100th save); for long runs
+    ``archive``: error budget 0.95, exact only at keyframes (every 100th save); for long runs
     where disk matters most. Both are points of the ``lossy_budget`` curve; measured trade-offs
     (disk vs resume loss): benchmarks/results/lossy.md."""
     if name == "lossless":
@@ -357,6 +359,6 @@ def preset(name: str) -> Policy:
     if name == "balanced":
         return Policy(keyframe_every=20, exact_every=10, lossy_budget=0.1)
     if name == "archive":
-        return Policy(keyframe_every=100, exact_every=0, lossy_budget=0.75)
+        return Policy(keyframe_every=100, exact_every=0, lossy_budget=0.95)
     raise refuse("repository", "policy", name, "a Policy or a preset name: "
                   + ", ".join(PRESETS) + _did_you_mean(name, PRESETS))
