@@ -863,18 +863,19 @@ def codec_text(c: Any) -> str:
     if isinstance(c, list):
         return " then ".join(codec_text(x) for x in c)
     scaled = " (scaled prediction)" if c.get("predict") == "scaled" else ""
+    tail = ", log scales" if c.get("scales") == "log" else ""
     if c.get("id") == "quant" and c.get("step"):
         unit = {"block": f"its block's RMS change{scaled}",
                 "chunk": f"the chunk's RMS change{scaled}"}.get(c.get("unit", "value"), (
                     "a binade" if c.get("domain") == "log" else "the chunk's RMS value"))
         return (f"quant step {c['step']:g} x {unit}" + (" log" if c.get("domain") == "log"
                                                         else "")
-                + (f" block {c['block']}" if c.get("block", 256) != 256 else ""))
+                + (f" block {c['block']}" if c.get("block", 256) != 256 else "") + tail)
     if c.get("id") == "quant":
         return (f"quant {c.get('bits', 8)}-bit{scaled}"
                 + (f" prune {c['prune']:g}" if c.get("prune") else "")
                 + (" log" if c.get("domain") == "log" else "")
-                + (f" block {c['block']}" if c.get("block", 256) != 256 else ""))
+                + (f" block {c['block']}" if c.get("block", 256) != 256 else "") + tail)
     if c.get("id") == "squant":
         return (f"squant {c.get('bits', 4)}-bit keep {c.get('keep', 0.1):g}"
                 + (" log levels" if c.get("levels") == "log" else "")
