@@ -4,6 +4,8 @@ with one of its choices undone at a time, to show what each buys.
 Rows (all with a keyframe every 100 saves, no other exact save):
 
 * ``archive``: the preset (see ``deltackpt.engine.policy.budget_rules``);
+* ``f32 scales``: every block scale a float32 of its own instead of a byte on a grid of eighth
+  binades (``scales="log"``): the same errors up to that rounding, more bytes;
 * ``no prediction``: every rule without ``predict="scaled"`` (deltas against the last value
   itself): the first moment's change is larger than its value, ``exp_avg_sq`` lags;
 * ``v without offset``: only ``exp_avg_sq`` without it: changes under half a step round to
@@ -15,8 +17,8 @@ Rows (all with a keyframe every 100 saves, no other exact save):
 * ``w weighted``, ``m weighted``, ``w+m weighted``: ``unit="weighted"`` (ExCP's sensitivity
   allocation, closed loop) for the weights (by Adam's ``exp_avg_sq``, the diagonal Fisher), for
   ``exp_avg`` (uniform: its error moves the next updates by ``lr e / sqrt(v)``), or both;
-* ``m weighted, budget 1`` and ``m weighted stochastic, budget 1``: the same at budget 1, the
-  point where the single resume reaches 25x, without and with unbiased rounding of ``exp_avg``.
+* ``m weighted, budget 1`` and ``m weighted stochastic, budget 1``: the same at budget 1,
+  without and with unbiased rounding of ``exp_avg``.
 
 The weighted rows trade repeated-resume drift for a single resume's bytes: see the drift table
 (worst cycle) in the results.
@@ -63,6 +65,7 @@ def without(key: str, where: str = "") -> Callable[[str, dict[str, Any]], dict[s
 
 
 SWEEP: dict[str, B.Spec] = {
+    "f32 scales": variant(without("scales")),
     "no prediction": variant(without("predict")),
     "v without offset": variant(without("predict", "exp_avg_sq")),
     "v stochastic": variant(lambda p, c: {**without("predict", "exp_avg_sq")(p, c),
