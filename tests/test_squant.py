@@ -177,6 +177,9 @@ def test_archive_preset_keeps_its_keyframes():
     p = preset("archive")
     assert p.keyframe_every == 100 and p.exact_every == 0 and p.lossy
     assert [r.every for r in p.effective_rules] == [1, 1, 1]  # exp_avg_sq never held
-    assert p.rule_for("optimizer/state/3/exp_avg_sq", 7)["step"] == 0.6
-    assert p.rule_for("optimizer/state/3/exp_avg", 7)["step"] == 1.875
-    assert p.rule_for("model/w", 7)["step"] == 1.5
+    assert p.lossy_budget == 0.95
+    assert p.rule_for("optimizer/state/3/exp_avg_sq", 7)["step"] == 0.76
+    assert p.rule_for("optimizer/state/3/exp_avg", 7)["step"] == 2.375
+    assert p.rule_for("model/w", 7)["step"] == 1.9
+    assert all(p.rule_for(path, 7)["scales"] == "log" for path in (
+        "optimizer/state/3/exp_avg_sq", "optimizer/state/3/exp_avg", "model/w"))
