@@ -28,9 +28,8 @@ def _b(a: np.ndarray) -> np.ndarray:
 
 
 def _scales(codec, payload: np.ndarray, n: int) -> np.ndarray:
-    """The block scales as a reader decodes them (through the bound: half a scale each)."""
-    d = np.zeros(n)
-    return 2 * codec._half_step(d, payload[codec._head:])[::BLOCK]
+    """The block scales as the reader decodes them."""
+    return codec._read_scales(payload[codec._head:], -(-n // BLOCK))
 
 
 def _step_data(seed: int, n: int = 64 * BLOCK, spread: float = 3.0):
